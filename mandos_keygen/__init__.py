@@ -1,0 +1,1 @@
+"""``mandos-keygen``: make a client's keys and its clients.conf section."""

@@ -1,0 +1,156 @@
+"""``mandosd``: the key server's command line and its one error boundary."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+
+from password_agent import log as logsetup
+
+from . import config as configmod
+from . import listen
+from .audit import Kind, audit
+from .state import StateError
+
+log = logging.getLogger("mandosd")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mandosd",
+        description="Mandos-compatible key server: hands each known, enabled, reachable "
+        "client its encrypted LUKS passphrase over TLS 1.3, and refuses everyone else "
+        "(refusals look identical on the wire; the reason goes to the audit log).",
+        epilog="Listening: under systemd, mandosd.socket passes the sockets (LISTEN_FDS); "
+        "otherwise --listen, else address/port from mandos.conf.  The server never "
+        "daemonizes.  Config: CONFIGDIR/mandos.conf and CONFIGDIR/clients.conf in Mandos's "
+        "formats.  State: STATEDIR/clients.sqlite.  Exit status: 0 stopped normally, "
+        "1 configuration or state error, 2 usage error.",
+    )
+    p.add_argument("--configdir", type=Path, default=None,
+                   help=f"directory with mandos.conf and clients.conf "
+                   f"(default: {configmod.DEFAULT_CONFIGDIR})")
+    p.add_argument("--statedir", type=Path, default=None,
+                   help="state directory (default: $STATE_DIRECTORY, else statedir= from "
+                   f"mandos.conf, else {configmod.DEFAULT_STATEDIR})")
+    p.add_argument("--listen", metavar="ADDR:PORT", action="append", default=[],
+                   help="listen here instead of on systemd's sockets (repeatable; "
+                   "[::1]:PORT for IPv6; port 0 picks a free port and logs it)")
+    p.add_argument("-i", "--interface", help="accepted for Mandos compatibility: with "
+                   "--address/--port, bind to this interface")
+    p.add_argument("-a", "--address", help="address to listen on if no --listen "
+                   "(overrides mandos.conf)")
+    p.add_argument("-p", "--port", type=int, help="port to listen on if no --listen "
+                   "(overrides mandos.conf)")
+    p.add_argument("--idle-timeout", type=float, metavar="SECONDS", default=None,
+                   help="exit after this long without connections (for socket activation; "
+                   "default: never)")
+    p.add_argument("--check-config", "--check", action="store_true",
+                   help="load the configuration, report problems and exit")
+    p.add_argument("--foreground", action="store_true",
+                   help="accepted for Mandos compatibility (mandosd never daemonizes)")
+    p.add_argument("--no-dbus", action="store_true", help="accepted for compatibility")
+    p.add_argument("--no-ipv6", action="store_true", help="accepted for compatibility")
+    p.add_argument("--no-restore", action="store_true",
+                   help="accepted for compatibility (state is always kept)")
+    p.add_argument("--no-zeroconf", action="store_true",
+                   help="accepted for compatibility (announcing is Avahi's job; see README)")
+    p.add_argument("--debug", action="store_true", help="verbose logs")
+    return p
+
+
+def _statedir(args: argparse.Namespace, cfg: configmod.Config) -> Path:
+    if args.statedir is not None:
+        return args.statedir
+    env = os.environ.get("STATE_DIRECTORY")
+    if env:
+        return Path(env.split(":")[0])
+    if cfg.server.statedir:
+        return Path(cfg.server.statedir)
+    return configmod.DEFAULT_STATEDIR
+
+
+def _sockets(args: argparse.Namespace, cfg: configmod.Config) -> list[socket.socket]:
+    if args.listen:
+        return [listen.bind(spec) for spec in args.listen]
+    socks = listen.systemd_sockets()
+    if socks:
+        return socks
+    if cfg.server.socket:
+        return [socket.socket(fileno=int(cfg.server.socket))]
+    port = args.port if args.port is not None else cfg.server.port
+    if port is None:
+        raise listen.ListenError(
+            "nothing to listen on: start mandosd.socket, give --listen ADDR:PORT, "
+            "or set port= in mandos.conf")
+    address = args.address or cfg.server.address or ("::" if cfg.server.use_ipv6 else "0.0.0.0")
+    spec = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+    return [listen.bind(spec)]
+
+
+def _notify(message: str) -> None:
+    if not os.environ.get("NOTIFY_SOCKET"):
+        return
+    import sdnotify
+
+    sdnotify.SystemdNotifier().notify(message)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logsetup.setup("mandosd", args.debug)
+    configdir = args.configdir or Path(os.environ.get("CONFIGURATION_DIRECTORY", "").split(":")[0]
+                                       or configmod.DEFAULT_CONFIGDIR)
+    try:
+        cfg = configmod.load(configdir)
+        if args.check_config:
+            print(f"mandosd: {configdir}: configuration is valid "
+                  f"({len(cfg.clients)} clients)")
+            return 0
+        if cfg.server.debug and not args.debug:
+            logsetup.setup("mandosd", True)
+        statedir = _statedir(args, cfg)
+        from .server import KeyServer
+
+        socks = _sockets(args, cfg)
+        server = KeyServer(configdir, statedir)
+    except (configmod.ConfigError, StateError, listen.ListenError) as e:
+        print(f"mandosd: {e}", file=sys.stderr)
+        return 1
+    where = ", ".join(listen.describe(s) for s in socks)
+    audit(Kind.SERVER_STARTED, f"serving {len(server.config.clients)} clients on {where}",
+          listen=where)
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, task.cancel)
+        from .background import standalone_jobs
+
+        jobs = standalone_jobs(server, socket_activated=not args.listen)
+        await server.serve(
+            socks, idle_timeout=args.idle_timeout, background=jobs,
+            on_ready=lambda: _notify(f"READY=1\nSTATUS=Serving {len(server.config.clients)} "
+                                     f"clients on {where}"))
+
+    try:
+        asyncio.run(run())
+    except (asyncio.CancelledError, KeyboardInterrupt):
+        pass
+    finally:
+        _notify("STOPPING=1")
+        server.close()
+        log.debug("stopped after serving %d secrets", server.served)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

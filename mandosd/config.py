@@ -1,0 +1,315 @@
+"""``mandos.conf`` and ``clients.conf`` in Mandos's formats, parsed into frozen records.
+
+Each setting is one row of a table (name, type, default); the table drives
+parsing, validation and defaults.  Unknown keys warn with file and line; bad
+values raise :class:`ConfigError` as ``file: [section] key=value: reason``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import configparser
+import logging
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from password_agent.protocol import KeyIdError, normalize_key_id
+from password_agent.secret import Secret
+
+from .durations import DurationError, parse_duration
+
+log = logging.getLogger("mandosd.config")
+
+DEFAULT_CONFIGDIR = Path("/etc/mandos")
+DEFAULT_STATEDIR = Path("/var/lib/mandosd")
+
+
+class ConfigError(Exception):
+    pass
+
+
+def _bool(v: str) -> bool:
+    t = v.strip().lower()
+    if t in ("1", "yes", "true", "on"):
+        return True
+    if t in ("0", "no", "false", "off"):
+        return False
+    raise ValueError("not a boolean (use true or false)")
+
+
+def _port(v: str) -> int | None:
+    if not v.strip():
+        return None
+    p = int(v)
+    if not 0 <= p < 65536:
+        raise ValueError("port out of range")
+    return p
+
+
+def _duration(v: str) -> float:
+    try:
+        return parse_duration(v)
+    except DurationError as e:
+        raise ValueError(str(e)) from None
+
+
+def _str(v: str) -> str:
+    return v.strip()
+
+
+def _optstr(v: str) -> str | None:
+    return v.strip() or None
+
+
+@dataclass(frozen=True)
+class Setting:
+    key: str
+    parse: Callable[[str], Any]
+    default: str
+
+
+#: mandos.conf [DEFAULT]; what Mandos accepts, with Mandos's defaults.
+SERVER_SETTINGS = (
+    Setting("interface", _optstr, ""),
+    Setting("address", _optstr, ""),
+    Setting("port", _port, ""),
+    Setting("debug", _bool, "False"),
+    Setting("priority", _str, ""),
+    Setting("servicename", _str, "Mandos"),
+    Setting("use_dbus", _bool, "True"),
+    Setting("use_ipv6", _bool, "True"),
+    Setting("restore", _bool, "True"),
+    Setting("statedir", _optstr, ""),
+    Setting("foreground", _bool, "False"),
+    Setting("socket", _optstr, ""),
+    Setting("zeroconf", _bool, "True"),
+    Setting("debuglevel", _str, ""),
+)
+
+#: clients.conf; the defaults of Mandos 1.8.
+CLIENT_SETTINGS = (
+    Setting("timeout", _duration, "PT5M"),
+    Setting("interval", _duration, "PT2M"),
+    Setting("extended_timeout", _duration, "PT15M"),
+    Setting("checker", _str, "fping -q -- %%(host)s"),
+    Setting("approved_by_default", _bool, "True"),
+    Setting("approval_delay", _duration, "PT0S"),
+    Setting("approval_duration", _duration, "PT1S"),
+    Setting("enabled", _bool, "True"),
+    Setting("host", _str, ""),
+)
+#: Keys that are read specially, or that Mandos knows and we accept silently.
+CLIENT_SPECIAL = {"key_id", "fingerprint", "secret", "secfile"}
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    interface: str | None = None
+    address: str | None = None
+    port: int | None = None
+    debug: bool = False
+    priority: str = ""
+    servicename: str = "Mandos"
+    use_dbus: bool = True
+    use_ipv6: bool = True
+    restore: bool = True
+    statedir: str | None = None
+    foreground: bool = False
+    socket: str | None = None
+    zeroconf: bool = True
+    debuglevel: str = ""
+
+
+@dataclass(frozen=True)
+class Client:
+    name: str
+    key_id: str | None
+    fingerprint: str
+    secret: bytes = field(repr=False)
+    host: str
+    checker: str
+    timeout: float
+    interval: float
+    extended_timeout: float
+    approval_delay: float
+    approval_duration: float
+    approved_by_default: bool
+    enabled: bool
+    #: every key=value of the section (after interpolation), for %(name)s in checkers
+    attributes: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
+
+    def masked_secret(self) -> Secret:
+        return Secret(self.secret)
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig
+    clients: Mapping[str, Client]
+    by_key_id: Mapping[str, Client]
+
+
+def _line_numbers(path: Path) -> dict[tuple[str, str], int]:
+    """Map (section, key) to its line in *path*, for warnings."""
+    lines: dict[tuple[str, str], int] = {}
+    section = "DEFAULT"
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return lines
+    for n, line in enumerate(text.splitlines(), 1):
+        m = re.match(r"\s*\[([^]]+)\]", line)
+        if m:
+            section = m.group(1)
+            continue
+        m = re.match(r"([^\s#;=:][^=:]*?)\s*[=:]", line)
+        if m:
+            lines.setdefault((section, m.group(1).strip().lower()), n)
+    return lines
+
+
+def _read(path: Path, defaults: Mapping[str, str]) -> configparser.ConfigParser:
+    parser = configparser.ConfigParser(defaults=dict(defaults), strict=True)
+    try:
+        with path.open(encoding="utf-8") as f:
+            parser.read_file(f)
+    except OSError as e:
+        raise ConfigError(f"{path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    except configparser.Error as e:
+        msg = str(e).replace("\n", " ").strip()
+        raise ConfigError(f"{path}: {msg}") from None
+    return parser
+
+
+def _value(path: Path, parser: configparser.ConfigParser, section: str, key: str) -> str:
+    try:
+        return parser.get(section, key)
+    except configparser.InterpolationError as e:
+        msg = str(e).splitlines()[0]
+        raise ConfigError(f"{path}: [{section}] {key}: bad %-interpolation: {msg} "
+                          "(write %% for a literal %)") from None
+
+
+def _parse_setting(path: Path, section: str, s: Setting, raw: str) -> Any:
+    try:
+        return s.parse(raw)
+    except ValueError as e:
+        raise ConfigError(f"{path}: [{section}] {s.key}={raw.strip()}: {e}") from None
+
+
+def _warn_unknown(path: Path, parser: configparser.ConfigParser, section: str,
+                  known: set[str], defaults: Mapping[str, str]) -> None:
+    lines = _line_numbers(path)
+    own = parser._sections.get(section, {}) if section != "DEFAULT" else parser.defaults()  # type: ignore[attr-defined]
+    for key in own:
+        if key not in known:
+            line = lines.get((section, key), 0)
+            log.warning("%s:%d: [%s] unknown key '%s' ignored", path, line, section, key)
+
+
+def load_server_config(path: Path) -> ServerConfig:
+    if not path.exists():
+        return ServerConfig()
+    defaults = {s.key: s.default for s in SERVER_SETTINGS}
+    parser = _read(path, defaults)
+    _warn_unknown(path, parser, "DEFAULT", set(defaults), defaults)
+    values = {s.key: _parse_setting(path, "DEFAULT", s, _value(path, parser, "DEFAULT", s.key))
+              for s in SERVER_SETTINGS}
+    return ServerConfig(**values)
+
+
+def _secret(path: Path, configdir: Path, parser: configparser.ConfigParser, name: str) -> bytes:
+    sec = parser._sections[name]  # type: ignore[attr-defined]
+    if "secret" in sec:
+        raw = parser.get(name, "secret", raw=True)
+        try:
+            data = base64.b64decode("".join(raw.split()), validate=True)
+        except (binascii.Error, ValueError):
+            raise ConfigError(f"{path}: [{name}] secret=…: not valid base64") from None
+    elif "secfile" in sec:
+        secfile = Path(_value(path, parser, name, "secfile")).expanduser()
+        if not secfile.is_absolute():
+            secfile = configdir / secfile
+        try:
+            data = secfile.read_bytes()
+        except OSError as e:
+            raise ConfigError(f"{path}: [{name}] secfile={secfile}: {e.strerror}") from None
+    else:
+        raise ConfigError(f"{path}: [{name}]: missing secret (or secfile)")
+    if not data:
+        raise ConfigError(f"{path}: [{name}] secret: empty")
+    return data
+
+
+def load_clients(path: Path, configdir: Path) -> dict[str, Client]:
+    if not path.exists():
+        log.warning("%s: not found; no clients are configured", path)
+        return {}
+    defaults = {s.key: s.default for s in CLIENT_SETTINGS}
+    parser = _read(path, defaults)
+    known = set(defaults) | CLIENT_SPECIAL
+    clients: dict[str, Client] = {}
+    for name in parser.sections():
+        _warn_unknown(path, parser, name, known | set(parser.defaults()), defaults)
+        values = {s.key: _parse_setting(path, name, s, _value(path, parser, name, s.key))
+                  for s in CLIENT_SETTINGS}
+        if not values["host"]:
+            values["host"] = name
+        kid: str | None = None
+        if parser.has_option(name, "key_id"):
+            raw = parser.get(name, "key_id", raw=True)
+            try:
+                kid = normalize_key_id(raw)
+            except KeyIdError as e:
+                raise ConfigError(f"{path}: [{name}] key_id={raw.strip()}: {e}") from None
+        else:
+            log.warning("%s: [%s] has no key_id; this client cannot be identified "
+                        "over TLS 1.3 and will never get its secret", path, name)
+        fpr = "".join(parser.get(name, "fingerprint", raw=True, fallback="").split()).upper()
+        attributes = {}
+        for key in parser.options(name):
+            if key in ("secret",):
+                continue
+            try:
+                attributes[key] = parser.get(name, key)
+            except configparser.InterpolationError:
+                attributes[key] = parser.get(name, key, raw=True)
+        attributes["name"] = name
+        attributes["host"] = values["host"]
+        clients[name] = Client(
+            name=name, key_id=kid, fingerprint=fpr,
+            secret=_secret(path, configdir, parser, name), attributes=attributes, **values)
+    seen: dict[str, str] = {}
+    for c in clients.values():
+        if c.key_id is None:
+            continue
+        if c.key_id in seen:
+            raise ConfigError(f"{path}: [{c.name}] key_id={c.key_id}: "
+                              f"same key_id as [{seen[c.key_id]}]")
+        seen[c.key_id] = c.name
+    return clients
+
+
+def load(configdir: Path) -> Config:
+    server = load_server_config(configdir / "mandos.conf")
+    clients = load_clients(configdir / "clients.conf", configdir)
+    by_key = {c.key_id: c for c in clients.values() if c.key_id}
+    return Config(server=server, clients=clients, by_key_id=by_key)
+
+
+def config_stamp(configdir: Path) -> tuple[tuple[int, int] | None, ...]:
+    """Changes when a config file changes, so a long-running server can re-read it."""
+    out = []
+    for name in ("mandos.conf", "clients.conf"):
+        try:
+            st = (configdir / name).stat()
+            out.append((st.st_mtime_ns, st.st_size))
+        except OSError:
+            out.append(None)
+    return tuple(out)

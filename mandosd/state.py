@@ -1,0 +1,216 @@
+"""Per-client state, crash-safe in SQLite (WAL, one transaction per change).
+
+The server, the checker pass and ``mandos-ctl`` all open the same database;
+each request reads it afresh, so a change by ``mandos-ctl`` takes effect for
+the next request without a restart.  :class:`StateStore` is the interface a
+shared database (PostgreSQL, for a pool of servers) would implement too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from .config import Client
+
+SCHEMA_VERSION = 1
+DB_NAME = "clients.sqlite"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS clients (
+    name TEXT PRIMARY KEY,
+    key_id TEXT,
+    enabled INTEGER NOT NULL,
+    deadline REAL,
+    last_enabled REAL,
+    last_checked_ok REAL,
+    last_checker_status INTEGER,
+    last_checker_time REAL,
+    checker_started REAL,
+    next_check REAL,
+    last_secret_sent REAL,
+    approved_until REAL,
+    approval_decision TEXT,
+    approval_decided_at REAL,
+    overrides TEXT NOT NULL DEFAULT '{}',
+    source TEXT NOT NULL DEFAULT 'config',
+    section TEXT
+);
+CREATE INDEX IF NOT EXISTS clients_key_id ON clients(key_id);
+"""
+
+
+class StateError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class ClientState:
+    name: str
+    key_id: str | None
+    enabled: bool
+    deadline: float | None
+    last_enabled: float | None = None
+    last_checked_ok: float | None = None
+    last_checker_status: int | None = None
+    last_checker_time: float | None = None
+    checker_started: float | None = None
+    next_check: float | None = None
+    last_secret_sent: float | None = None
+    approved_until: float | None = None
+    approval_decision: str | None = None
+    approval_decided_at: float | None = None
+    overrides: Mapping[str, Any] = field(default_factory=dict)
+    source: str = "config"
+    section: str | None = None
+
+
+class StateStore(Protocol):
+    def sync_clients(self, clients: Iterable[Client], now: float) -> None: ...
+    def get(self, name: str) -> ClientState | None: ...
+    def all(self) -> list[ClientState]: ...
+    def update(self, name: str, **changes: Any) -> None: ...
+    def record_secret_sent(self, name: str, now: float, deadline: float) -> None: ...
+    def close(self) -> None: ...
+
+
+_COLUMNS = [f for f in ClientState.__dataclass_fields__]
+
+
+def _row_to_state(row: sqlite3.Row) -> ClientState:
+    values = {k: row[k] for k in _COLUMNS}
+    values["enabled"] = bool(values["enabled"])
+    values["overrides"] = json.loads(values["overrides"] or "{}")
+    return ClientState(**values)
+
+
+def prepare_statedir(statedir: Path) -> None:
+    try:
+        statedir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if statedir.stat().st_mode & 0o077:
+            os.chmod(statedir, 0o700)
+    except OSError as e:
+        raise StateError(f"{statedir}: {e.strerror}") from None
+
+
+class SQLiteStore:
+    """The embedded default: ``STATEDIR/clients.sqlite`` (0600, directory 0700)."""
+
+    def __init__(self, statedir: Path, *, durable: bool = True) -> None:
+        prepare_statedir(statedir)
+        self.path = statedir / DB_NAME
+        old_umask = os.umask(0o077)
+        try:
+            self.db = sqlite3.connect(self.path, timeout=10, isolation_level=None,
+                                      check_same_thread=False)
+            self.db.row_factory = sqlite3.Row
+            self.db.execute("PRAGMA journal_mode=WAL")
+            # FULL: an acknowledged change survives even a power cut.
+            self.db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+            self.db.execute("PRAGMA busy_timeout=10000")
+            with self._tx():
+                for stmt in _SCHEMA.strip().split(";"):
+                    if stmt.strip():
+                        self.db.execute(stmt)
+                self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        except sqlite3.Error as e:
+            raise StateError(f"{self.path}: {e}") from None
+        finally:
+            os.umask(old_umask)
+
+    def _tx(self) -> _Transaction:
+        return _Transaction(self.db, self.path)
+
+    def sync_clients(self, clients: Iterable[Client], now: float) -> None:
+        """Merge the configured clients with stored state, as Mandos does on restart.
+
+        New clients start enabled (or as configured) with deadline now + timeout;
+        known clients keep their state (enabled, deadline, history); a changed
+        key_id is taken from the config; clients gone from the config are forgotten,
+        except those added with ``mandos-ctl --add``.
+        """
+        clients = list(clients)
+        with self._tx():
+            names = set()
+            for c in clients:
+                names.add(c.name)
+                cur = self.db.execute("SELECT key_id FROM clients WHERE name=?", (c.name,))
+                row = cur.fetchone()
+                if row is None:
+                    self.db.execute(
+                        "INSERT INTO clients (name, key_id, enabled, deadline, last_enabled,"
+                        " next_check) VALUES (?,?,?,?,?,?)",
+                        (c.name, c.key_id, int(c.enabled), now + c.timeout, now, now))
+                elif row["key_id"] != c.key_id:
+                    self.db.execute("UPDATE clients SET key_id=? WHERE name=?",
+                                    (c.key_id, c.name))
+            stored = [r["name"] for r in self.db.execute(
+                "SELECT name FROM clients WHERE source='config'")]
+            for name in stored:
+                if name not in names:
+                    self.db.execute("DELETE FROM clients WHERE name=?", (name,))
+
+    def get(self, name: str) -> ClientState | None:
+        try:
+            row = self.db.execute("SELECT * FROM clients WHERE name=?", (name,)).fetchone()
+        except sqlite3.Error as e:
+            raise StateError(f"{self.path}: {e}") from None
+        return _row_to_state(row) if row else None
+
+    def all(self) -> list[ClientState]:
+        try:
+            rows = self.db.execute("SELECT * FROM clients ORDER BY name").fetchall()
+        except sqlite3.Error as e:
+            raise StateError(f"{self.path}: {e}") from None
+        return [_row_to_state(r) for r in rows]
+
+    def update(self, name: str, **changes: Any) -> None:
+        bad = set(changes) - set(_COLUMNS) or ({"name"} & set(changes))
+        if bad:
+            raise ValueError(f"unknown state fields: {sorted(bad)}")
+        if "overrides" in changes:
+            changes["overrides"] = json.dumps(changes["overrides"], sort_keys=True)
+        if "enabled" in changes:
+            changes["enabled"] = int(changes["enabled"])
+        cols = ", ".join(f"{k}=?" for k in changes)
+        with self._tx():
+            cur = self.db.execute(f"UPDATE clients SET {cols} WHERE name=?",  # noqa: S608
+                                  (*changes.values(), name))
+            if cur.rowcount == 0:
+                raise StateError(f"no such client: {name}")
+
+    def record_secret_sent(self, name: str, now: float, deadline: float) -> None:
+        self.update(name, last_secret_sent=now, deadline=deadline)
+
+    def close(self) -> None:
+        self.db.close()
+
+
+class _Transaction:
+    def __init__(self, db: sqlite3.Connection, path: Path) -> None:
+        self.db = db
+        self.path = path
+
+    def __enter__(self) -> None:
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as e:
+            raise StateError(f"{self.path}: {e}") from None
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        try:
+            if exc_type is None:
+                self.db.execute("COMMIT")
+            else:
+                self.db.execute("ROLLBACK")
+        except sqlite3.Error as e:
+            try:
+                self.db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            raise StateError(f"{self.path}: cannot save state: {e}") from None

@@ -1,0 +1,120 @@
+"""Protocol 1 of the Mandos wire protocol, as both sides need it.
+
+1. The client (agent) opens TCP and sends ``1\\r\\n``.
+2. TLS 1.3 with inverted roles: the client is the TLS *server* and presents a
+   self-signed X.509 certificate around its Ed25519 key; the key server is the
+   TLS *client*.
+3. The key server identifies the client by :func:`key_id` of its public key.
+4. If allowed, the server writes the raw binary OpenPGP message and closes;
+   every refusal is the same: a complete handshake, then zero bytes.
+
+This module is imported by the initrd agent and by the server; standard library only.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import re
+import ssl
+
+PROTOCOL_VERSION = "1"
+VERSION_LINE = b"1\r\n"
+#: The escrow exchange (luks-passphrase sync) shares the port, selected by its own line.
+ESCROW_LINE = b"escrow 1\r\n"
+#: The longest first line the server reads before giving up on a peer.
+MAX_VERSION_LINE = 16
+#: The largest secret either side accepts (Mandos secrets are a few KiB).
+MAX_SECRET_SIZE = 64 * 1024
+
+#: SHA-256 of empty input: what a broken client computes for "no key".  Never valid.
+EMPTY_KEY_ID = hashlib.sha256(b"").hexdigest().upper()
+
+_HEX64 = re.compile(r"[0-9A-F]{64}")
+
+
+class KeyIdError(ValueError):
+    pass
+
+
+def key_id(spki_der: bytes) -> str:
+    """SHA-256 over the DER SubjectPublicKeyInfo, 64 upper-case hex digits.
+
+    Equal to ``certtool --key-id --hash=sha256`` and to Mandos's ``key_id``.
+    """
+    return hashlib.sha256(spki_der).hexdigest().upper()
+
+
+def normalize_key_id(text: str) -> str:
+    """Accept key_ids as Mandos does: case- and whitespace-insensitive."""
+    kid = "".join(text.split()).upper()
+    if not _HEX64.fullmatch(kid):
+        raise KeyIdError("key_id must be 64 hexadecimal digits (SHA-256)")
+    if kid == EMPTY_KEY_ID:
+        raise KeyIdError("key_id is the SHA-256 of empty input, which is never valid")
+    return kid
+
+
+def pem_to_der(pem: str | bytes, label: str) -> bytes:
+    """Extract the DER body of the first PEM block with *label*."""
+    text = pem.decode("ascii", "replace") if isinstance(pem, bytes) else pem
+    m = re.search(
+        rf"-----BEGIN {label}-----\s*(.*?)\s*-----END {label}-----", text, re.DOTALL
+    )
+    if not m:
+        raise ValueError(f"no PEM block '{label}' found")
+    return base64.b64decode("".join(m.group(1).split()), validate=True)
+
+
+def tls13_only(ctx: ssl.SSLContext) -> ssl.SSLContext:
+    """Restrict *ctx* to TLS 1.3 without session tickets or resumption."""
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_3
+    ctx.options |= ssl.OP_NO_TICKET
+    if hasattr(ssl, "OP_NO_COMPRESSION"):
+        ctx.options |= ssl.OP_NO_COMPRESSION
+    return ctx
+
+
+class DERError(ValueError):
+    pass
+
+
+def _der_element(data: bytes, pos: int) -> tuple[int, int, int]:
+    """Return (tag, start of content, end of content) of the DER element at *pos*."""
+    if pos + 2 > len(data):
+        raise DERError("truncated DER")
+    tag = data[pos]
+    length = data[pos + 1]
+    pos += 2
+    if length & 0x80:
+        n = length & 0x7F
+        if n == 0 or n > 4 or pos + n > len(data):
+            raise DERError("bad DER length")
+        length = int.from_bytes(data[pos : pos + n], "big")
+        pos += n
+    if pos + length > len(data):
+        raise DERError("truncated DER")
+    return tag, pos, pos + length
+
+
+def spki_from_certificate(cert_der: bytes) -> bytes:
+    """The DER SubjectPublicKeyInfo inside an X.509 certificate (RFC 5280 4.1)."""
+    tag, start, _ = _der_element(cert_der, 0)  # Certificate
+    if tag != 0x30:
+        raise DERError("not an X.509 certificate")
+    tag, pos, end = _der_element(cert_der, start)  # tbsCertificate
+    if tag != 0x30:
+        raise DERError("not an X.509 certificate")
+    fields = []
+    while pos < end and len(fields) < 7:
+        tag, cstart, cend = _der_element(cert_der, pos)
+        fields.append((tag, pos, cend))
+        pos = cend
+    if fields and fields[0][0] == 0xA0:  # explicit [0] version
+        fields = fields[1:]
+    # serialNumber, signature, issuer, validity, subject, subjectPublicKeyInfo
+    if len(fields) < 6 or fields[5][0] != 0x30:
+        raise DERError("certificate has no SubjectPublicKeyInfo")
+    _, s, e = fields[5]
+    return cert_der[s:e]
