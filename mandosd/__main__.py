@@ -51,6 +51,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--idle-timeout", type=float, metavar="SECONDS", default=None,
                    help="exit after this long without connections (for socket activation; "
                    "default: never)")
+    p.add_argument("--peer-timeout", type=float, metavar="SECONDS", default=10.0,
+                   help="time a peer gets for its version line, and again for the TLS "
+                   "handshake; slower peers are dropped (default: %(default)s)")
     p.add_argument("--check-config", "--check", action="store_true",
                    help="load the configuration, report problems and exit")
     p.add_argument("--foreground", action="store_true",
@@ -116,10 +119,12 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.server.debug and not args.debug:
             logsetup.setup("mandosd", True)
         statedir = _statedir(args, cfg)
-        from .server import KeyServer
+        from .server import KeyServer, Limits
 
         socks = _sockets(args, cfg)
-        server = KeyServer(configdir, statedir)
+        limits = Limits(version_timeout=args.peer_timeout,
+                        handshake_timeout=args.peer_timeout)
+        server = KeyServer(configdir, statedir, limits=limits)
     except (configmod.ConfigError, StateError, listen.ListenError) as e:
         print(f"mandosd: {e}", file=sys.stderr)
         return 1

@@ -1,0 +1,136 @@
+"""Test helpers shared by the test files: keys, enrollment, a real mandosd process.
+
+Everything runs for real: gpg in temporary GNUPGHOMEs, mandosd as a subprocess
+on 127.0.0.1/::1, the venv's console scripts.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def tool(name: str) -> str:
+    """A console script from the venv, or the system's program."""
+    p = BIN / name
+    return str(p) if p.exists() else name
+
+
+def have(program: str) -> bool:
+    return shutil.which(program) is not None or Path(program).exists()
+
+
+def free_port(family: int = socket.AF_INET) -> int:
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind(("::1" if family == socket.AF_INET6 else "127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_keys(keydir: Path, name: str = "client1") -> Path:
+    subprocess.run([tool("mandos-keygen"), "--dir", str(keydir), "--name", name],
+                   check=True, capture_output=True)
+    return keydir
+
+
+def enroll(keydir: Path, password: bytes, name: str = "client1", host: str | None = None,
+           extra: str = "") -> str:
+    """The clients.conf section for *password*, made by our mandos-keygen (stdin only)."""
+    argv = [tool("mandos-keygen"), "--dir", str(keydir), "--name", name,
+            "--passfile", "/dev/stdin"]
+    if host:
+        argv += ["--host", host]
+    out = subprocess.run(argv, input=password, check=True, capture_output=True).stdout
+    return out.decode() + extra
+
+
+@dataclass
+class Mandosd:
+    """A real mandosd subprocess with its own config and state directories."""
+
+    base: Path
+    sections: list[str] = field(default_factory=list)
+    listen: list[str] | None = None
+    extra_args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen[bytes] | None = None
+
+    def __post_init__(self) -> None:
+        self.configdir = self.base / "conf"
+        self.statedir = self.base / "state"
+        self.logfile = self.base / "mandosd.log"
+        self.configdir.mkdir(parents=True, exist_ok=True)
+        if self.listen is None:
+            self.port = free_port()
+            self.listen = [f"127.0.0.1:{self.port}"]
+        elif self.listen:
+            self.port = int(self.listen[0].rpartition(":")[2])
+        self.write_config()
+
+    def write_config(self) -> None:
+        (self.configdir / "clients.conf").write_text("\n".join(self.sections))
+        os.chmod(self.configdir / "clients.conf", 0o600)
+
+    @property
+    def address(self) -> str:
+        assert self.listen
+        return self.listen[0]
+
+    def argv(self) -> list[str]:
+        argv = [sys.executable, "-m", "mandosd", "--configdir", str(self.configdir),
+                "--statedir", str(self.statedir), "--debug", *self.extra_args]
+        for spec in self.listen or []:
+            argv += ["--listen", spec]
+        return argv
+
+    def start(self, argv: list[str] | None = None, timeout: float = 15) -> Mandosd:
+        log = self.logfile.open("ab")
+        env = {**os.environ, **self.env}
+        env.pop("NOTIFY_SOCKET", None)
+        self.proc = subprocess.Popen(argv or self.argv(), stdout=log, stderr=log, env=env,
+                                     cwd=ROOT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if "serving" in self.log() or "MANDOS_OUTCOME=server-started" in self.log():
+                return self
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mandosd exited {self.proc.returncode}:\n{self.log()}")
+            time.sleep(0.02)
+        raise RuntimeError(f"mandosd did not start:\n{self.log()}")
+
+    def log(self) -> str:
+        try:
+            return self.logfile.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def __enter__(self) -> Mandosd:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def fetch(keydir: Path, *servers: str, timeout: float = 5) -> subprocess.CompletedProcess[bytes]:
+    argv = [tool("mandos-client"), "--keydir", str(keydir), "--timeout", str(timeout)]
+    for s in servers:
+        argv += ["--connect", s]
+    return subprocess.run(argv, capture_output=True, timeout=timeout + 30)
