@@ -38,7 +38,7 @@ install_venv() {
 
 case "${1:-}" in
     install) install_apt; install_venv ;;
-    demo) install_apt; install_venv; exec "$VENV/bin/python" -m mandosd.demo ;;
+    demo) install_apt; install_venv; exec "$VENV/bin/python" scripts/demo.py ;;
     test) install_apt; install_venv; shift; exec "$VENV/bin/python" -m pytest -ra "$@" ;;
     *) sed -n '2,12p' "$0"; exit 2 ;;
 esac
