@@ -8,28 +8,16 @@ server never says why.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import socket
 import ssl
-import sys
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
-from . import log as logsetup
-from .gpg import Decryptor, GpgError
 from .protocol import MAX_SECRET_SIZE, VERSION_LINE
-from .secret import Secret
-from .tlskeys import DEFAULT_KEYDIR, KeyError_, KeyFiles, server_context
 
 log = logging.getLogger("mandos-client")
-
-EXIT_OK = 0
-EXIT_NO_SECRET = 1
-EXIT_USAGE = 2
-EXIT_KEYS = 3
 
 
 @dataclass(frozen=True)
@@ -184,91 +172,3 @@ def fetch_any(
             raise errors[-1] if len(errors) == 1 else FetchError(
                 errors[-1].server, "; ".join(str(e) for e in errors))
     raise FetchError(servers[0], "timed out")
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="mandos-client",
-        description="Fetch this machine's LUKS passphrase from a Mandos key server, "
-        "decrypt it with the machine's OpenPGP key and print it on stdout (no newline).",
-        epilog="Exit status: 0 the passphrase was printed; 1 no server gave a secret "
-        "(refused, unreachable or timed out); 2 usage error; 3 key files or gpg failed. "
-        "The server never says why it refuses; its audit log does.",
-    )
-    p.add_argument("--connect", metavar="HOST:PORT", action="append", required=True,
-                   help="key server to ask; repeat to ask several at once "
-                   "(IPv6 as [ADDRESS]:PORT, link-local as [fe80::1%%eth0]:PORT)")
-    p.add_argument("--keydir", type=Path, default=DEFAULT_KEYDIR,
-                   help="directory with the key files (default: %(default)s)")
-    for opt, dest, name in (("--pubkey", "pubkey", "pubkey.txt"),
-                            ("--seckey", "seckey", "seckey.txt"),
-                            ("--tls-pubkey", "tls_pubkey", "tls-pubkey.pem"),
-                            ("--tls-privkey", "tls_privkey", "tls-privkey.pem")):
-        p.add_argument(opt, dest=dest, type=Path, metavar="FILE",
-                       help=f"use FILE instead of KEYDIR/{name}")
-    p.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
-                   help="give up after this long (default: %(default)s)")
-    p.add_argument("--debug", action="store_true", help="log every step to stderr")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    logsetup.setup("mandos-client", args.debug)
-    try:
-        servers = [parse_server(s) for s in args.connect]
-    except ValueError as e:
-        print(f"mandos-client: --connect {e}", file=sys.stderr)
-        return EXIT_USAGE
-    keys = KeyFiles.from_dir(args.keydir, pubkey=args.pubkey, seckey=args.seckey,
-                             tls_pubkey=args.tls_pubkey, tls_privkey=args.tls_privkey)
-    # Import the OpenPGP keys while the network exchange runs.
-    gpg_box: list[Decryptor | BaseException] = []
-
-    def start_gpg() -> None:
-        try:
-            gpg_box.append(Decryptor(keys.seckey, keys.pubkey))
-        except BaseException as e:  # handed to the main thread
-            gpg_box.append(e)
-
-    gpg_thread = threading.Thread(target=start_gpg, daemon=True)
-    gpg_thread.start()
-    decryptor: Decryptor | None = None
-    try:
-        try:
-            ctx = server_context(keys)
-            server, message = fetch_any(servers, ctx, timeout=args.timeout,
-                                        connect_timeout=min(5.0, args.timeout))
-        except KeyError_ as e:
-            print(f"mandos-client: {e}", file=sys.stderr)
-            return EXIT_KEYS
-        except FetchError as e:
-            print(f"mandos-client: {e}", file=sys.stderr)
-            return EXIT_NO_SECRET
-        gpg_thread.join()
-        got = gpg_box[0]
-        if isinstance(got, BaseException):
-            if isinstance(got, GpgError):
-                print(f"mandos-client: {got}", file=sys.stderr)
-                return EXIT_KEYS
-            raise got
-        decryptor = got
-        try:
-            secret: Secret = decryptor.decrypt(message)
-        except GpgError as e:
-            print(f"mandos-client: {e}", file=sys.stderr)
-            return EXIT_KEYS
-        log.debug("decrypted the secret from %s", server)
-        with secret:
-            sys.stdout.buffer.write(secret.reveal())
-            sys.stdout.buffer.flush()
-        return EXIT_OK
-    finally:
-        gpg_thread.join()
-        for d in gpg_box:
-            if isinstance(d, Decryptor):
-                d.close()
-
-
-if __name__ == "__main__":
-    sys.exit(main())
