@@ -20,6 +20,12 @@ class Secret:
         """Return the plaintext.  Call sites of this are the audit surface."""
         return bytes(self._buf)
 
+    def prefixed(self, prefix: bytes) -> bytearray:
+        """A new bytearray *prefix* + plaintext (for wire formats); the caller wipes it."""
+        out = bytearray(prefix)
+        out += self._buf
+        return out
+
     def __len__(self) -> int:
         return len(self._buf)
 
