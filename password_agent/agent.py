@@ -1,0 +1,633 @@
+"""``mandos-password-agent``: answer systemd's cryptsetup questions with secrets from key servers.
+
+One main thread waits (``selectors``) on inotify for the ask directory, on a
+pidfd per asking process, on signals and on its workers.  Every answerable
+question gets a :class:`Job` thread that asks all known servers at once,
+retries each failed server after a growing pause, decrypts the first secret
+and sends ``+password`` to the asker's socket.  A question that disappears,
+whose asker exits, or whose ``NotAfter`` passes, is dropped at once.
+
+Run as ``mandos-password-agent`` or ``python3 -m password_agent.agent``
+(the initrd does the latter).  Settings: :mod:`password_agent.agentconf`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import queue
+import selectors
+import signal
+import socket
+import ssl
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+from . import log as logsetup
+from .agentconf import AgentConfig, ConfigError, build_parser, load
+from .askfile import (
+    AskFileError,
+    Question,
+    is_ask_name,
+    monotonic_us,
+    pid_alive,
+    read_ask,
+    skip_reason,
+)
+from .client import FetchError, Refused, Server, fetch
+from .discovery import Discovery
+from .gpg import Decryptor, GpgError
+from .inotify import (
+    IN_CLOSE_WRITE,
+    IN_DELETE,
+    IN_DELETE_SELF,
+    IN_IGNORED,
+    IN_MOVE_SELF,
+    IN_MOVED_FROM,
+    IN_MOVED_TO,
+    IN_ONLYDIR,
+    IN_Q_OVERFLOW,
+    Inotify,
+    InotifyError,
+)
+from .log import event
+from .secret import Secret
+from .tlskeys import KeyError_, KeyFiles, server_context
+
+log = logging.getLogger("mandos-password-agent")
+
+EXIT_OK = 0
+EXIT_WATCH = 1
+EXIT_USAGE = 2
+EXIT_KEYS = 3
+
+WATCH_MASK = IN_CLOSE_WRITE | IN_MOVED_TO | IN_DELETE | IN_MOVED_FROM | IN_ONLYDIR
+#: First pause before asking a failed server again; it doubles up to --retry-max.
+RETRY_FIRST = 0.25
+#: With --exit-when-idle, stay this long after the last question (the next volume's
+#: question usually follows within milliseconds).
+IDLE_LINGER = 0.5
+#: Pause after an unexpected error in a job, so a bug cannot spin.
+ERROR_PAUSE = 1.0
+
+
+class MessageId:
+    """journald MESSAGE_IDs of the agent's outcomes (``journalctl MESSAGE_ID=...``)."""
+
+    ANSWERED = "3f0a1c2e8b7d4f5a9c6e2b1d0a9f8e7d"
+    DROPPED = "9d4c7b2a1e5f4083b6a2c9d8e7f60514"
+    SKIPPED = "b81e3f6c2d9a47e5a0c4f7d2e9b15a63"
+    SERVER_FAILED = "5c2e9a7d1b3f4e68a9d0c7b6e5f41a28"
+    STARTED = "e6a9d3c1f7b2485e9a0d6c3b2f1e4d57"
+
+
+def _ms(start: float) -> int:
+    return round((time.monotonic() - start) * 1000)
+
+
+def send_answer(socket_path: str, secret: Secret) -> None:
+    """Send the one ``+password`` datagram; the copy made for it is wiped."""
+    data = secret.prefixed(b"+")
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.sendto(data, socket_path)
+    finally:
+        for i in range(len(data)):
+            data[i] = 0
+
+
+@dataclass
+class _ServerState:
+    inflight: bool = False
+    failures: int = 0
+    next_at: float = 0.0
+    last_reason: str = ""
+
+
+@dataclass(frozen=True)
+class _Result:
+    server: Server
+    data: bytes | None
+    error: FetchError | None
+    elapsed_ms: int
+
+
+class Job(threading.Thread):
+    """Work on one question until it is answered, withdrawn or past its deadline."""
+
+    def __init__(self, agent: Agent, question: Question) -> None:
+        super().__init__(name=f"question {question.name}", daemon=True)
+        self.agent = agent
+        self.q = question
+        self.inbox: queue.SimpleQueue[_Result | str] = queue.SimpleQueue()
+        self.stopped = threading.Event()
+        self.stop_reason = ""
+        self.outcome = "pending"
+        self.started = time.monotonic()
+        self.servers: dict[Server, _ServerState] = {}
+
+    def fields(self, **more: object) -> dict[str, object]:
+        return {"MANDOS_QUESTION_ID": self.q.id, "MANDOS_ASK_FILE": self.q.path,
+                "MANDOS_ASKER_PID": self.q.pid, **more}
+
+    def stop(self, reason: str) -> None:
+        """Stop working on the question (called from other threads)."""
+        if not self.stopped.is_set():
+            self.stop_reason = reason
+            self.stopped.set()
+            self.inbox.put("stop")
+
+    def poke(self) -> None:
+        """The set of servers changed: look again."""
+        self.inbox.put("servers")
+
+    def run(self) -> None:
+        try:
+            self._run()
+        finally:
+            self.stopped.set()
+            self.agent.job_done(self)
+
+    def _run(self) -> None:
+        while True:
+            try:
+                if self._step():
+                    return
+            except Exception as e:  # never die while the question is pending
+                log.error("error while working on %s: %s", self.q.name, e,
+                          exc_info=log.isEnabledFor(logging.DEBUG))
+                with contextlib.suppress(queue.Empty):
+                    self.inbox.get(timeout=ERROR_PAUSE)
+
+    def _gone(self) -> str | None:
+        if self.stopped.is_set():
+            return self.stop_reason or "stopped"
+        if self.q.expired(monotonic_us()):
+            return "NotAfter has passed"
+        if self.q.pid is not None and not pid_alive(self.q.pid):
+            return f"the asking process {self.q.pid} exited"
+        if not os.path.exists(self.q.path):
+            return "the question was withdrawn or answered elsewhere"
+        return None
+
+    def _drop(self, reason: str) -> bool:
+        self.outcome = "dropped"
+        self.stopped.set()
+        event(log, logging.INFO, f"dropped question {self.q.id or self.q.name}: {reason}",
+              MESSAGE_ID=MessageId.DROPPED, MANDOS_OUTCOME="dropped", MANDOS_REASON=reason,
+              MANDOS_ELAPSED_MS=_ms(self.started), **self.fields())
+        return True
+
+    def _launch_due(self) -> float | None:
+        """Start a fetch from every idle server that is due; return the next due time."""
+        now = time.monotonic()
+        servers = self.agent.known_servers()
+        if not servers and not self.servers:
+            self.agent.warn_no_servers()
+        next_due: float | None = None
+        for server in servers:
+            st = self.servers.setdefault(server, _ServerState())
+            if st.inflight:
+                continue
+            if st.next_at <= now:
+                st.inflight = True
+                threading.Thread(target=self._fetch, args=(server,), daemon=True,
+                                 name=f"fetch {server}").start()
+            elif next_due is None or st.next_at < next_due:
+                next_due = st.next_at
+        return next_due
+
+    def _fetch(self, server: Server) -> None:
+        cfg, ctx = self.agent.cfg, self.agent.ctx
+        assert ctx is not None
+        start = time.monotonic()
+        try:
+            data = fetch(server, ctx, connect_timeout=cfg.connect_timeout,
+                         timeout=cfg.timeout, cancel=self.stopped)
+        except FetchError as e:
+            self.inbox.put(_Result(server, None, e, _ms(start)))
+        except Exception as e:  # noqa: BLE001 - reported as this server's failure
+            self.inbox.put(_Result(server, None, FetchError(server, str(e)), _ms(start)))
+        else:
+            self.inbox.put(_Result(server, data, None, _ms(start)))
+
+    def _step(self) -> bool:
+        """One turn of the loop; True when the job is over."""
+        reason = self._gone()
+        if reason:
+            return self._drop(reason)
+        next_due = self._launch_due()
+        timeout = None if next_due is None else max(0.0, next_due - time.monotonic())
+        left = self.q.seconds_left(monotonic_us())
+        if left is not None:
+            timeout = max(0.0, left) if timeout is None else min(timeout, max(0.0, left))
+        if self.agent.pidfd_fallback and self.q.pid is not None:
+            timeout = 1.0 if timeout is None else min(timeout, 1.0)
+        try:
+            msg = self.inbox.get(timeout=timeout)
+        except queue.Empty:
+            return False
+        if isinstance(msg, str):
+            return False
+        return self._result(msg)
+
+    def _result(self, r: _Result) -> bool:
+        st = self.servers.setdefault(r.server, _ServerState())
+        st.inflight = False
+        if r.error is None and r.data is not None:
+            try:
+                secret = self.agent.decrypt(r.data)
+            except GpgError as e:
+                self._failed(r.server, st, str(e), r.elapsed_ms)
+                return False
+            with secret:
+                return self._answer(r.server, secret, r.elapsed_ms)
+        assert r.error is not None
+        self._failed(r.server, st, r.error.reason, r.elapsed_ms,
+                     refused=isinstance(r.error, Refused))
+        return False
+
+    def _failed(self, server: Server, st: _ServerState, reason: str, elapsed_ms: int,
+                refused: bool = False) -> None:
+        st.failures += 1
+        pause = min(self.agent.cfg.retry_max, RETRY_FIRST * 2 ** (st.failures - 1))
+        st.next_at = time.monotonic() + pause
+        # The first failure and every change of reason are worth an INFO line;
+        # the same failure again (waiting for the network) only at debug level.
+        level = logging.INFO if reason != st.last_reason else logging.DEBUG
+        st.last_reason = reason
+        if self.stopped.is_set():
+            level = logging.DEBUG
+        event(log, level, f"{server}: {reason} (try {st.failures}, again in {pause:g} s)",
+              MESSAGE_ID=MessageId.SERVER_FAILED,
+              MANDOS_OUTCOME="refused" if refused else "server-failed",
+              MANDOS_SERVER=server, MANDOS_REASON=reason, MANDOS_ELAPSED_MS=elapsed_ms,
+              MANDOS_ATTEMPT=st.failures, **self.fields())
+
+    def _answer(self, server: Server, secret: Secret, fetch_ms: int) -> bool:
+        reason = self._gone()
+        if reason:
+            return self._drop(reason)
+        try:
+            send_answer(self.q.socket, secret)
+        except OSError as e:
+            if e.errno in (errno.ENOENT, errno.ECONNREFUSED):
+                return self._drop(f"the asker's socket is gone ({e.strerror})")
+            raise
+        self.outcome = "answered"
+        self.stopped.set()
+        total = _ms(self.started)
+        note = "" if os.geteuid() == 0 else " (not root: the asker will ignore it)"
+        event(log, logging.INFO,
+              f"answered question {self.q.id or self.q.name} with the secret from {server} "
+              f"in {total} ms{note}",
+              MESSAGE_ID=MessageId.ANSWERED, MANDOS_OUTCOME="answered", MANDOS_SERVER=server,
+              MANDOS_ELAPSED_MS=total, MANDOS_FETCH_MS=fetch_ms, **self.fields())
+        self.agent.answered(self)
+        return True
+
+
+class Agent:
+    """The main loop: watch the ask directory, start and stop jobs."""
+
+    def __init__(self, cfg: AgentConfig) -> None:
+        self.cfg = cfg
+        self.ask_dir = str(cfg.ask_dir)
+        self.ctx: ssl.SSLContext | None = None
+        self.decryptor: Decryptor | None = None
+        self._decrypt_lock = threading.Lock()
+        self.discovery: Discovery | None = None
+        self.jobs: dict[str, Job] = {}
+        self.reported: set[str] = set()  # skipped questions, logged once each
+        self.answered_names: set[str] = set()
+        self.pidfds: dict[int, str] = {}
+        self.pidfd_fallback = not hasattr(os, "pidfd_open")
+        self.sel = selectors.DefaultSelector()
+        self.stopping = False
+        self.exit_code = EXIT_OK
+        self._done: queue.SimpleQueue[Job] = queue.SimpleQueue()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._warned_no_servers = False
+        self._lock = threading.Lock()
+
+    # --- called from job threads ---------------------------------------------------------
+
+    def known_servers(self) -> list[Server]:
+        servers = list(self.cfg.connect)
+        if self.discovery is not None:
+            servers.extend(s for s in self.discovery.servers() if s not in servers)
+        return servers
+
+    def warn_no_servers(self) -> None:
+        with self._lock:
+            if self._warned_no_servers:
+                return
+            self._warned_no_servers = True
+        log.warning("no key server known yet: waiting for a zeroconf announcement"
+                    if self.discovery else "no key server to ask (use --connect)")
+
+    def decrypt(self, message: bytes) -> Secret:
+        assert self.decryptor is not None
+        with self._decrypt_lock:
+            return self.decryptor.decrypt(message)
+
+    def answered(self, job: Job) -> None:
+        with self._lock:
+            self.answered_names.add(job.q.name)
+
+    def job_done(self, job: Job) -> None:
+        self._done.put(job)
+        self._wake()
+
+    def servers_changed(self) -> None:
+        with self._lock:
+            jobs = list(self.jobs.values())
+        for job in jobs:
+            job.poke()
+
+    def _wake(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.write(self._wake_w, b"x")
+
+    # --- set-up ----------------------------------------------------------------------------
+
+    def load_keys(self) -> None:
+        """Make the TLS context and the gpg home once, so answering is fast."""
+        keys = KeyFiles.from_dir(self.cfg.keydir)
+        self.ctx = server_context(keys)
+        self.decryptor = Decryptor(keys.seckey, keys.pubkey)
+        wait_ready = getattr(self.decryptor, "wait_ready", None)
+        if wait_ready is not None:
+            wait_ready()
+
+    def start_discovery(self) -> None:
+        if not self.cfg.zeroconf:
+            return
+        d = Discovery(self.servers_changed)
+        if d.start():
+            self.discovery = d
+
+    def watch(self) -> Inotify:
+        os.makedirs(self.ask_dir, mode=0o755, exist_ok=True)
+        ino = Inotify()
+        ino.add_watch(self.ask_dir, WATCH_MASK)
+        return ino
+
+    def answerable_now(self) -> list[Question]:
+        """The questions in the directory this agent would answer (no side effects)."""
+        out = []
+        for name in self._ask_names():
+            try:
+                q = read_ask(os.path.join(self.ask_dir, name))
+            except (OSError, AskFileError):
+                continue
+            if skip_reason(q, now_us=monotonic_us(), id_prefixes=self.cfg.id_prefix) is None:
+                out.append(q)
+        return out
+
+    def _ask_names(self) -> list[str]:
+        try:
+            return sorted(n for n in os.listdir(self.ask_dir) if is_ask_name(n))
+        except OSError as e:
+            log.warning("cannot list %s: %s", self.ask_dir, e.strerror)
+            return []
+
+    # --- questions -------------------------------------------------------------------------
+
+    def consider(self, name: str) -> None:
+        if name in self.jobs or name in self.answered_names or name in self.reported:
+            return
+        path = os.path.join(self.ask_dir, name)
+        try:
+            q = read_ask(path)
+        except FileNotFoundError:
+            return
+        except AskFileError as e:
+            self.reported.add(name)
+            event(log, logging.WARNING, f"skipping malformed question {name}: {e.reason}",
+                  MESSAGE_ID=MessageId.SKIPPED, MANDOS_OUTCOME="malformed",
+                  MANDOS_ASK_FILE=path, MANDOS_REASON=e.reason)
+            return
+        reason = skip_reason(q, now_us=monotonic_us(), id_prefixes=self.cfg.id_prefix)
+        if reason:
+            self.reported.add(name)
+            event(log, logging.DEBUG if q.id and "Id=" in reason else logging.INFO,
+                  f"leaving question {q.id or name} alone: {reason}",
+                  MESSAGE_ID=MessageId.SKIPPED, MANDOS_OUTCOME="skipped",
+                  MANDOS_QUESTION_ID=q.id, MANDOS_ASK_FILE=path, MANDOS_REASON=reason)
+            return
+        job = Job(self, q)
+        event(log, logging.INFO, f"asking key servers for question {q.id or name}",
+              MANDOS_OUTCOME="asking", MANDOS_SERVERS=" ".join(map(str, self.known_servers())),
+              **job.fields())
+        with self._lock:
+            self.jobs[name] = job
+        self._watch_pid(job)
+        job.start()
+
+    def _watch_pid(self, job: Job) -> None:
+        pid = job.q.pid
+        if pid is None or self.pidfd_fallback:
+            return
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            job.stop(f"the asking process {pid} exited")
+            return
+        except OSError as e:  # old kernel, seccomp: check liveness on every turn instead
+            log.debug("pidfd_open: %s; checking the asker's PID every second", e)
+            self.pidfd_fallback = True
+            return
+        self.pidfds[fd] = job.q.name
+        self.sel.register(fd, selectors.EVENT_READ, "pidfd")
+
+    def _unwatch_pid(self, name: str) -> None:
+        for fd, n in list(self.pidfds.items()):
+            if n == name:
+                del self.pidfds[fd]
+                self.sel.unregister(fd)
+                os.close(fd)
+
+    def forget(self, name: str, reason: str) -> None:
+        self.reported.discard(name)
+        self.answered_names.discard(name)
+        job = self.jobs.get(name)
+        if job is not None:
+            job.stop(reason)
+
+    def rescan(self) -> None:
+        names = set(self._ask_names())
+        for name in list(self.jobs):
+            if name not in names:
+                self.forget(name, "the question was withdrawn or answered elsewhere")
+        self.reported &= names
+        self.answered_names &= names
+        for name in sorted(names):
+            self.consider(name)
+
+    # --- main loop -------------------------------------------------------------------------
+
+    def _on_inotify(self, ino: Inotify) -> None:
+        for ev in ino.read():
+            if ev.mask & IN_Q_OVERFLOW:
+                log.debug("inotify queue overflow: rescanning %s", self.ask_dir)
+                self.rescan()
+            elif ev.mask & (IN_IGNORED | IN_DELETE_SELF | IN_MOVE_SELF):
+                log.warning("%s was removed; watching it again", self.ask_dir)
+                self._rewatch(ino)
+            elif not is_ask_name(ev.name):
+                continue
+            elif ev.mask & (IN_DELETE | IN_MOVED_FROM):
+                self.forget(ev.name, "the question was withdrawn or answered elsewhere")
+            elif ev.mask & (IN_CLOSE_WRITE | IN_MOVED_TO):
+                self.reported.discard(ev.name)
+                self.consider(ev.name)
+
+    def _rewatch(self, ino: Inotify) -> None:
+        try:
+            os.makedirs(self.ask_dir, mode=0o755, exist_ok=True)
+            ino.add_watch(self.ask_dir, WATCH_MASK)
+        except (OSError, InotifyError) as e:
+            log.error("cannot watch %s again: %s", self.ask_dir, e)
+            self.stopping = True
+            self.exit_code = EXIT_WATCH
+            return
+        self.rescan()
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                job = self._done.get_nowait()
+            except queue.Empty:
+                return
+            with self._lock:
+                if self.jobs.get(job.q.name) is job:
+                    del self.jobs[job.q.name]
+            self._unwatch_pid(job.q.name)
+            if job.outcome == "answered" and self.cfg.once:
+                log.debug("--once: the first question is answered, exiting")
+                self.stopping = True
+
+    def _on_pidfd(self, fd: int) -> None:
+        name = self.pidfds.get(fd)
+        job = self.jobs.get(name) if name else None
+        if job is not None:
+            job.stop(f"the asking process {job.q.pid} exited")
+        if name:
+            self._unwatch_pid(name)
+
+    def run(self, ino: Inotify) -> int:
+        sig_r, sig_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        old_wakeup = signal.set_wakeup_fd(sig_w, warn_on_full_buffer=False)
+
+        def on_signal(signum: int, frame: object) -> None:
+            self.stopping = True
+
+        old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        self.sel.register(ino.fileno(), selectors.EVENT_READ, "inotify")
+        self.sel.register(sig_r, selectors.EVENT_READ, "signal")
+        self.sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+        idle_since: float | None = None
+        try:
+            self.rescan()
+            while not self.stopping:
+                timeout = None
+                if self.cfg.exit_when_idle:
+                    if self.jobs:
+                        idle_since = None
+                    else:
+                        idle_since = idle_since or time.monotonic()
+                        timeout = IDLE_LINGER - (time.monotonic() - idle_since)
+                        if timeout <= 0:
+                            self.rescan()  # last look, in case an event was missed
+                            if not self.jobs:
+                                log.debug("no question left to answer, exiting")
+                                break
+                            continue
+                for key, _ in self.sel.select(timeout):
+                    try:
+                        if key.data == "inotify":
+                            self._on_inotify(ino)
+                        elif key.data == "pidfd":
+                            self._on_pidfd(int(key.fd))
+                        else:
+                            with contextlib.suppress(BlockingIOError):
+                                os.read(int(key.fd), 4096)
+                    except Exception as e:  # log, keep watching
+                        log.error("error handling an event: %s", e,
+                                  exc_info=log.isEnabledFor(logging.DEBUG))
+                self._reap()
+        finally:
+            for job in list(self.jobs.values()):
+                job.stop("the agent is stopping")
+            signal.set_wakeup_fd(old_wakeup)
+            for s, h in old.items():
+                signal.signal(s, h)
+            self.sel.close()
+            for fd in (sig_r, sig_w, self._wake_r, self._wake_w, *self.pidfds):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        return self.exit_code
+
+    def close(self) -> None:
+        if self.discovery is not None:
+            self.discovery.close()
+        if self.decryptor is not None:
+            self.decryptor.close()
+
+
+def _warn_not_root() -> None:
+    if os.geteuid() != 0:
+        log.warning("not running as root: systemd's askers accept answers only from root "
+                    "(they check the sender's credentials), so answers will be ignored")
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg = load(argv)
+    except ConfigError as e:
+        print(f"mandos-password-agent: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    logsetup.setup("mandos-password-agent", cfg.debug)
+    if not cfg.connect and not cfg.zeroconf:
+        build_parser().print_usage(sys.stderr)
+        print("mandos-password-agent: no server to ask: give --connect HOST:PORT "
+              "or allow zeroconf discovery", file=sys.stderr)
+        return EXIT_USAGE
+    _warn_not_root()
+    agent = Agent(cfg)
+    try:
+        try:
+            ino = agent.watch()
+        except (OSError, InotifyError) as e:
+            log.error("cannot watch %s: %s", cfg.ask_dir, e.strerror or e)
+            return EXIT_WATCH
+        with ino:
+            if cfg.exit_when_idle and not agent.answerable_now():
+                log.debug("no question to answer in %s", cfg.ask_dir)
+                return EXIT_OK
+            t0 = time.monotonic()
+            try:
+                agent.load_keys()
+            except (KeyError_, GpgError) as e:
+                log.error("%s", e)
+                return EXIT_KEYS
+            agent.start_discovery()
+            event(log, logging.INFO if not cfg.exit_when_idle else logging.DEBUG,
+                  f"watching {cfg.ask_dir} for questions "
+                  f"(keys loaded in {_ms(t0)} ms)", MESSAGE_ID=MessageId.STARTED,
+                  MANDOS_OUTCOME="started",
+                  MANDOS_SERVERS=" ".join(map(str, cfg.connect)) or None,
+                  MANDOS_ZEROCONF="yes" if agent.discovery else "no")
+            return agent.run(ino)
+    finally:
+        agent.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
