@@ -56,6 +56,14 @@ def _parser() -> argparse.ArgumentParser:
                    "handshake; slower peers are dropped (default: %(default)s)")
     p.add_argument("--check-config", "--check", action="store_true",
                    help="load the configuration, report problems and exit")
+    p.add_argument("--run-checkers", action="store_true",
+                   help="run the checkers that are due once (batched fping, others with "
+                   "bounded concurrency), record the results in the state store, disable "
+                   "clients whose timeout has passed, and exit; what mandosd-checker.timer "
+                   "runs.  Exit status 0 even when checkers fail (that is a result, audited)")
+    p.add_argument("--checker-concurrency", type=int, metavar="N", default=None,
+                   help="with --run-checkers: at most N non-fping checkers at a time "
+                   "(default: 64)")
     p.add_argument("--foreground", action="store_true",
                    help="accepted for Mandos compatibility (mandosd never daemonizes)")
     p.add_argument("--no-dbus", action="store_true", help="accepted for compatibility")
@@ -105,6 +113,28 @@ def _notify(message: str) -> None:
     sdnotify.SystemdNotifier().notify(message)
 
 
+def _run_checkers(args: argparse.Namespace, configdir: Path, statedir: Path,
+                  cfg: configmod.Config) -> int:
+    """One checker pass (``mandosd-checker.service``)."""
+    import time
+
+    from .checker import Limits, run_pass
+    from .state import SQLiteStore
+
+    limits = Limits()
+    if args.checker_concurrency is not None:
+        limits = Limits(concurrency=max(1, args.checker_concurrency))
+    store = SQLiteStore(statedir)
+    try:
+        store.sync_clients(cfg.clients.values(), time.time())
+        report = run_pass(store, cfg.clients, configdir, limits=limits)
+    finally:
+        store.close()
+    log.info("checker pass: %s", report.summary())
+    _notify(f"STATUS=Checker pass: {report.summary()}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logsetup.setup("mandosd", args.debug)
@@ -119,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.server.debug and not args.debug:
             logsetup.setup("mandosd", True)
         statedir = _statedir(args, cfg)
+        if args.run_checkers:
+            return _run_checkers(args, configdir, statedir, cfg)
         from .server import KeyServer, Limits
 
         socks = _sockets(args, cfg)

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from .config import Client
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DB_NAME = "clients.sqlite"
 
 _SCHEMA = """
@@ -44,6 +44,20 @@ CREATE TABLE IF NOT EXISTS clients (
 CREATE INDEX IF NOT EXISTS clients_key_id ON clients(key_id);
 """
 
+#: Schema migrations: (version reached, statements).  Applied in order to a
+#: database whose ``PRAGMA user_version`` is lower; never edit a released step.
+_MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
+    (2, (
+        # what mandos-ctl shows as Created, Last Approval Request, Approval Is Pending
+        "ALTER TABLE clients ADD COLUMN created REAL",
+        "ALTER TABLE clients ADD COLUMN last_approval_request REAL",
+        "ALTER TABLE clients ADD COLUMN approval_pending_until REAL",
+        # mandos-ctl --stop-checker: a running pass kills checkers started before this
+        "ALTER TABLE clients ADD COLUMN checker_stop_requested REAL",
+        "CREATE INDEX IF NOT EXISTS clients_next_check ON clients(next_check)",
+    )),
+)
+
 
 class StateError(Exception):
     pass
@@ -68,6 +82,10 @@ class ClientState:
     overrides: Mapping[str, Any] = field(default_factory=dict)
     source: str = "config"
     section: str | None = None
+    created: float | None = None
+    last_approval_request: float | None = None
+    approval_pending_until: float | None = None
+    checker_stop_requested: float | None = None
 
 
 class StateStore(Protocol):
@@ -76,7 +94,29 @@ class StateStore(Protocol):
     def all(self) -> list[ClientState]: ...
     def update(self, name: str, **changes: Any) -> None: ...
     def record_secret_sent(self, name: str, now: float, deadline: float) -> None: ...
+    def claim_checks(self, candidates: Mapping[str, float], now: float,
+                     force: bool = False) -> list[str]: ...
+    def record_checks(self, results: Iterable[CheckRecord]) -> None: ...
+    def disable_expired(self, now: float) -> list[ClientState]: ...
+    def stop_requested(self, names: Iterable[str], since: float) -> set[str]: ...
+    def add_client(self, name: str, key_id: str | None, section: str, now: float,
+                   timeout: float, enabled: bool = True) -> None: ...
+    def remove(self, name: str) -> None: ...
     def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class CheckRecord:
+    """One finished checker run, as the pass records it."""
+
+    name: str
+    started: float
+    finished: float
+    #: exit code; -1 killed (by us at the interval, or by a signal), -2 never completed
+    status: int
+    next_check: float
+    #: set on success: the deadline it earns (now + timeout); never moves a deadline back
+    deadline: float | None = None
 
 
 _COLUMNS = [f for f in ClientState.__dataclass_fields__]
@@ -114,9 +154,17 @@ class SQLiteStore:
             self.db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
             self.db.execute("PRAGMA busy_timeout=10000")
             with self._tx():
+                version = self.db.execute("PRAGMA user_version").fetchone()[0]
+                if version > SCHEMA_VERSION:
+                    raise StateError(f"{self.path}: made by a newer mandosd (schema "
+                                     f"{version} > {SCHEMA_VERSION}); refusing to touch it")
                 for stmt in _SCHEMA.strip().split(";"):
                     if stmt.strip():
                         self.db.execute(stmt)
+                for target, statements in _MIGRATIONS:
+                    if version < target:
+                        for stmt in statements:
+                            self.db.execute(stmt)
                 self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         except sqlite3.Error as e:
             raise StateError(f"{self.path}: {e}") from None
@@ -144,8 +192,8 @@ class SQLiteStore:
                 if row is None:
                     self.db.execute(
                         "INSERT INTO clients (name, key_id, enabled, deadline, last_enabled,"
-                        " next_check) VALUES (?,?,?,?,?,?)",
-                        (c.name, c.key_id, int(c.enabled), now + c.timeout, now, now))
+                        " next_check, created) VALUES (?,?,?,?,?,?,?)",
+                        (c.name, c.key_id, int(c.enabled), now + c.timeout, now, now, now))
                 elif row["key_id"] != c.key_id:
                     self.db.execute("UPDATE clients SET key_id=? WHERE name=?",
                                     (c.key_id, c.name))
@@ -187,6 +235,81 @@ class SQLiteStore:
     def record_secret_sent(self, name: str, now: float, deadline: float) -> None:
         self.update(name, last_secret_sent=now, deadline=deadline)
 
+    # -- the checker pass -------------------------------------------------
+
+    def claim_checks(self, candidates: Mapping[str, float], now: float,
+                     force: bool = False) -> list[str]:
+        """Mark as running those of *candidates* (name: interval) that are due.
+
+        Due: enabled, ``next_check`` reached (or *force*), and no checker running
+        (one started more than twice its interval ago counts as lost).  Done in
+        one transaction, so two passes never run the same client's checker.
+        """
+        claimed: list[str] = []
+        with self._tx():
+            for name, interval in candidates.items():
+                cur = self.db.execute(
+                    "UPDATE clients SET checker_started=? WHERE name=? AND enabled=1"
+                    " AND (? OR next_check IS NULL OR next_check<=?)"
+                    " AND (checker_started IS NULL OR checker_started<?)",
+                    (now, name, int(force), now, now - 2 * interval))
+                if cur.rowcount:
+                    claimed.append(name)
+        return claimed
+
+    def record_checks(self, results: Iterable[CheckRecord]) -> None:
+        """Record finished checkers in one transaction; success moves the deadline."""
+        rows = [(r.status, r.finished, r.next_check,
+                 r.finished if r.deadline is not None else None,
+                 r.deadline, r.deadline, r.name) for r in results]
+        if not rows:
+            return
+        with self._tx():
+            self.db.executemany(
+                "UPDATE clients SET last_checker_status=?, last_checker_time=?,"
+                " checker_started=NULL, next_check=?,"
+                " last_checked_ok=COALESCE(?, last_checked_ok),"
+                " deadline=CASE WHEN ? IS NOT NULL AND enabled=1"
+                "   THEN MAX(COALESCE(deadline, 0), ?) ELSE deadline END"
+                " WHERE name=?", rows)
+
+    def disable_expired(self, now: float) -> list[ClientState]:
+        """Disable every enabled client whose deadline has passed; return them."""
+        with self._tx():
+            rows = self.db.execute(
+                "UPDATE clients SET enabled=0 WHERE enabled=1 AND deadline IS NOT NULL"
+                " AND deadline<? RETURNING *", (now,)).fetchall()
+        return [_row_to_state(r) for r in rows]
+
+    def stop_requested(self, names: Iterable[str], since: float) -> set[str]:
+        """Those of *names* whose checker ``mandos-ctl --stop-checker`` stopped after *since*."""
+        wanted = set(names)
+        rows = self.db.execute(
+            "SELECT name FROM clients WHERE checker_stop_requested>=?", (since,)).fetchall()
+        return {r["name"] for r in rows} & wanted
+
+    # -- mandos-ctl ---------------------------------------------------------
+
+    def add_client(self, name: str, key_id: str | None, section: str, now: float,
+                   timeout: float, enabled: bool = True) -> None:
+        """A client added with ``mandos-ctl --add``: kept across config reloads."""
+        with self._tx():
+            if self.db.execute("SELECT 1 FROM clients WHERE name=?", (name,)).fetchone():
+                raise StateError(f"client {name} exists already")
+            if key_id is not None and self.db.execute(
+                    "SELECT name FROM clients WHERE key_id=?", (key_id,)).fetchone():
+                raise StateError(f"client {name}: another client has key_id {key_id}")
+            self.db.execute(
+                "INSERT INTO clients (name, key_id, enabled, deadline, last_enabled,"
+                " next_check, created, source, section) VALUES (?,?,?,?,?,?,?,'ctl',?)",
+                (name, key_id, int(enabled), now + timeout, now, now, now, section))
+
+    def remove(self, name: str) -> None:
+        with self._tx():
+            cur = self.db.execute("DELETE FROM clients WHERE name=?", (name,))
+            if cur.rowcount == 0:
+                raise StateError(f"no such client: {name}")
+
     def close(self) -> None:
         self.db.close()
 
@@ -214,3 +337,40 @@ class _Transaction:
             except sqlite3.Error:
                 pass
             raise StateError(f"{self.path}: cannot save state: {e}") from None
+
+
+def section_client(section: str, configdir: Path) -> Client:
+    """Parse one clients.conf section (as ``mandos-ctl --add`` stores it) into a Client.
+
+    Raises :class:`mandosd.config.ConfigError` if it is not exactly one valid section.
+    """
+    import tempfile
+
+    from . import config as configmod
+
+    with tempfile.TemporaryDirectory(prefix="mandosd-section-") as tmp:
+        path = Path(tmp) / "clients.conf"
+        path.write_text(section, encoding="utf-8")
+        clients = configmod.load_clients(path, configdir)
+    if len(clients) != 1:
+        raise configmod.ConfigError(f"expected exactly one client section, found "
+                                    f"{len(clients)}")
+    return next(iter(clients.values()))
+
+
+def known_clients(configured: Mapping[str, Client], states: Iterable[ClientState],
+                  configdir: Path) -> dict[str, Client]:
+    """Configured clients plus those added with ``mandos-ctl --add`` (kept in the store)."""
+    import logging
+
+    from .config import ConfigError
+
+    out = dict(configured)
+    for st in states:
+        if st.source == "ctl" and st.section and st.name not in out:
+            try:
+                out[st.name] = section_client(st.section, configdir)
+            except ConfigError as e:
+                logging.getLogger("mandosd.state").error(
+                    "client %s (added with mandos-ctl): %s", st.name, e)
+    return out

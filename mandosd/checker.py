@@ -1,0 +1,488 @@
+"""The checker pass: run the checks that are due, record results, disable the unreachable.
+
+Mandos's semantics, run as one pass (by ``mandosd --run-checkers`` from
+``mandosd-checker.timer``, or on a schedule inside a standalone ``mandosd``):
+
+* each client's ``checker`` runs every ``interval``; success sets the deadline
+  to now + ``timeout``; a checker still running when its interval is over is
+  killed (its whole process group) and counts as a failure;
+* a client whose deadline has passed is disabled (and audited) until an
+  administrator enables it again;
+* the command is an argv list: the string is split like a shell would
+  (:func:`shlex.split`), then each word gets ``%(attr)s`` substitution of the
+  client's attributes, so every value stays one argument.  No shell, ever.
+
+Clients on the default ``fping -q -- %(host)s`` are checked in batches: one
+``fping`` process for many hosts.  Other checkers run with bounded concurrency.
+Results are written in batched transactions while the pass runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import logging
+import os
+import shlex
+import signal
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from password_agent.run import minimal_env
+
+from . import policy
+from .audit import Kind, audit
+from .config import Client
+from .durations import format_duration
+from .state import CheckRecord, ClientState, SQLiteStore, known_clients
+
+log = logging.getLogger("mandosd.checker")
+
+#: The default checker after clients.conf interpolation (``%%(host)s`` there).
+DEFAULT_CHECKER = "fping -q -- %(host)s"
+FPING_TEMPLATE = ("fping", "-q", "--", "%(host)s")
+#: status values as Mandos reports LastCheckerStatus
+KILLED = -1
+NEVER = -2
+NOT_FOUND = 127
+NOT_EXECUTABLE = 126
+
+
+class CheckerError(Exception):
+    """A checker command that cannot be turned into an argv list."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    #: checkers other than batched fping running at the same time
+    concurrency: int = 64
+    #: hosts per fping process
+    fping_batch: int = 256
+    #: fping processes at the same time
+    fping_processes: int = 8
+    #: results are written to the store at least this often (seconds)
+    flush_every: float = 0.5
+    #: how often a running pass looks for ``mandos-ctl --stop-checker`` (seconds)
+    stop_poll: float = 1.0
+    #: bytes of a checker's stderr kept for the audit log (the tail)
+    stderr_tail: int = 512
+
+
+def _timestamp(t: float | None) -> str:
+    if t is None:
+        return ""
+    return datetime.datetime.fromtimestamp(t, datetime.UTC).replace(tzinfo=None).isoformat(
+        timespec="milliseconds")
+
+
+def runtime_attributes(client: Client, state: ClientState | None) -> dict[str, str]:
+    """What ``%(name)s`` may name in a checker: clients.conf keys plus Mandos's runtime ones.
+
+    Mandos's runtime expansions (``approval_delay``, ``approval_duration``,
+    ``created``, ``enabled``, ``expires``, ``key_id``, ``fingerprint``, ``host``,
+    ``interval``, ``last_approval_request``, ``last_checked_ok``,
+    ``last_enabled``, ``name``, ``timeout``) win over raw config values.
+    """
+    attrs = {k: str(v) for k, v in client.attributes.items()}
+    attrs.update({
+        "name": client.name,
+        "host": client.host,
+        "key_id": client.key_id or "",
+        "fingerprint": client.fingerprint,
+        "timeout": format_duration(client.timeout),
+        "interval": format_duration(client.interval),
+        "extended_timeout": format_duration(client.extended_timeout),
+        "approval_delay": format_duration(client.approval_delay),
+        "approval_duration": format_duration(client.approval_duration),
+    })
+    if state is not None:
+        attrs.update({
+            "enabled": str(state.enabled),
+            "expires": _timestamp(state.deadline),
+            "created": _timestamp(state.created),
+            "last_checked_ok": _timestamp(state.last_checked_ok),
+            "last_enabled": _timestamp(state.last_enabled),
+            "last_approval_request": _timestamp(state.last_approval_request),
+        })
+    attrs.pop("secret", None)
+    return attrs
+
+
+def checker_argv(command: str, attributes: Mapping[str, str]) -> list[str]:
+    """Split *command* into words, then substitute ``%(attr)s`` in each word.
+
+    A substituted value never splits or joins arguments, whatever spaces or
+    quotes it holds.  ``%%`` is a literal ``%``.
+    """
+    try:
+        words = shlex.split(command, comments=False, posix=True)
+    except ValueError as e:
+        raise CheckerError(f"checker {command!r}: {e}") from None
+    if not words:
+        raise CheckerError("checker is empty")
+    out = []
+    for w in words:
+        try:
+            out.append(w % attributes)
+        except KeyError as e:
+            raise CheckerError(f"checker {command!r}: unknown attribute %({e.args[0]})s "
+                               f"(known: {', '.join(sorted(attributes))})") from None
+        except (ValueError, TypeError) as e:
+            raise CheckerError(f"checker {command!r}: bad %-substitution in {w!r}: {e} "
+                               "(a literal % is %% after clients.conf interpolation, "
+                               "so %%%% in clients.conf)") from None
+    return out
+
+
+def fping_batchable(client: Client) -> bool:
+    """On the default fping checker, with a host fping can report on by name."""
+    try:
+        words = shlex.split(client.checker)
+    except ValueError:
+        return False
+    host = client.host
+    return (tuple(words) == FPING_TEMPLATE and bool(host) and not any(c.isspace() for c in host))
+
+
+@dataclass
+class PassReport:
+    started: float = 0.0
+    elapsed: float = 0.0
+    checked: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    killed: int = 0
+    fping_processes: int = 0
+    other_processes: int = 0
+    disabled: list[str] = field(default_factory=list)
+    #: earliest next_check among enabled clients after the pass (for a scheduler)
+    next_due: float | None = None
+
+    def summary(self) -> str:
+        return (f"checked {self.checked} clients in {self.elapsed:.2f} s: "
+                f"{self.succeeded} up, {self.failed} failed ({self.killed} killed at their "
+                f"interval); {self.fping_processes} fping batches, {self.other_processes} "
+                f"other checkers; {len(self.disabled)} disabled by timeout")
+
+
+@dataclass(frozen=True)
+class _Job:
+    client: Client
+    state: ClientState
+
+
+class CheckerPass:
+    """One pass over the due checkers.  Synchronous store calls run on one worker thread."""
+
+    def __init__(self, store: SQLiteStore, clients: Mapping[str, Client], configdir: Path, *,
+                 clock: Callable[[], float] = time.time, limits: Limits = Limits()) -> None:
+        self.store = store
+        self.configured = clients
+        self.configdir = configdir
+        self.clock = clock
+        self.limits = limits
+        self.report = PassReport()
+        self._pending: list[CheckRecord] = []
+        self._running: dict[str, tuple[float, Callable[[], None]]] = {}
+        self._stopped: set[str] = set()
+
+    async def _db(self, fn: Callable[..., object], *args: object) -> object:
+        return await asyncio.to_thread(fn, *args)
+
+    def _disable_expired(self, now: float) -> None:
+        for st in self.store.disable_expired(now):
+            self.report.disabled.append(st.name)
+            audit(Kind.CLIENT_TIMED_OUT, f"{st.name}: timeout passed without a successful "
+                  "checker; client disabled", client=st.name, key_id=st.key_id,
+                  reason="deadline passed", deadline=_timestamp(st.deadline))
+
+    async def run(self, only: Iterable[str] | None = None, force: bool = False) -> PassReport:
+        """Run the due checks (or, with *force*, those of *only* now); return a report."""
+        t0 = time.monotonic()
+        now = self.clock()
+        self.report = PassReport(started=now)
+        await asyncio.to_thread(self._disable_expired, now)
+        states = await asyncio.to_thread(self.store.all)
+        by_name = {s.name: s for s in states}
+        clients = known_clients(self.configured, states, self.configdir)
+        wanted = set(only) if only is not None else None
+        candidates: dict[str, float] = {}
+        for st in states:
+            c = clients.get(st.name)
+            if c is None or not st.enabled or (wanted is not None and st.name not in wanted):
+                continue
+            if force or st.next_check is None or st.next_check <= now:
+                candidates[st.name] = policy.effective(c, st).interval
+        claimed = await asyncio.to_thread(self.store.claim_checks, candidates, now, force)
+        jobs = [_Job(policy.effective(clients[n], by_name[n]), by_name[n]) for n in claimed]
+        batch = [j for j in jobs if fping_batchable(j.client)]
+        others = [j for j in jobs if not fping_batchable(j.client)]
+        flusher = asyncio.create_task(self._flush_loop())
+        stopper = asyncio.create_task(self._stop_loop())
+        try:
+            await asyncio.gather(self._run_fping(batch), self._run_others(others))
+        finally:
+            stopper.cancel()
+            flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await stopper
+            with contextlib.suppress(asyncio.CancelledError):
+                await flusher
+            await asyncio.to_thread(self._flush)
+        end = self.clock()
+        await asyncio.to_thread(self._disable_expired, end)
+        after = await asyncio.to_thread(self.store.all)
+        due = [s.next_check for s in after if s.enabled and s.next_check is not None]
+        self.report.next_due = min(due) if due else None
+        self.report.elapsed = time.monotonic() - t0
+        return self.report
+
+    # -- results ----------------------------------------------------------
+
+    def _finish(self, job: _Job, started: float, status: int, reason: str,
+                argv: Sequence[str]) -> None:
+        c = job.client
+        finished = self.clock()
+        if c.name in self._stopped:
+            status, reason = KILLED, "stopped by an administrator (mandos-ctl --stop-checker)"
+        ok = status == 0
+        deadline = finished + c.timeout if ok else None
+        self._pending.append(CheckRecord(name=c.name, started=started, finished=finished,
+                                         status=status, next_check=started + c.interval,
+                                         deadline=deadline))
+        self._running.pop(c.name, None)
+        self.report.checked += 1
+        command = shlex.join(argv)
+        if ok:
+            self.report.succeeded += 1
+            audit(Kind.CHECKER_SUCCEEDED, f"checker for {c.name} succeeded",
+                  client=c.name, key_id=c.key_id, reason=reason, command=command,
+                  checker_status=status, deadline=_timestamp(deadline))
+        else:
+            self.report.failed += 1
+            if status == KILLED:
+                self.report.killed += 1
+            audit(Kind.CHECKER_FAILED, f"checker for {c.name} failed: {reason}",
+                  client=c.name, key_id=c.key_id, reason=reason, command=command,
+                  checker_status=status)
+
+    def _flush(self) -> None:
+        pending, self._pending = self._pending, []
+        self.store.record_checks(pending)
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.limits.flush_every)
+            if self._pending:
+                await asyncio.to_thread(self._flush)
+
+    async def _stop_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.limits.stop_poll)
+            if not self._running:
+                continue
+            since = min(t for t, _ in self._running.values())
+            stopped = await asyncio.to_thread(self.store.stop_requested,
+                                              list(self._running), since)
+            for name in stopped:
+                entry = self._running.get(name)
+                if entry is not None:
+                    self._stopped.add(name)
+                    entry[1]()
+
+    def _started(self, job: _Job, argv: Sequence[str], now: float,
+                 kill: Callable[[], None]) -> None:
+        self._running[job.client.name] = (now, kill)
+        audit(Kind.CHECKER_STARTED, f"starting checker for {job.client.name}",
+              client=job.client.name, key_id=job.client.key_id, command=shlex.join(argv))
+
+    # -- one checker process per client -------------------------------------
+
+    async def _run_others(self, jobs: list[_Job]) -> None:
+        sem = asyncio.Semaphore(self.limits.concurrency)
+
+        async def one(job: _Job) -> None:
+            async with sem:
+                await self._run_one(job)
+
+        await asyncio.gather(*(one(j) for j in jobs))
+
+    async def _run_one(self, job: _Job) -> None:
+        c = job.client
+        started = self.clock()
+        try:
+            argv = checker_argv(c.checker, runtime_attributes(c, job.state))
+        except CheckerError as e:
+            self._finish(job, started, NOT_FOUND, str(e), [c.checker])
+            return
+        self.report.other_processes += 1
+        status, reason = await run_checker(
+            argv, c.interval, tail=self.limits.stderr_tail,
+            on_start=lambda kill: self._started(job, argv, started, kill))
+        self._finish(job, started, status, reason, argv)
+
+    # -- batched fping ------------------------------------------------------
+
+    async def _run_fping(self, jobs: list[_Job]) -> None:
+        if not jobs:
+            return
+        # similar intervals together: a batch is killed at its shortest interval
+        jobs = sorted(jobs, key=lambda j: (j.client.interval, j.client.host))
+        size = self.limits.fping_batch
+        batches = [jobs[i:i + size] for i in range(0, len(jobs), size)]
+        sem = asyncio.Semaphore(self.limits.fping_processes)
+
+        async def one(b: list[_Job]) -> None:
+            async with sem:
+                await self._fping_batch(b)
+
+        await asyncio.gather(*(one(b) for b in batches))
+
+    async def _fping_batch(self, jobs: list[_Job]) -> None:
+        hosts = list(dict.fromkeys(j.client.host for j in jobs))
+        argv = ["fping", "--", *hosts]
+        started = self.clock()
+        limit = min(j.client.interval for j in jobs)
+        self.report.fping_processes += 1
+        kills: list[Callable[[], None]] = []
+
+        def on_start(kill: Callable[[], None]) -> None:
+            kills.append(kill)
+            for j in jobs:
+                one = ["fping", "-q", "--", j.client.host]
+                self._started(j, one, started, lambda: None)
+
+        status, out, err = await _run_capture(argv, limit, on_start)
+        alive, down, errors = parse_fping(out, err)
+        for j in jobs:
+            h = j.client.host
+            one = ["fping", "-q", "--", h]
+            if h in alive:
+                self._finish(j, started, 0, "alive", one)
+            elif h in errors:
+                self._finish(j, started, 2, errors[h], one)
+            elif h in down:
+                self._finish(j, started, 1, "unreachable", one)
+            elif status == KILLED:
+                self._finish(j, started, KILLED, f"still running after its interval "
+                             f"({format_duration(limit)}); killed", one)
+            elif status == NOT_FOUND:
+                self._finish(j, started, NOT_FOUND, "fping: not installed", one)
+            else:
+                self._finish(j, started, 2, f"fping gave no answer for this host "
+                             f"(exit status {status})", one)
+
+
+def parse_fping(out: str, err: str) -> tuple[set[str], set[str], dict[str, str]]:
+    """fping's per-target lines: ``HOST is alive``, ``HOST is unreachable``, ``HOST: error``."""
+    alive: set[str] = set()
+    down: set[str] = set()
+    errors: dict[str, str] = {}
+    for line in out.splitlines():
+        host, sep, what = line.rpartition(" is ")
+        if not sep:
+            continue
+        if what.strip() == "alive":
+            alive.add(host)
+        elif what.strip().startswith("unreachable"):
+            down.add(host)
+    for line in err.splitlines():
+        host, sep, what = line.partition(": ")
+        if sep and host and " " not in host:
+            errors.setdefault(host, what.strip())
+    return alive, down - alive, {h: e for h, e in errors.items() if h not in alive}
+
+
+def _killer(proc: asyncio.subprocess.Process) -> Callable[[], None]:
+    def kill() -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    return kill
+
+
+async def _spawn(argv: Sequence[str], stdout: int) -> asyncio.subprocess.Process:
+    log.debug("+ %s", shlex.join(argv))
+    return await asyncio.create_subprocess_exec(
+        *argv, stdin=asyncio.subprocess.DEVNULL, stdout=stdout,
+        stderr=asyncio.subprocess.PIPE, env=minimal_env(), start_new_session=True)
+
+
+async def _read_tail(stream: asyncio.StreamReader | None, keep: int) -> bytes:
+    """Drain *stream* (so the checker never blocks on a full pipe), keep the last bytes."""
+    tail = b""
+    if stream is None:
+        return tail
+    while chunk := await stream.read(65536):
+        tail = (tail + chunk)[-keep:] if keep else b""
+    return tail
+
+
+async def run_checker(argv: Sequence[str], interval: float, *, tail: int = 512,
+                      on_start: Callable[[Callable[[], None]], None] | None = None
+                      ) -> tuple[int, str]:
+    """Run one checker; return (status, reason).  Killed after *interval* seconds."""
+    try:
+        proc = await _spawn(argv, asyncio.subprocess.DEVNULL)
+    except FileNotFoundError:
+        return NOT_FOUND, f"{argv[0]}: not found"
+    except PermissionError:
+        return NOT_EXECUTABLE, f"{argv[0]}: not executable"
+    kill = _killer(proc)
+    if on_start:
+        on_start(kill)
+    reader = asyncio.create_task(_read_tail(proc.stderr, tail))
+    try:
+        await asyncio.wait_for(proc.wait(), interval)
+    except TimeoutError:
+        kill()
+        await proc.wait()
+        reader.cancel()
+        return KILLED, f"still running after its interval ({format_duration(interval)}); killed"
+    except asyncio.CancelledError:
+        kill()
+        await proc.wait()
+        raise
+    err = (await reader).decode(errors="replace").strip()
+    last = err.splitlines()[-1] if err else ""
+    rc = proc.returncode if proc.returncode is not None else KILLED
+    if rc < 0:
+        return KILLED, f"killed by signal {-rc}"
+    if rc == 0:
+        return 0, "exit status 0"
+    return rc, f"exit status {rc}" + (f": {last}" if last else "")
+
+
+async def _run_capture(argv: Sequence[str], limit: float,
+                       on_start: Callable[[Callable[[], None]], None]
+                       ) -> tuple[int, str, str]:
+    """Run a batch fping, collecting stdout and stderr; killed after *limit* seconds."""
+    try:
+        proc = await _spawn(argv, asyncio.subprocess.PIPE)
+    except FileNotFoundError:
+        return NOT_FOUND, "", ""
+    kill = _killer(proc)
+    on_start(kill)
+    comm = asyncio.ensure_future(proc.communicate())
+    try:
+        out, err = await asyncio.wait_for(asyncio.shield(comm), limit)
+        status = proc.returncode if proc.returncode is not None else KILLED
+    except TimeoutError:
+        kill()
+        out, err = await comm
+        status = KILLED
+    except asyncio.CancelledError:
+        kill()
+        await comm
+        raise
+    return status, out.decode(errors="replace"), err.decode(errors="replace")
+
+
+def run_pass(store: SQLiteStore, clients: Mapping[str, Client], configdir: Path, *,
+             clock: Callable[[], float] = time.time, limits: Limits = Limits(),
+             only: Iterable[str] | None = None, force: bool = False) -> PassReport:
+    """Synchronous entry point (``mandosd --run-checkers``, ``mandos-ctl --start-checker``)."""
+    return asyncio.run(CheckerPass(store, clients, configdir, clock=clock,
+                                   limits=limits).run(only=only, force=force))
