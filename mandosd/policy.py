@@ -65,11 +65,24 @@ def decide(client: Client | None, state: ClientState | None, now: float) -> Deci
                         "successful in time)")
     if state.approved_until is not None and now < state.approved_until:
         return Decision(Verdict.SEND, "approved (approval still in effect)")
+    if denial_in_effect(client, state, now):
+        return Decision(Verdict.DENIED, "denied by an administrator (denial still in effect)")
     if client.approval_delay <= 0:
         if client.approved_by_default:
             return Decision(Verdict.SEND, "approved by default")
         return Decision(Verdict.DENIED, "not approved by default and no approval delay")
     return Decision(Verdict.WAIT, "waiting for approval", wait_until=now + client.approval_delay)
+
+
+def denial_in_effect(client: Client, state: ClientState, now: float) -> bool:
+    """A ``mandos-ctl --deny`` holds for approval_duration, like an approval (Mandos)."""
+    return (state.approval_decision == "deny" and state.approval_decided_at is not None
+            and now < state.approval_decided_at + client.approval_duration)
+
+
+def approval_pending(state: ClientState, now: float) -> bool:
+    """A request is waiting for approve/deny right now."""
+    return state.approval_pending_until is not None and now < state.approval_pending_until
 
 
 def decide_waiting(client: Client, state: ClientState | None, now: float,

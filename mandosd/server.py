@@ -249,6 +249,22 @@ class KeyServer:
         audit(Kind.APPROVAL_REQUESTED, f"{client.name} waits for approval",
               client=client.name, key_id=kid, peer=peername,
               approval_delay=client.approval_delay)
+        # what mandos-ctl shows as "Approval Is Pending" / "Last Approval Request"
+        with contextlib.suppress(StateError):
+            await self._db(lambda: self.store.update(
+                client.name, last_approval_request=requested_at,
+                approval_pending_until=wait_until))
+        try:
+            return await self._approval_loop(client, peer, kid, peername, requested_at,
+                                             wait_until)
+        finally:
+            with contextlib.suppress(StateError):
+                await self._db(lambda: self.store.update(client.name,
+                                                         approval_pending_until=None))
+
+    async def _approval_loop(self, client: Client, peer: _Peer, kid: str, peername: str,
+                             requested_at: float, wait_until: float
+                             ) -> policy.Decision | None:
         while True:
             left = wait_until - self.clock()
             try:
