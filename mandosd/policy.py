@@ -58,6 +58,8 @@ def decide(client: Client | None, state: ClientState | None, now: float) -> Deci
     """The decision when a request arrives."""
     if client is None or state is None:
         return Decision(Verdict.UNKNOWN, "no client has this key_id")
+    if state.source == "removed":
+        return Decision(Verdict.UNKNOWN, "client was removed with mandos-ctl --remove")
     if not state.enabled:
         return Decision(Verdict.DISABLED, "client is disabled")
     if state.deadline is not None and now > state.deadline:

@@ -197,8 +197,9 @@ class SQLiteStore:
                 elif row["key_id"] != c.key_id:
                     self.db.execute("UPDATE clients SET key_id=? WHERE name=?",
                                     (c.key_id, c.name))
+            # 'removed': hidden by mandos-ctl --remove until its section goes away
             stored = [r["name"] for r in self.db.execute(
-                "SELECT name FROM clients WHERE source='config'")]
+                "SELECT name FROM clients WHERE source IN ('config', 'removed')")]
             for name in stored:
                 if name not in names:
                     self.db.execute("DELETE FROM clients WHERE name=?", (name,))
