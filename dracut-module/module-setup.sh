@@ -1,0 +1,178 @@
+#!/bin/bash
+# dracut module "mandos-nbde": answer the LUKS passphrase question in the initrd
+# with a secret from a Mandos key server (the password_agent package).
+#
+# Installed as /usr/lib/dracut/modules.d/90mandos-nbde/; sourced by dracut.
+# Settings (dracut.conf.d, sourced shell; all optional):
+#   mandos_keydir=DIR        the client's keys (default /etc/keys/mandos)
+#   mandos_servers="H:P ..." the static server list (default: MANDOS_AGENT_CONNECT
+#                            from /etc/mandos/password-agent.conf)
+#   mandos_zeroconf=yes|no   also find servers with mDNS/DNS-SD (default: yes when
+#                            python3-zeroconf is installed and no static server is set)
+#   mandos_pythonpath=DIR    where the password_agent package is, when
+#                            /usr/bin/python3 cannot import it by itself
+#   mandos_python=PATH       the interpreter (default /usr/bin/python3; never a venv)
+# See docs/initrd.md.
+
+mandos_python() {
+    echo "${mandos_python:-/usr/bin/python3}"
+}
+
+mandos_keydir() {
+    echo "${mandos_keydir:-/etc/keys/mandos}"
+}
+
+# The Python files to install: "SOURCE<TAB>DEST" lines, from a real import.
+mandos_python_files() {
+    local -a args=(--package password_agent --exclude password_agent.certificate)
+    local p
+    for p in ${mandos_pythonpath-}; do
+        args+=(--path "$p")
+    done
+    if [[ $(mandos_zeroconf_wanted) == yes ]]; then
+        args+=(--package zeroconf --optional ifaddr)
+    fi
+    "$(mandos_python)" -I "$moddir/python-files.py" "${args[@]}" "$@"
+}
+
+mandos_static_servers() {
+    if [[ ${mandos_servers+set} ]]; then
+        echo "$mandos_servers"
+    elif [[ -r /etc/mandos/password-agent.conf ]]; then
+        # shellcheck disable=SC1091
+        (. /etc/mandos/password-agent.conf 2>/dev/null && echo "${MANDOS_AGENT_CONNECT-}")
+    fi
+}
+
+mandos_zeroconf_wanted() {
+    case "${mandos_zeroconf:-auto}" in
+        yes) echo yes ;;
+        no) echo no ;;
+        *)
+            if [[ -z $(mandos_static_servers) ]] \
+                && "$(mandos_python)" -I -c 'import zeroconf' 2> /dev/null; then
+                echo yes
+            else
+                echo no
+            fi
+            ;;
+    esac
+}
+
+# called by dracut
+check() {
+    local keydir
+    keydir=$(mandos_keydir)
+    require_binaries "$(mandos_python)" gpg gpg-agent gpgconf || return 1
+    # Without this machine's keys the module has nothing to do.
+    [[ -r $keydir/seckey.txt && -r $keydir/tls-privkey.pem && -r $keydir/tls-pubkey.pem ]] \
+        || return 1
+    if ! "$(mandos_python)" -I "$moddir/python-files.py" ${mandos_pythonpath:+--path "$mandos_pythonpath"} \
+        password_agent.agent > /dev/null; then
+        dwarning "mandos-nbde: $(mandos_python) cannot import password_agent.agent"
+        return 1
+    fi
+    if [[ $hostonly ]]; then
+        local fs
+        for fs in "${host_fs_types[@]}"; do
+            [[ $fs == crypto_LUKS ]] && return 0
+        done
+    fi
+    # Not host-only, or no LUKS volume: only when asked for (-a mandos-nbde).
+    return 255
+}
+
+# called by dracut
+depends() {
+    echo crypt systemd systemd-ask-password network
+    return 0
+}
+
+# called by dracut
+cmdline() {
+    echo " rd.neednet=1"
+}
+
+mandos_install_python() {
+    local py src dest so lib
+    py=$(mandos_python)
+    inst_binary "$py" || return 1
+    [[ -L $py ]] && inst_binary "$(readlink -f "$py")" "$py"
+    while IFS=$'\t' read -r src dest; do
+        inst_simple "$src" "$dest" || return 1
+    done < <(mandos_python_files)
+    # dracut resolves library dependencies of executables only: the extension
+    # modules (0644) would lose theirs (libssl, libffi...).
+    while read -r so; do
+        while read -r lib; do
+            inst_library "$lib"
+        done < <(ldd "$so" 2> /dev/null | awk '$2 == "=>" && $3 ~ /^\// { print $3 }')
+    done < <(mandos_python_files --shared-objects)
+    # Byte-compile what was installed, so that nothing is compiled at boot.
+    "$py" -I -m compileall -q -j 0 --invalidation-mode unchecked-hash \
+        -s "$initdir" -p / "$initdir/usr/lib/python3"* > /dev/null || return 1
+}
+
+mandos_install_keys() {
+    local keydir f
+    keydir=$(mandos_keydir)
+    inst_dir /etc/keys/mandos
+    chmod 0700 "$initdir/etc/keys/mandos"
+    for f in tls-privkey.pem tls-pubkey.pem tls-cert.pem seckey.txt pubkey.txt; do
+        [[ -e $keydir/$f ]] || continue
+        inst_simple "$keydir/$f" "/etc/keys/mandos/$f"
+        chmod 0600 "$initdir/etc/keys/mandos/$f"
+    done
+    if [[ ! -e $initdir/etc/keys/mandos/tls-cert.pem ]]; then
+        # Keys made by Debian's mandos-keygen have no certificate: make one now,
+        # so the initrd needs neither openssl nor python3-cryptography.
+        (umask 077 && openssl req -x509 -new -key "$keydir/tls-privkey.pem" \
+            -subj /CN=mandos-client -days 36500 \
+            -out "$initdir/etc/keys/mandos/tls-cert.pem") > /dev/null 2>&1 \
+            || dwarning "mandos-nbde: cannot make tls-cert.pem (openssl); the agent will try at boot"
+    fi
+}
+
+# The agent's settings in the initrd: the host's options file, then what
+# dracut's configuration says (later lines win).
+mandos_install_settings() {
+    local conf=/etc/mandos/password-agent.conf servers
+    servers=$(mandos_static_servers)
+    inst_dir /etc/mandos
+    {
+        echo "# Generated by dracut (module mandos-nbde) on $(date -u +%Y-%m-%dT%H:%M:%SZ)."
+        [[ -r $conf ]] && cat "$conf"
+        echo "MANDOS_AGENT_KEYDIR=/etc/keys/mandos"
+        [[ -n $servers ]] && echo "MANDOS_AGENT_CONNECT=\"$servers\""
+        echo "MANDOS_AGENT_ZEROCONF=$(mandos_zeroconf_wanted)"
+    } > "$initdir$conf"
+    chmod 0600 "$initdir$conf"
+    [[ -n $servers ]] || [[ $(mandos_zeroconf_wanted) == yes ]] \
+        || dwarning "mandos-nbde: no key server configured (mandos_servers=) and no zeroconf"
+}
+
+# called by dracut
+install() {
+    mandos_install_python || {
+        derror "mandos-nbde: cannot install $(mandos_python) and the agent"
+        return 1
+    }
+    inst_multiple gpg gpg-agent gpgconf
+    mandos_install_keys
+    mandos_install_settings
+
+    inst_simple "$moddir/mandos-nbde-agent.path" "$systemdsystemunitdir/mandos-nbde-agent.path"
+    inst_simple "$moddir/mandos-nbde-agent.service" "$systemdsystemunitdir/mandos-nbde-agent.service"
+    $SYSTEMCTL -q --root "$initdir" add-wants sysinit.target mandos-nbde-agent.path
+    # Local additions (drop-ins) for the initrd agent.
+    inst_multiple -H -o "$systemdsystemconfdir/mandos-nbde-agent.service.d/*.conf"
+
+    # Networking only because this module is in: the network stack reads
+    # rd.neednet; an ip= from the user's kernel command line still wins.
+    mkdir -p "$initdir/etc/cmdline.d"
+    echo "rd.neednet=1" > "$initdir/etc/cmdline.d/90mandos-nbde.conf"
+    if dracut_module_included systemd-networkd; then
+        inst_simple "$moddir/90-mandos-nbde-dhcp.network" \
+            "$systemdnetworkconfdir/90-mandos-nbde-dhcp.network"
+    fi
+}
