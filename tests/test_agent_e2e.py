@@ -1,0 +1,412 @@
+"""The agent against real askers and the real server: systemd-ask-password, systemd-cryptsetup,
+mandosd on 127.0.0.1, gpg.  Also dead and silent servers, dying askers, odd ask files.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from password_agent.askfile import monotonic_us
+from tests.agentlib import (
+    SYSTEMD_ASK_PASSWORD,
+    SYSTEMD_CRYPTSETUP,
+    AgentProc,
+    FakeAsker,
+    SilentServer,
+    ask,
+    dead_address,
+    remove_questions,
+    unique_prefix,
+    wait_for_question,
+)
+from tests.conftest import PASSWORD
+from tests.helpers import Mandosd, enroll, make_keys
+
+needs_asker = pytest.mark.skipif(not os.path.exists(SYSTEMD_ASK_PASSWORD),
+                                 reason="systemd-ask-password is not installed")
+needs_root = pytest.mark.skipif(os.geteuid() != 0,
+                                reason="systemd's askers only accept answers from root")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, client_section: str) -> Iterator[Mandosd]:
+    with Mandosd(tmp_path_factory.mktemp("srv"), sections=[client_section]) as srv:
+        yield srv
+
+
+@pytest.fixture()
+def prefix() -> Iterator[str]:
+    p = unique_prefix()
+    yield p
+    remove_questions(p)
+
+
+def assert_no_secret(text: str) -> None:
+    assert PASSWORD.decode() not in text
+    assert repr(PASSWORD)[2:-1] not in text
+
+
+# --- the real systemd-ask-password -----------------------------------------------------------
+
+
+@needs_asker
+@needs_root
+def test_systemd_ask_password_gets_the_password(tmp_path: Path, client_keys: Path,
+                                                server: Mandosd, prefix: str) -> None:
+    with AgentProc(tmp_path, client_keys, [server.address], id_prefix=prefix) as agent:
+        p = ask(prefix + "x")
+        out, err = p.communicate(timeout=30)
+        assert p.returncode == 0, err
+        assert out == PASSWORD + b"\n"
+        log = agent.wait_log("answered question")
+        assert f"MANDOS_SERVER={server.address}" in log
+        assert "MANDOS_OUTCOME=answered" in log
+        assert agent.running()
+    assert_no_secret(agent.log())
+    assert "sent secret to client1" in server.log()
+
+
+@needs_asker
+@needs_root
+def test_several_questions_at_once(tmp_path: Path, client_keys: Path, server: Mandosd,
+                                   prefix: str) -> None:
+    with AgentProc(tmp_path, client_keys, [server.address], id_prefix=prefix) as agent:
+        askers = [ask(prefix + f"vol{i}") for i in range(4)]
+        for p in askers:
+            out, err = p.communicate(timeout=30)
+            assert (p.returncode, out) == (0, PASSWORD + b"\n"), err
+        agent.wait_log("answered question", count=4)
+
+
+@needs_asker
+@needs_root
+def test_question_present_at_start_and_exit_when_idle(tmp_path: Path, client_keys: Path,
+                                                      server: Mandosd, prefix: str) -> None:
+    p = ask(prefix + "early")
+    wait_for_question(prefix)
+    agent = AgentProc(tmp_path, client_keys, [server.address], id_prefix=prefix,
+                      args=["--exit-when-idle"]).start(wait_ready=False)
+    try:
+        out, _ = p.communicate(timeout=30)
+        assert out == PASSWORD + b"\n"
+        assert agent.wait_exit() == 0
+    finally:
+        agent.stop()
+    assert "answered question" in agent.log()
+
+
+def test_exit_when_idle_without_questions_is_immediate(tmp_path: Path, client_keys: Path) -> None:
+    ask_dir = tmp_path / "ask"
+    ask_dir.mkdir()
+    with FakeAsker(ask_dir, "home:alice"):  # not ours: nothing to answer
+        agent = AgentProc(tmp_path, tmp_path / "no-keys-needed", [dead_address()],
+                          ask_dir=ask_dir, args=["--exit-when-idle"]).start(wait_ready=False)
+        assert agent.wait_exit(10) == 0
+
+
+@needs_asker
+@needs_root
+def test_once_exits_after_the_first_answer(tmp_path: Path, client_keys: Path, server: Mandosd,
+                                           prefix: str) -> None:
+    agent = AgentProc(tmp_path, client_keys, [server.address], id_prefix=prefix,
+                      args=["--once"]).start()
+    try:
+        out, _ = ask(prefix + "x").communicate(timeout=30)
+        assert out == PASSWORD + b"\n"
+        assert agent.wait_exit() == 0
+    finally:
+        agent.stop()
+
+
+# --- the real systemd-cryptsetup on a LUKS2 image ----------------------------------------------
+
+_READ_CACHED_KEY = r"""
+import ctypes, subprocess, sys
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+p = subprocess.run(sys.argv[1:], stdin=subprocess.DEVNULL, capture_output=True,
+                   env={"SYSTEMD_LOG_LEVEL": "debug", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
+sys.stderr.buffer.write(p.stderr)
+# keyctl(KEYCTL_SEARCH, KEY_SPEC_USER_KEYRING, "user", "cryptsetup", 0)
+kid = libc.syscall(250, 10, -4, b"user", b"cryptsetup", 0)
+if kid < 0:
+    sys.exit(3)
+buf = ctypes.create_string_buffer(4096)
+n = libc.syscall(250, 11, kid, buf, 4096)  # KEYCTL_READ
+sys.stdout.buffer.write(buf.raw[:n])
+"""
+
+
+def luks_image(path: Path, passphrase: bytes) -> Path:
+    with path.open("wb") as f:
+        f.truncate(32 * 1024 * 1024)
+    subprocess.run(["cryptsetup", "luksFormat", "-q", "--type", "luks2", "--pbkdf", "pbkdf2",
+                    "--pbkdf-force-iterations", "1000", "--key-file", "-", str(path)],
+                   input=passphrase, check=True, capture_output=True)
+    return path
+
+
+def header_accepts(image: Path, passphrase: bytes) -> bool:
+    p = subprocess.run(["cryptsetup", "open", "--test-passphrase", "--key-file", "-",
+                        str(image)], input=passphrase, capture_output=True)
+    return p.returncode == 0
+
+
+def cryptsetup_attach(image: Path) -> tuple[bytes, str]:
+    """Run the real systemd-cryptsetup on *image*; return the passphrase it got and its log.
+
+    It runs in a user namespace of its own, so that the passphrase it caches in the
+    kernel keyring (user keyring, "cryptsetup") is private to the test and can be read
+    back: without device-mapper activation fails, but the key it received is there.
+    """
+    p = subprocess.run(
+        ["unshare", "--user", "--map-root-user", sys.executable, "-c", _READ_CACHED_KEY,
+         SYSTEMD_CRYPTSETUP, "attach", f"mt{os.getpid()}", str(image), "-", "luks,tries=1"],
+        capture_output=True, timeout=60)
+    return p.stdout, p.stderr.decode(errors="replace")
+
+
+def _cryptsetup_usable() -> str | None:
+    if not os.path.exists(SYSTEMD_CRYPTSETUP):
+        return "systemd-cryptsetup is not installed"
+    if not shutil.which("cryptsetup") or not shutil.which("unshare"):
+        return "cryptsetup or unshare missing"
+    if subprocess.run(["unshare", "--user", "--map-root-user", "true"]).returncode != 0:
+        return "user namespaces are not available"
+    return None
+
+
+@needs_root
+@pytest.mark.skipif(_cryptsetup_usable() is not None, reason=str(_cryptsetup_usable()))
+@pytest.mark.parametrize("enrolled", ["right", "wrong"])
+def test_systemd_cryptsetup_gets_the_luks_passphrase(tmp_path: Path, enrolled: str) -> None:
+    keys = make_keys(tmp_path / "keys", "client1")
+    image = luks_image(tmp_path / "vol.img", PASSWORD)
+    served = PASSWORD if enrolled == "right" else b"not the passphrase"
+    section = enroll(keys, served, "client1", host="127.0.0.1")
+    with Mandosd(tmp_path / "srv", sections=[section]) as srv, \
+            AgentProc(tmp_path, keys, [srv.address], id_prefix=f"cryptsetup:{image}") as agent:
+        got, log = cryptsetup_attach(image)
+        agent.wait_log("answered question")
+    assert "using passphrase" in log, log  # it asked and got an answer
+    assert got == served
+    assert header_accepts(image, got) == (enrolled == "right")
+    assert_no_secret(agent.log())
+
+
+# --- servers that fail ----------------------------------------------------------------------------
+
+
+@needs_asker
+@needs_root
+def test_dead_and_silent_servers_do_not_hold_it_up(tmp_path: Path, client_keys: Path,
+                                                   server: Mandosd, prefix: str) -> None:
+    silent = SilentServer()
+    try:
+        servers = [dead_address(), silent.address, server.address]
+        with AgentProc(tmp_path, client_keys, servers, id_prefix=prefix,
+                       args=["--timeout", "60", "--connect-timeout", "60"]) as agent:
+            t0 = time.monotonic()
+            out, _ = ask(prefix + "x").communicate(timeout=30)
+            elapsed = time.monotonic() - t0
+            assert out == PASSWORD + b"\n"
+            log = agent.wait_log("answered question")
+        assert elapsed < 5, f"took {elapsed:.1f} s"
+        assert f"MANDOS_SERVER={server.address}" in log.split("answered question")[1]
+        assert silent.accepted, "the silent server was never tried"
+        assert "Connection refused" in log
+    finally:
+        silent.close()
+
+
+@needs_asker
+@needs_root
+def test_silent_server_alone_is_retried_within_the_timeout(tmp_path: Path, client_keys: Path,
+                                                           prefix: str) -> None:
+    silent = SilentServer()
+    try:
+        with AgentProc(tmp_path, client_keys, [silent.address], id_prefix=prefix,
+                       args=["--timeout", "0.5", "--retry-max", "0.5"]) as agent:
+            p = ask(prefix + "x", timeout=30)
+            agent.wait_log("timed out (try 2,", timeout=10)
+            p.kill()
+            p.wait()
+    finally:
+        silent.close()
+    assert len(silent.accepted) >= 2
+
+
+@needs_asker
+@needs_root
+def test_question_whose_asker_dies_is_dropped(tmp_path: Path, client_keys: Path,
+                                              prefix: str) -> None:
+    agent = AgentProc(tmp_path, client_keys, [dead_address()], id_prefix=prefix,
+                      args=["--exit-when-idle"])
+    p = ask(prefix + "x")
+    wait_for_question(prefix)
+    agent.start(wait_ready=False)
+    try:
+        agent.wait_log("Connection refused")
+        p.send_signal(signal.SIGKILL)  # leaves its ask file behind; not reaped: a zombie
+        t0 = time.monotonic()
+        log = agent.wait_log("dropped question", timeout=5)
+        assert time.monotonic() - t0 < 2
+        assert f"asking process {p.pid} exited" in log
+        assert agent.wait_exit(5) == 0  # nothing left it could answer
+    finally:
+        agent.stop()
+        p.wait()
+
+
+def test_withdrawn_question_stops_the_work(tmp_path: Path, client_keys: Path) -> None:
+    ask_dir = tmp_path / "ask"
+    ask_dir.mkdir()
+    agent = AgentProc(tmp_path, client_keys, [dead_address()], ask_dir=ask_dir).start()
+    try:
+        with FakeAsker(ask_dir, "cryptsetup:/dev/a") as asker:
+            agent.wait_log("Connection refused")
+            asker.withdraw()
+            agent.wait_log("withdrawn or answered elsewhere", timeout=5)
+        assert agent.running()
+    finally:
+        agent.stop()
+
+
+def test_not_after(tmp_path: Path, client_keys: Path, server: Mandosd) -> None:
+    """A deadline already past is skipped; a deadline that passes while waiting drops it."""
+    ask_dir = tmp_path / "ask"
+    ask_dir.mkdir()
+    dead = dead_address()
+    agent = AgentProc(tmp_path, client_keys, [server.address], ask_dir=ask_dir,
+                      args=["--retry-max", "0.25"])
+    with agent, FakeAsker(ask_dir, "cryptsetup:/dev/past",
+                          not_after=monotonic_us() - 1_000_000) as past:
+        agent.wait_log("NotAfter has passed")
+        assert past.answer(0.5) is None
+    agent2 = AgentProc(tmp_path, client_keys, [dead], ask_dir=ask_dir)
+    with agent2, FakeAsker(ask_dir, "cryptsetup:/dev/soon",
+                           not_after=monotonic_us() + 1_500_000):
+        agent2.wait_log("Connection refused")
+        t0 = time.monotonic()
+        log = agent2.wait_log("dropped question", timeout=5)
+        assert "NotAfter has passed" in log
+        assert time.monotonic() - t0 < 3
+
+
+# --- questions it must leave alone, files it must survive ---------------------------------------------
+
+
+def test_only_cryptsetup_questions_by_default(tmp_path: Path, client_keys: Path,
+                                              server: Mandosd) -> None:
+    ask_dir = tmp_path / "ask"
+    ask_dir.mkdir()
+    with AgentProc(tmp_path, client_keys, [server.address], ask_dir=ask_dir) as agent, \
+            FakeAsker(ask_dir, "home:alice") as other, \
+            FakeAsker(ask_dir, "") as anonymous:
+        with FakeAsker(ask_dir, "cryptsetup:/dev/sda2") as ours:
+            got = ours.answer(15)
+            assert got == (b"+" + PASSWORD, 0)  # from root, as the askers require
+        # the others were seen first and left alone
+        assert other.answer(0.3) is None and anonymous.answer(0) is None
+        assert "home:alice" in agent.log()
+    assert_no_secret(agent.log())
+
+
+def test_id_prefix_empty_answers_everything(tmp_path: Path, client_keys: Path,
+                                            server: Mandosd) -> None:
+    ask_dir = tmp_path / "ask"
+    ask_dir.mkdir()
+    with AgentProc(tmp_path, client_keys, [server.address], ask_dir=ask_dir,
+                   id_prefix=""), FakeAsker(ask_dir, "home:alice") as other:
+        assert other.answer(15) == (b"+" + PASSWORD, 0)
+
+
+def _write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(".tmp-" + path.name)
+    tmp.write_bytes(data)
+    os.rename(tmp, path)
+
+
+def test_malformed_ask_files_are_skipped(tmp_path: Path, client_keys: Path,
+                                         server: Mandosd) -> None:
+    ask_dir = tmp_path / "ask"
+    ask_dir.mkdir()
+    present = ask_dir / "ask.present-at-start"
+    present.write_bytes(b"")
+    # (inotify reports these two only as IN_CREATE, which askers never do: found by the scan)
+    os.mkfifo(ask_dir / "ask.fifo")
+    (ask_dir / "ask.symlink").symlink_to("/etc/passwd")
+    with AgentProc(tmp_path, client_keys, [server.address], ask_dir=ask_dir) as agent:
+        _write(ask_dir / "ask.empty", b"")
+        _write(ask_dir / "ask.binary", os.urandom(512) + b"\0")
+        huge = ask_dir / "ask.huge"
+        with huge.open("wb") as f:
+            f.truncate(100 * 1024 * 1024)
+        _write(ask_dir / "ask.nosocket", b"[Ask]\nPID=1\nId=cryptsetup:/dev/x\n")
+        _write(ask_dir / "ask.badpid", b"[Ask]\nPID=banana\nSocket=/nonexistent\n"
+                                       b"Id=cryptsetup:/dev/x\n")
+        _write(ask_dir / "ask.deadpid", b"[Ask]\nPID=4194304\nSocket=/nonexistent\n"
+                                        b"Id=cryptsetup:/dev/x\n")
+        _write(ask_dir / "ask.nosocketfile", b"[Ask]\nSocket=/nonexistent/sck\n"
+                                             b"Id=cryptsetup:/dev/y\n")
+        with FakeAsker(ask_dir, "cryptsetup:/dev/good") as good:
+            assert good.answer(15) == (b"+" + PASSWORD, 0)
+        log = agent.wait_log("asker's socket is gone")  # the one with Socket=/nonexistent/sck
+        assert agent.running()
+        for name, why in [("present-at-start", "empty"), ("empty", "empty"),
+                          ("binary", "NUL"), ("huge", "larger than"),
+                          ("nosocket", "no Socket"), ("badpid", "PID=banana"),
+                          ("fifo", "not a regular file"), ("symlink", "symbolic link")]:
+            lines = [ln for ln in log.splitlines() if f"ask.{name}:" in ln]
+            assert len(lines) == 1 and why in lines[0], (name, log)
+        assert "process 4194304 is gone" in log
+        assert "Traceback" not in log
+
+
+def test_answer_comes_from_root(tmp_path: Path, client_keys: Path, server: Mandosd) -> None:
+    """Not root: the agent says so, and the asker sees who sent it (what systemd checks)."""
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        pytest.skip("needs root and setpriv to run the agent as another user")
+    base = Path(tempfile.mkdtemp(prefix="mandos-agent-test-"))  # outside 0700 pytest dirs
+    try:
+        os.chmod(base, 0o755)
+        keys = base / "keys"
+        shutil.copytree(client_keys, keys)
+        ask_dir = base / "ask"
+        ask_dir.mkdir()
+        for p in [keys, ask_dir, *keys.iterdir()]:
+            os.chown(p, 65534, 65534)
+        agent = AgentProc(tmp_path, keys, [server.address], ask_dir=ask_dir)
+        agent.argv = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                      *agent.argv]
+        agent.env["HOME"] = str(base)
+        agent.env["XDG_RUNTIME_DIR"] = str(base)
+        with agent, FakeAsker(ask_dir, "cryptsetup:/dev/a") as asker:
+            os.chown(asker.sock_path, 65534, 65534)
+            got = asker.answer(15)
+            assert got is not None and got[1] == 65534
+            log = agent.wait_log("answered question")
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    assert "not running as root" in log
+    assert "the asker will ignore it" in log
+
+
+def test_no_traceback_on_bad_keys(tmp_path: Path) -> None:
+    ask_dir = tmp_path / "ask"
+    ask_dir.mkdir()
+    agent = AgentProc(tmp_path, tmp_path / "missing", [dead_address()], ask_dir=ask_dir)
+    agent.start(wait_ready=False)
+    assert agent.wait_exit() == 3
+    assert "Traceback" not in agent.log()
+    assert "tls-" in agent.log() or "missing" in agent.log()
