@@ -137,8 +137,9 @@ def _convert(s: Setting, raw: str | Sequence[str], where: str) -> object:
         return raw
     except ValueError as e:
         shown = raw if isinstance(raw, str) else " ".join(raw)
-        raise ConfigError(f"{where}: {s.env if where != 'command line' else s.option}"
-                          f"={shown}: {e}") from None
+        if where == "command line":
+            raise ConfigError(f"{s.option}={shown}: {e}") from None
+        raise ConfigError(f"{where}: {s.env}={shown}: {e}") from None
 
 
 def read_options_file(path: Path) -> dict[str, tuple[str, int]]:
