@@ -1,0 +1,345 @@
+"""``luks-passphrase``: change a LUKS passphrase safely, recover with an escrowed backup.
+
+The one boundary of the tool: typed errors from the core become a one-line
+message and an exit code (tracebacks only with ``--debug``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from password_agent import log as plog
+from password_agent.run import CommandError
+
+from . import escrow_packet
+from .flows import FlowError, Outcome, Refused, Tool
+from .libcryptsetup import LuksError, LuksVolume, WrongPassphrase
+from .prompt import InputError, Mismatch, Prompter
+from .state import DEFAULT_STATE_DIR, StateError, StateStore
+from .volumes import DEFAULT_CRYPTTAB, UnknownVolume, Volume, find, list_volumes
+
+log = logging.getLogger("luks_passphrase")
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_WRONG_PASSPHRASE = 3
+EXIT_REFUSED = 4
+EXIT_NOT_CONFIRMED = 5
+
+DESCRIPTION = """\
+Change the passphrase of a LUKS volume safely, and recover a forgotten one
+with a backup passphrase that the helpdesk reads from escrow.
+
+  change   prompts for the current passphrase and learns its key slot.
+           Your own passphrase: asks for the new one twice, adds it to a free
+           slot, checks that it opens, then removes the old slot.
+           The backup passphrase (recovery): clears every slot but the backup
+           slot, sets your new passphrase, makes a new random backup
+           passphrase in another slot and queues its escrow packet; the used
+           backup passphrase is removed only after `sync` has the escrow
+           server's confirmation.
+           The new backup passphrase, while pending: refused.
+  sync     sends queued escrow packets to the escrow server (over TLS with
+           this machine's Mandos key) and, once the server confirms, removes
+           the old backup passphrase.
+  import   records which slot holds the backup passphrase, from the escrow
+           packets the installer left (volume_key format 3).
+  resume   finishes or rolls back an operation that was interrupted.
+  status   shows the volumes, their key slots and what the tool knows.
+  gui      a small window for `change`.
+"""
+
+EPILOG = f"""\
+passphrases:
+  On a terminal the tool prompts without echo.  Otherwise it reads them
+  from standard input, one per line, in the order of the prompts:
+  change reads the current passphrase, then the new one twice.
+  Passphrases never appear in arguments, logs or files; only the escrow
+  packet holds the backup passphrase, encrypted to the escrow certificate.
+
+safety:
+  A slot is never overwritten; the last working slot is never removed; the
+  LUKS header is backed up to STATE_DIR/header-backups before a multi-step
+  change (and removed when it is complete); every step is journaled, and
+  the next run on the volume finishes or rolls back an interrupted one.
+
+exit status:
+  {EXIT_OK} success, {EXIT_ERROR} error, {EXIT_USAGE} usage,
+  {EXIT_WRONG_PASSPHRASE} wrong passphrase, {EXIT_REFUSED} refused (nothing changed),
+  {EXIT_NOT_CONFIRMED} sync: a packet was not confirmed by any escrow server.
+
+files:
+  {DEFAULT_STATE_DIR}/UUID.json       state per volume (0600, directory 0700)
+  {DEFAULT_STATE_DIR}/escrow-cert.pem the escrow certificate (RSA, X.509)
+  {DEFAULT_STATE_DIR}/escrow-servers  escrow servers, HOST:PORT one per line
+  /etc/keys/mandos/tls-*.pem          this machine's Mandos TLS key (sync)
+
+See docs/passphrase-tool.md.
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="luks-passphrase", description=DESCRIPTION, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR, metavar="DIR",
+                   help=f"root-only state directory (default {DEFAULT_STATE_DIR})")
+    p.add_argument("--crypttab", type=Path, default=DEFAULT_CRYPTTAB, metavar="FILE",
+                   help=f"crypttab to list volumes from (default {DEFAULT_CRYPTTAB})")
+    p.add_argument("--dmsetup-table", type=Path, metavar="FILE",
+                   help="read `dmsetup table` output from FILE instead of running dmsetup")
+    p.add_argument("--certificate", type=Path, metavar="PEM",
+                   help="escrow certificate (default STATE_DIR/escrow-cert.pem)")
+    p.add_argument("--keep-header-backups", action="store_true",
+                   help="keep header backups after success (they still open with the old "
+                        "passphrases)")
+    p.add_argument("--debug", action="store_true", help="debug logging, tracebacks")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    c = sub.add_parser("change", help="change your passphrase, or recover with the backup one")
+    c.add_argument("volume", nargs="?", metavar="VOLUME",
+                   help="crypttab name, UUID=..., device or image path")
+    r = sub.add_parser("resume", help="finish an interrupted operation")
+    r.add_argument("volume", nargs="?", metavar="VOLUME")
+    s = sub.add_parser("status", help="volumes, key slots, backup slots, queue")
+    s.add_argument("volume", nargs="?", metavar="VOLUME")
+    i = sub.add_parser("import", help="learn the backup slot from volume_key packets")
+    i.add_argument("packets", nargs="+", metavar="PACKET")
+    i.add_argument("--volume", metavar="VOLUME",
+                   help="the volume (default: found by the packet's UUID or path)")
+    y = sub.add_parser("sync", help="send queued escrow packets, finish on confirmation")
+    y.add_argument("--server", action="append", default=[], metavar="HOST:PORT",
+                   help="escrow (mandosd) server; repeat for several "
+                        "(default: STATE_DIR/escrow-servers)")
+    y.add_argument("--keydir", type=Path, default=Path("/etc/keys/mandos"), metavar="DIR",
+                   help="this machine's Mandos TLS key (default /etc/keys/mandos)")
+    g = sub.add_parser("gui", help="a small window for change")
+    g.add_argument("volume", nargs="?", metavar="VOLUME")
+    g.add_argument("--screenshot", type=Path, metavar="PNG", help=argparse.SUPPRESS)
+    return p
+
+
+class Context:
+    def __init__(self, args: argparse.Namespace, prompter: Prompter) -> None:
+        self.args = args
+        self.prompter = prompter
+        self.store = StateStore(args.state_dir)
+        cert_path = args.certificate or args.state_dir / "escrow-cert.pem"
+        try:
+            cert = cert_path.read_bytes()
+        except FileNotFoundError:
+            if args.certificate:
+                raise StateError(f"{cert_path}: no such file") from None
+            cert = None
+        except OSError as e:
+            raise StateError(f"{cert_path}: {e.strerror}") from None
+        self.tool = Tool(self.store, certificate=cert,
+                         keep_header_backups=args.keep_header_backups,
+                         progress=lambda m: print(m, file=sys.stderr))
+
+    def volumes(self) -> list[Volume]:
+        return list_volumes(self.args.crypttab, self.args.dmsetup_table)
+
+    def volume(self, arg: str | None) -> Volume:
+        vols = self.volumes()
+        if arg:
+            return find(arg, vols)
+        if not vols:
+            raise UnknownVolume(f"no encrypted volumes in {self.args.crypttab} or dmsetup; "
+                                "name one")
+        if len(vols) == 1:
+            return vols[0]
+        if not (self.prompter.interactive and sys.stdin.isatty()):
+            raise UnknownVolume("several encrypted volumes: name one ("
+                                + ", ".join(v.name for v in vols) + ")")
+        return vols[self.prompter.choose("Which volume?", [str(v) for v in vols])]
+
+
+def cmd_change(ctx: Context) -> Outcome:
+    vol = ctx.volume(ctx.args.volume)
+    current = ctx.prompter.ask(f"Current passphrase for {vol}: ")
+    try:
+        return ctx.tool.change(vol.device, current, ctx.prompter.ask_new)
+    finally:
+        current.wipe()
+
+
+def cmd_resume(ctx: Context) -> Outcome:
+    vol = ctx.volume(ctx.args.volume)
+    unlock = None
+    if ctx.tool.needs_passphrase_to_resume(vol.device):
+        unlock = ctx.prompter.ask(f"Passphrase for {vol} (to finish the backup passphrase): ")
+    return ctx.tool.resume(vol.device, unlock)
+
+
+def cmd_status(ctx: Context) -> Outcome:
+    vols = [ctx.volume(ctx.args.volume)] if ctx.args.volume else ctx.volumes()
+    for v in vols:
+        try:
+            with LuksVolume(v.device) as lv:
+                st = ctx.store.load(lv.uuid)
+                print(f"{v}: {lv.type} UUID={lv.uuid} active slots {lv.active_slots()} "
+                      f"of {lv.keyslot_max}")
+        except LuksError as e:
+            print(f"{v}: {e}")
+            continue
+        cur, pend = st.current_backup, st.pending_backup
+        print(f"  current backup slot: {cur.slot if cur else '-'}"
+              f"  pending backup slot: {pend.slot if pend else '-'}"
+              f"  queued packet: {'yes' if st.queue else 'no'}"
+              + ("  backup passphrase needed" if st.backup_needed else "")
+              + (f"  INTERRUPTED: {st.journal.get('op')}" if st.journal else ""))
+    return Outcome("nothing", "")
+
+
+def cmd_import(ctx: Context) -> Outcome:
+    messages = []
+    for name in ctx.args.packets:
+        try:
+            data = Path(name).read_bytes()
+        except OSError as e:
+            raise FlowError(f"{name}: {e.strerror}") from None
+        try:
+            pkt = escrow_packet.parse(data)
+        except escrow_packet.PacketError as e:
+            raise FlowError(f"{name}: {e}") from None
+        meta = pkt.metadata
+        if ctx.args.volume:
+            vol = ctx.volume(ctx.args.volume)
+        else:
+            vol = _volume_for_uuid(ctx, meta.volume_uuid, meta.volume_path)
+        messages.append(ctx.tool.import_packet(vol.device, pkt).message)
+    return Outcome("imported", "\n".join(messages))
+
+
+def _volume_for_uuid(ctx: Context, uuid: str, path_hint: str) -> Volume:
+    candidates = ctx.volumes()
+    by_uuid = f"/dev/disk/by-uuid/{uuid}"
+    if os.path.exists(by_uuid):
+        candidates.append(Volume(uuid, by_uuid, "path"))
+    if path_hint and os.path.exists(path_hint):
+        candidates.append(Volume(path_hint, path_hint, "path"))
+    for v in candidates:
+        try:
+            with LuksVolume(v.device) as lv:
+                if lv.uuid.lower() == uuid.lower():
+                    return v
+        except LuksError:
+            continue
+    raise UnknownVolume(f"no volume with UUID {uuid} here (name it with --volume)")
+
+
+def cmd_sync(ctx: Context) -> Outcome:
+    from password_agent.client import parse_server
+    from password_agent.tlskeys import KeyFiles, server_context
+
+    from .transport import TransportError, send
+
+    servers_text = ctx.args.server
+    if not servers_text:
+        f = ctx.args.state_dir / "escrow-servers"
+        try:
+            servers_text = [ln.strip() for ln in f.read_text().splitlines()
+                            if ln.strip() and not ln.startswith("#")]
+        except OSError:
+            servers_text = []
+    if not servers_text:
+        raise FlowError("no escrow server: give --server HOST:PORT or list them in "
+                        f"{ctx.args.state_dir / 'escrow-servers'}")
+    try:
+        servers = [parse_server(s) for s in servers_text]
+    except ValueError as e:
+        raise FlowError(str(e)) from None
+    queued = []
+    for uuid in ctx.store.uuids():
+        st = ctx.store.load(uuid)
+        if st.queue is not None:
+            queued.append((uuid, st.queue))
+    if not queued:
+        return Outcome("nothing", "Nothing queued for escrow.")
+    from password_agent.tlskeys import KeyError_
+
+    try:
+        tls = server_context(KeyFiles.from_dir(ctx.args.keydir))
+    except KeyError_ as e:
+        raise FlowError(str(e)) from None
+    acks = {}
+    errors = []
+    for server in servers:
+        try:
+            acks = send(server, tls, queued)
+            break
+        except TransportError as e:
+            errors.append(str(e))
+    else:
+        raise FlowError("; ".join(errors))
+    messages = []
+    unconfirmed = 0
+    for uuid, q in queued:
+        ack = acks.get(uuid)
+        if ack is None or ack.sha256 != q.sha256:
+            unconfirmed += 1
+            messages.append(f"{uuid}: the escrow server did not confirm the queued packet; "
+                            "kept queued")
+            continue
+        meta = escrow_packet.parse(q.packet).metadata
+        vol = _volume_for_uuid(ctx, uuid, meta.volume_path)
+        messages.append(f"{uuid}: " + ctx.tool.promote(vol.device, ack.sha256).message)
+    if unconfirmed:
+        raise _NotConfirmed("\n".join(messages))
+    return Outcome("promoted", "\n".join(messages))
+
+
+class _NotConfirmed(Exception):
+    pass
+
+
+def cmd_gui(ctx: Context) -> Outcome:
+    from .gui import run_gui
+
+    run_gui(ctx.tool, ctx.volumes(), ctx.args.volume, screenshot=ctx.args.screenshot)
+    return Outcome("nothing", "")
+
+
+COMMANDS = {"change": cmd_change, "resume": cmd_resume, "status": cmd_status,
+            "import": cmd_import, "sync": cmd_sync, "gui": cmd_gui}
+
+
+def main(argv: Sequence[str] | None = None, prompter: Prompter | None = None) -> int:
+    args = _parser().parse_args(argv)
+    plog.setup("luks-passphrase", args.debug)
+    os.umask(0o077)
+    try:
+        ctx = Context(args, prompter or Prompter())
+        outcome = COMMANDS[args.command](ctx)
+    except WrongPassphrase as e:
+        return _fail(args, e, EXIT_WRONG_PASSPHRASE)
+    except (Refused, Mismatch) as e:
+        return _fail(args, e, EXIT_REFUSED)
+    except _NotConfirmed as e:
+        return _fail(args, e, EXIT_NOT_CONFIRMED)
+    except (LuksError, FlowError, StateError, UnknownVolume, InputError, CommandError,
+            escrow_packet.PacketError) as e:
+        return _fail(args, e, EXIT_ERROR)
+    except KeyboardInterrupt:
+        print("luks-passphrase: interrupted; run `luks-passphrase resume` if a change was under "
+              "way", file=sys.stderr)
+        return 130
+    if outcome.message:
+        print(outcome.message)
+    return EXIT_OK
+
+
+def _fail(args: argparse.Namespace, e: Exception, code: int) -> int:
+    if args.debug:
+        log.debug("traceback", exc_info=e)
+    print(f"luks-passphrase: {e}", file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
