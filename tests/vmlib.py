@@ -88,9 +88,10 @@ def skip_reason() -> str | None:
 
 
 def run(argv: Sequence[str], *, input: bytes | None = None, env: dict[str, str] | None = None,
-        timeout: float = 300) -> subprocess.CompletedProcess[bytes]:
+        timeout: float = 300, cwd: Path | None = None) -> subprocess.CompletedProcess[bytes]:
     proc = subprocess.run(list(argv), input=input, capture_output=True, timeout=timeout,
-                          env=env, stdin=None if input is not None else subprocess.DEVNULL)
+                          env=env, cwd=cwd,
+                          stdin=None if input is not None else subprocess.DEVNULL)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(map(str, argv))} failed ({proc.returncode}):\n"
                            f"{proc.stdout.decode(errors='replace')[-3000:]}\n"
@@ -220,9 +221,9 @@ def build_initrd(workdir: Path, out: Path, kver: str, *, modules: Sequence[str] 
 
 
 def unpack_initrd(initrd: Path, dest: Path) -> Path:
-    """Unpack *initrd* into *dest* with the private tools dracut ships (lsinitrd)."""
+    """Unpack *initrd* into *dest* (``lsinitrd --unpack``)."""
     dest.mkdir(parents=True, exist_ok=True)
-    run(["lsinitrd", "--unpack", str(initrd)], env=None)  # checks format only
+    run(["lsinitrd", "--unpack", str(initrd)], cwd=dest)
     return dest
 
 
@@ -455,9 +456,6 @@ def relay(host: str, port: int) -> int:
                     except OSError:
                         pass
                     open_sides -= 1
-        else:
-            if not sel.get_map():
-                break
     sock.close()
     return 0
 

@@ -1,0 +1,178 @@
+"""A real boot: our dracut module in an initrd for Debian's kernel unlocks a LUKS2 root.
+
+The guest (qemu, TCG) reaches mandosd on the host's loopback only through a
+per-connection guestfwd relay; user networking is ``restrict=on``.  First boot:
+the root's init prints its marker and the server's audit shows the secret
+sent.  Then ``mandos-ctl -d`` disables the client; second boot: the root is
+not unlocked and the audit shows the refusal.  Also checked without a VM: the
+initrd's own files (keys 0600, Debian's interpreter, units wired) and its
+Python run in a chroot against the same server.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests import vmlib
+from tests.helpers import Mandosd, enroll, make_keys, tool
+
+pytestmark = pytest.mark.vm
+
+PASSPHRASE = b"vm root passphrase \xc3\xa9"
+CLIENT = "vmclient"
+BOOT_TIMEOUT = 120  # seconds to the real root; a boot takes ~25 s under TCG here
+REFUSED_GRACE = 20  # after the refusal, how long the root must stay locked
+
+_reason = vmlib.skip_reason()
+if _reason:
+    pytest.skip(_reason, allow_module_level=True)
+
+
+@dataclass
+class Setup:
+    work: Path
+    image: vmlib.RootImage
+    keys: Path
+    section: str
+    kernel: Path
+    kver: str
+    initrd: Path
+    build_seconds: float
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> Setup:
+    work = tmp_path_factory.mktemp("vm")
+    found = vmlib.find_kernel()
+    assert found
+    kernel, kver = found
+    image = vmlib.make_root_image(work, PASSPHRASE)
+    keys = make_keys(work / "keys", CLIENT)
+    # The checker pings the loopback: nothing may leave this machine.
+    section = enroll(keys, PASSPHRASE, CLIENT, host="127.0.0.1")
+    initrd = work / "initrd.img"
+    conf = (f'mandos_keydir="{keys}"\n'
+            f'mandos_servers="{vmlib.GUEST_SERVER_ADDR}:{vmlib.GUEST_SERVER_PORT}"\n'
+            f'mandos_pythonpath="{vmlib.ROOT}"\n')
+    t0 = time.monotonic()
+    vmlib.build_initrd(work, initrd, kver, modules=[vmlib.MODULE_NAME], conf=conf)
+    return Setup(work, image, keys, section, kernel, kver, initrd, time.monotonic() - t0)
+
+
+@pytest.fixture(scope="module")
+def server(setup: Setup) -> Iterator[Mandosd]:
+    with Mandosd(setup.work / "srv", sections=[setup.section]) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def unpacked(setup: Setup) -> Path:
+    return vmlib.unpack_initrd(setup.initrd, setup.work / "unpacked")
+
+
+def test_initrd_contents(setup: Setup, unpacked: Path) -> None:
+    size = setup.initrd.stat().st_size
+    print(f"\ninitrd: {size / 1e6:.1f} MB (zstd), built in {setup.build_seconds:.1f} s")
+    keydir = unpacked / "etc/keys/mandos"
+    assert stat.S_IMODE(keydir.stat().st_mode) == 0o700
+    for name in ("tls-privkey.pem", "tls-pubkey.pem", "tls-cert.pem", "seckey.txt",
+                 "pubkey.txt"):
+        st = (keydir / name).stat()
+        assert stat.S_IMODE(st.st_mode) == 0o600, name
+        assert (keydir / name).read_bytes() == (setup.keys / name).read_bytes()
+    # Debian's interpreter itself, not a venv or a shim
+    py = unpacked / "usr/bin/python3"
+    assert os.path.realpath(py).startswith(str(unpacked))
+    assert Path(os.path.realpath(py)).read_bytes()[:4] == b"\x7fELF"
+    assert not (unpacked / "usr/lib/python3/dist-packages/password_agent/certificate.py").exists()
+    assert (unpacked / "usr/lib/python3.11/encodings/idna.py").exists() or any(
+        unpacked.glob("usr/lib/python3.*/encodings/idna.py"))
+    conf = (unpacked / "etc/mandos/password-agent.conf").read_text()
+    assert f"{vmlib.GUEST_SERVER_ADDR}:{vmlib.GUEST_SERVER_PORT}" in conf
+    wants = [d / "sysinit.target.wants/mandos-nbde-agent.path"
+             for d in (unpacked / "etc/systemd/system", unpacked / "usr/lib/systemd/system")]
+    assert any(w.is_symlink() for w in wants)
+    assert "rd.neednet=1" in (unpacked / "etc/cmdline.d/90mandos-nbde.conf").read_text()
+    for exe in ("usr/bin/gpg", "usr/bin/gpg-agent", "usr/bin/gpgconf"):
+        assert (unpacked / exe).exists(), exe
+
+
+def test_initrd_python_fetches_in_chroot(setup: Setup, unpacked: Path, server: Mandosd) -> None:
+    """The initrd's own Python and gpg fetch and decrypt the secret (chroot, same loopback)."""
+    mounts = [(unpacked / "dev", ["--bind", "/dev"]), (unpacked / "proc", ["-t", "proc", "proc"])]
+    done = []
+    try:
+        for where, how in mounts:
+            where.mkdir(exist_ok=True)
+            vmlib.run(["mount", *how, str(where)])
+            done.append(where)
+        (unpacked / "run").mkdir(exist_ok=True)
+        proc = subprocess.run(
+            ["chroot", str(unpacked), "/usr/bin/python3", "-I", "-m", "password_agent.mandos_client",
+             "--connect", server.address, "--keydir", "/etc/keys/mandos", "--timeout", "20"],
+            capture_output=True, timeout=60, env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
+    finally:
+        for where in reversed(done):
+            subprocess.run(["umount", "-l", str(where)], check=False)
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+    assert proc.stdout == PASSPHRASE
+
+
+def _timings(console: str) -> dict[str, float | None]:
+    asked = vmlib.first_time(console, r"Starting systemd-cryptsetup@")
+    answered = vmlib.first_time(console, r"mandos-password-agent\[\d+\]: answered question")
+    unlocked = vmlib.first_time(console, r"Finished systemd-cryptsetup@")
+    m = re.search(re.escape(vmlib.ROOT_MARKER) + r" uptime=([0-9.]+)", console)
+    return {"question": asked, "answer": answered, "unlocked": unlocked,
+            "root": float(m.group(1)) if m else None}
+
+
+def test_boot_unlocks_then_refuses_when_disabled(setup: Setup, server: Mandosd) -> None:
+    # -- first boot: the client is enabled, the root opens
+    cmdline = vmlib.kernel_cmdline(setup.image, net=False)  # the module brings the network up
+    with vmlib.VM(setup.kernel, setup.initrd, setup.image, cmdline, setup.work / "boot1.log",
+                  server_port=server.port) as vm:
+        result = vm.boot(BOOT_TIMEOUT)
+    t = _timings(result.console)
+    assert result.reached_root, f"no real root; console in {setup.work / 'boot1.log'}:\n" \
+        + result.console[-4000:]
+    assert f"sent secret to {CLIENT}" in server.log()
+    assert f"MANDOS_OUTCOME=secret-sent MANDOS_CLIENT={CLIENT}" in server.log()
+    assert t["question"] is not None and t["answer"] is not None
+    print(f"\nboot 1 (enabled): question at {t['question']:.2f} s, answered at "
+          f"{t['answer']:.2f} s ({t['answer'] - t['question']:.2f} s after the question), "
+          f"unlocked at {t['unlocked']} s, real root at {t['root']} s (guest clock); "
+          f"{result.seconds:.1f} s wall clock")
+
+    # -- the admin disables the client
+    subprocess.run([tool("mandos-ctl"), "--configdir", str(server.configdir), "--statedir",
+                    str(server.statedir), "-d", CLIENT], check=True, capture_output=True)
+    log_before = len(server.log())
+
+    # -- second boot: refused, the root stays locked
+    with vmlib.VM(setup.kernel, setup.initrd, setup.image, cmdline, setup.work / "boot2.log",
+                  server_port=server.port) as vm:
+        deadline = time.monotonic() + BOOT_TIMEOUT
+        while time.monotonic() < deadline and "refused-disabled" not in server.log()[log_before:]:
+            assert vm.wait_for(re.escape(vmlib.ROOT_MARKER), 0.5) is None, "root reached!"
+        refused_at = time.monotonic() - vm.started
+        assert "refused-disabled" in server.log()[log_before:], \
+            f"no refusal in the audit; console in {setup.work / 'boot2.log'}"
+        assert vm.wait_for(re.escape(vmlib.ROOT_MARKER) + "|Finished systemd-cryptsetup@",
+                           REFUSED_GRACE) is None, "the root was unlocked by a disabled client"
+        console = vm.console
+    new_log = server.log()[log_before:]
+    assert f"sent secret to {CLIENT}" not in new_log
+    assert f"MANDOS_CLIENT={CLIENT}" in new_log
+    print(f"boot 2 (disabled): refused {refused_at:.1f} s after start, still locked "
+          f"{REFUSED_GRACE} s later; {new_log.count('refused-disabled')} refusals audited")
+    assert vmlib.ROOT_MARKER not in console
