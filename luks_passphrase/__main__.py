@@ -9,8 +9,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from password_agent import log as plog
@@ -123,6 +124,19 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+KILL_AT_ENV = "LUKS_PASSPHRASE_TEST_KILL_AT"
+
+
+def _kill_hook(point: str) -> Callable[[str], None]:
+    """Fault injection for the tests: SIGKILL ourselves after the named step."""
+
+    def hook(name: str) -> None:
+        if point and name == point:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return hook
+
+
 class Context:
     def __init__(self, args: argparse.Namespace, prompter: Prompter) -> None:
         self.args = args
@@ -139,7 +153,8 @@ class Context:
             raise StateError(f"{cert_path}: {e.strerror}") from None
         self.tool = Tool(self.store, certificate=cert,
                          keep_header_backups=args.keep_header_backups,
-                         progress=lambda m: print(m, file=sys.stderr))
+                         progress=lambda m: print(m, file=sys.stderr),
+                         crash=_kill_hook(os.environ.get(KILL_AT_ENV, "")))
 
     def volumes(self) -> list[Volume]:
         return list_volumes(self.args.crypttab, self.args.dmsetup_table)

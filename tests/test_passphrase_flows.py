@@ -1,0 +1,368 @@
+"""The passphrase tool's flows on real LUKS1 and LUKS2 images, refusals, and crash safety.
+
+Fault injection: every flow is run once to list its steps; then, for each
+step, on a fresh image, the run is made to die right after it (an exception
+that nothing catches, or SIGKILL of the real CLI process).  After each one:
+the volume still opens with the old or the new passphrase, the backup
+passphrase is not lost, and the next run finishes or rolls back, after which
+the flow completes normally.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from luks_passphrase import escrow_packet
+from luks_passphrase.flows import Refused, Tool, random_backup_passphrase
+from luks_passphrase.libcryptsetup import LuksVolume, WrongPassphrase
+from luks_passphrase.state import StateStore
+from password_agent.secret import Secret
+from tests.test_passphrase_helpers import (
+    BACKUP0,
+    USER0,
+    EscrowKeys,
+    active_slots,
+    add_key,
+    cli,
+    luks_uuid,
+    make_escrow_keys,
+    make_image,
+    opens,
+)
+
+KINDS = ["luks1", "luks2"]
+USER1 = b"user passphrase one!"
+OTHER = b"another user passphrase"
+CRASH_POINTS_COVERED: dict[str, int] = {}
+
+
+class Crash(BaseException):
+    """A simulated crash: BaseException, so no `except Exception` in the code catches it."""
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> EscrowKeys:
+    return make_escrow_keys(tmp_path_factory.mktemp("escrow"))
+
+
+def setup_volume(tmp: Path, kind: str, keys: EscrowKeys, extra_user: bool = False
+                 ) -> tuple[Path, StateStore]:
+    """USER0 in slot 0, the escrowed BACKUP0 in slot 1 (imported), OTHER in slot 2."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    image = make_image(tmp / "vol.img", kind)
+    add_key(image, USER0, BACKUP0, 1, tmp)
+    if extra_user:
+        add_key(image, USER0, OTHER, 2, tmp)
+    store = StateStore(tmp / "state")
+    packet = escrow_packet.build(keys.cert_pem, Secret(BACKUP0), escrow_packet.Metadata(
+        "testhost", luks_uuid(image), str(image), "crypt_LUKS", 1))
+    Tool(store, certificate=keys.cert_pem).import_packet(str(image), escrow_packet.parse(packet))
+    return image, store
+
+
+def tool(store: StateStore, keys: EscrowKeys, crash_at: str | None = None,
+         seen: list[str] | None = None) -> Tool:
+    def hook(name: str) -> None:
+        if seen is not None:
+            seen.append(name)
+        if name == crash_at:
+            raise Crash(name)
+
+    return Tool(store, certificate=keys.cert_pem, crash=hook, hostname="testhost",
+                progress=lambda m: None)
+
+
+def queued_passphrase(store: StateStore, uuid: str, keys: EscrowKeys) -> bytes | None:
+    st = store.load(uuid)
+    if st.queue is None:
+        return None
+    return escrow_packet.unwrap(escrow_packet.parse(st.queue.packet), keys.key_pem).reveal()
+
+
+def no_header_backups(store: StateStore) -> bool:
+    d = store.dir / "header-backups"
+    return not d.exists() or not any(d.iterdir())
+
+
+# -- the flows, straight through ----------------------------------------------
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_change_own_passphrase(tmp_path: Path, kind: str, keys: EscrowKeys) -> None:
+    image, store = setup_volume(tmp_path, kind, keys)
+    out = tool(store, keys).change(str(image), Secret(USER0), lambda: Secret(USER1))
+    assert out.kind == "changed"
+    assert active_slots(image) == [1, 2]
+    assert opens(image, USER1, 2) and not opens(image, USER0)
+    assert opens(image, BACKUP0, 1)
+    st = store.load(luks_uuid(image))
+    assert st.current_backup is not None and st.current_backup.slot == 1
+    assert st.journal is None and no_header_backups(store)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_new_slot_uses_the_volumes_pbkdf(tmp_path: Path, kind: str, keys: EscrowKeys) -> None:
+    image, store = setup_volume(tmp_path, kind, keys)
+    tool(store, keys).change(str(image), Secret(USER0), lambda: Secret(USER1))
+    import subprocess
+
+    dump = subprocess.run(["cryptsetup", "luksDump", str(image)], capture_output=True,
+                          check=True).stdout.decode()
+    # the fast PBKDF of slot 0 was reused (no benchmark, no argon2 default)
+    assert "argon2" not in dump
+    if kind == "luks2":
+        assert dump.count("Iterations: 1000") >= 2
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_recovery_then_escrow_confirmation(tmp_path: Path, kind: str, keys: EscrowKeys) -> None:
+    image, store = setup_volume(tmp_path, kind, keys, extra_user=True)
+    uuid = luks_uuid(image)
+    out = tool(store, keys).change(str(image), Secret(BACKUP0), lambda: Secret(USER1))
+    assert out.kind == "recovered"
+    st = store.load(uuid)
+    assert st.pending_backup is not None and st.queue is not None and not st.backup_needed
+    pending = st.pending_backup.slot
+    user_slot = next(s for s in active_slots(image) if s not in (1, pending))
+    assert sorted(active_slots(image)) == sorted([1, user_slot, pending])
+    assert not opens(image, USER0) and not opens(image, OTHER)
+    assert opens(image, USER1, user_slot) and opens(image, BACKUP0, 1)
+    new_backup = queued_passphrase(store, uuid, keys)
+    assert new_backup is not None and opens(image, new_backup, pending)
+    meta = escrow_packet.parse(st.queue.packet).metadata
+    assert (meta.volume_uuid, meta.passphrase_slot, meta.host_name) == (uuid, pending, "testhost")
+    # the pending backup passphrase is refused until the server has it
+    with pytest.raises(Refused):
+        tool(store, keys).change(str(image), Secret(new_backup), lambda: Secret(b"whatever1"))
+    # the escrow server confirmed: the used backup passphrase goes
+    out = tool(store, keys).promote(str(image), st.queue.sha256)
+    assert out.kind == "promoted"
+    assert not opens(image, BACKUP0) and opens(image, new_backup, pending)
+    st = store.load(uuid)
+    assert st.current_backup is not None and st.current_backup.slot == pending
+    assert st.pending_backup is None and st.queue is None
+    assert no_header_backups(store)
+    # and the new backup passphrase now recovers again
+    out = tool(store, keys).change(str(image), Secret(new_backup), lambda: Secret(b"third passphrase"))
+    assert out.kind == "recovered"
+
+
+def test_random_backup_passphrase_format() -> None:
+    import re
+
+    seen = set()
+    for _ in range(50):
+        pw = random_backup_passphrase().reveal().decode()
+        assert re.fullmatch(r"[0-9A-Za-z./]{5}(-[0-9A-Za-z./]{5}){3}", pw)
+        seen.add(pw)
+    assert len(seen) == 50
+
+
+# -- refusals ----------------------------------------------------------------
+
+def test_wrong_passphrase(tmp_path: Path, keys: EscrowKeys) -> None:
+    image, store = setup_volume(tmp_path, "luks2", keys)
+    with pytest.raises(WrongPassphrase):
+        tool(store, keys).change(str(image), Secret(b"not the passphrase"), lambda: Secret(USER1))
+    assert active_slots(image) == [0, 1]
+
+
+def test_all_slots_full(tmp_path: Path, keys: EscrowKeys) -> None:
+    image, store = setup_volume(tmp_path, "luks1", keys)
+    for s in range(2, 8):
+        add_key(image, USER0, b"filler passphrase %d" % s, s, tmp_path)
+    with pytest.raises(Refused, match="all 8 key slots"):
+        tool(store, keys).change(str(image), Secret(USER0), lambda: Secret(USER1))
+    assert active_slots(image) == list(range(8)) and opens(image, USER0, 0)
+    # recovery still works with all slots full: it clears them first
+    out = tool(store, keys).change(str(image), Secret(BACKUP0), lambda: Secret(USER1))
+    assert out.kind == "recovered"
+
+
+def test_never_destroys_the_last_slot(tmp_path: Path, keys: EscrowKeys) -> None:
+    image = make_image(tmp_path / "one.img", "luks2")
+    t = tool(StateStore(tmp_path / "state"), keys)
+    with LuksVolume(image) as vol, pytest.raises(Refused, match="last working"):
+        t._destroy(vol, 0, None, "test")
+    assert opens(image, USER0, 0)
+
+
+def test_promote_refuses_without_the_pending_slot(tmp_path: Path, keys: EscrowKeys) -> None:
+    image, store = setup_volume(tmp_path, "luks2", keys)
+    tool(store, keys).change(str(image), Secret(BACKUP0), lambda: Secret(USER1))
+    st = store.load(luks_uuid(image))
+    assert st.pending_backup is not None and st.queue is not None
+    import subprocess
+
+    subprocess.run(["cryptsetup", "luksKillSlot", "-q", str(image), str(st.pending_backup.slot)],
+                   check=True, capture_output=True)
+    with pytest.raises(Refused):
+        tool(store, keys).promote(str(image), st.queue.sha256)
+    assert opens(image, BACKUP0, 1)
+
+
+def test_too_short_and_same_passphrase(tmp_path: Path, keys: EscrowKeys) -> None:
+    image, store = setup_volume(tmp_path, "luks2", keys)
+    with pytest.raises(Refused, match="too short"):
+        tool(store, keys).change(str(image), Secret(USER0), lambda: Secret(b"short"))
+    with pytest.raises(Refused, match="same"):
+        tool(store, keys).change(str(image), Secret(USER0), lambda: Secret(USER0))
+    assert active_slots(image) == [0, 1]
+
+
+def test_reused_backup_slot_is_noticed(tmp_path: Path, keys: EscrowKeys) -> None:
+    image, store = setup_volume(tmp_path, "luks2", keys)
+    import subprocess
+
+    subprocess.run(["cryptsetup", "luksKillSlot", "-q", str(image), "1"], check=True,
+                   capture_output=True)
+    add_key(image, USER0, OTHER, 1, tmp_path)  # slot 1 reused behind our back
+    out = tool(store, keys).change(str(image), Secret(OTHER), lambda: Secret(USER1))
+    assert out.kind == "changed"  # a normal change, not a recovery
+    assert opens(image, USER0, 0)
+    assert store.load(luks_uuid(image)).current_backup is None
+
+
+# -- fault injection ---------------------------------------------------------
+
+def _points(run: object) -> list[str]:
+    seen: list[str] = []
+    run(seen)  # type: ignore[operator]
+    return seen
+
+
+def _check_invariants(image: Path, store: StateStore, keys: EscrowKeys, uuid: str,
+                      users: tuple[bytes, ...], backups: tuple[bytes, ...]) -> None:
+    assert any(opens(image, u) for u in users), "no user passphrase opens"
+    queued = queued_passphrase(store, uuid, keys)
+    assert any(opens(image, b) for b in backups) or (queued and opens(image, queued)), \
+        "the backup passphrase was lost"
+
+
+def _resume(store: StateStore, keys: EscrowKeys, image: Path, users: tuple[bytes, ...]) -> None:
+    t = tool(store, keys)
+    t.resume(str(image))
+    if store.load(luks_uuid(image)).backup_needed:
+        unlock = next(u for u in users if opens(image, u))
+        t.resume(str(image), Secret(unlock))
+    st = store.load(luks_uuid(image))
+    assert st.journal is None and not st.backup_needed
+    assert no_header_backups(store)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_crash_during_change(tmp_path: Path, kind: str, keys: EscrowKeys) -> None:
+    def run(seen: list[str], crash_at: str | None = None, base: Path = tmp_path / "list") -> Path:
+        image, store = setup_volume(base, kind, keys)
+        tool(store, keys, crash_at, seen).change(str(image), Secret(USER0), lambda: Secret(USER1))
+        return image
+
+    points = _points(run)
+    assert points == ["change:begun", "change:added", "change:recorded", "change:verified",
+                      "change:old-destroyed", "change:done"]
+    for i, point in enumerate(points):
+        base = tmp_path / f"p{i}"
+        image, store = setup_volume(base, kind, keys)
+        uuid = luks_uuid(image)
+        with pytest.raises(Crash):
+            tool(store, keys, point).change(str(image), Secret(USER0), lambda: Secret(USER1))
+        _check_invariants(image, store, keys, uuid, (USER0, USER1), (BACKUP0,))
+        _resume(store, keys, image, (USER0, USER1))
+        _check_invariants(image, store, keys, uuid, (USER0, USER1), (BACKUP0,))
+        assert opens(image, USER0) != opens(image, USER1), point  # exactly one of them
+        if opens(image, USER0):  # rolled back: the next run does it
+            tool(store, keys).change(str(image), Secret(USER0), lambda: Secret(USER1))
+        assert opens(image, USER1) and not opens(image, USER0) and opens(image, BACKUP0, 1)
+        assert store.load(uuid).current_backup.slot == 1  # type: ignore[union-attr]
+    CRASH_POINTS_COVERED[f"change-{kind}"] = len(points)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_crash_during_recovery_and_promotion(tmp_path: Path, kind: str, keys: EscrowKeys) -> None:
+    def run(seen: list[str], crash_at: str | None = None, base: Path = tmp_path / "list") -> None:
+        image, store = setup_volume(base, kind, keys, extra_user=True)
+        t = tool(store, keys, crash_at, seen)
+        t.change(str(image), Secret(BACKUP0), lambda: Secret(USER1))
+        t.promote(str(image), store.load(luks_uuid(image)).queue.sha256)  # type: ignore[union-attr]
+
+    points = _points(run)
+    assert points[0] == "recover:begun" and points[-1] == "promote:done"
+    assert "recover:cleared-0" in points and "recover:cleared-2" in points
+    for i, point in enumerate(points):
+        base = tmp_path / f"p{i}"
+        image, store = setup_volume(base, kind, keys, extra_user=True)
+        uuid = luks_uuid(image)
+        users = (USER0, OTHER, USER1, BACKUP0)  # after a rollback, BACKUP0 recovers again
+        t = tool(store, keys, point)
+        queued_sha = None
+        with pytest.raises(Crash):
+            t.change(str(image), Secret(BACKUP0), lambda: Secret(USER1))
+            st = store.load(uuid)
+            queued_sha = st.queue.sha256  # type: ignore[union-attr]
+            new_backup = queued_passphrase(store, uuid, keys)
+            t.promote(str(image), queued_sha)
+        if point.startswith("promote:"):
+            assert new_backup is not None
+            _check_invariants(image, store, keys, uuid, (USER1,), (BACKUP0, new_backup))
+        else:
+            _check_invariants(image, store, keys, uuid, users, (BACKUP0,))
+        _resume(store, keys, image, (USER1, USER0, OTHER))
+        st = store.load(uuid)
+        if point.startswith("promote:"):
+            assert not opens(image, BACKUP0) and opens(image, new_backup)
+            assert st.current_backup is not None and st.pending_backup is None
+            continue
+        assert opens(image, BACKUP0, 1), point  # never lost before the server has the new one
+        if not opens(image, USER1):  # rolled back to the backup passphrase: run again
+            assert not opens(image, USER0) or point == "recover:begun"
+            tool(store, keys).change(str(image), Secret(BACKUP0), lambda: Secret(USER1))
+            st = store.load(uuid)
+        assert opens(image, USER1) and not opens(image, OTHER)
+        new_backup = queued_passphrase(store, uuid, keys)
+        assert new_backup is not None and st.pending_backup is not None
+        assert opens(image, new_backup, st.pending_backup.slot)
+        tool(store, keys).promote(str(image), st.queue.sha256)  # type: ignore[union-attr]
+        assert not opens(image, BACKUP0) and opens(image, new_backup) and opens(image, USER1)
+    CRASH_POINTS_COVERED[f"recovery+promotion-{kind}"] = len(points)
+
+
+@pytest.mark.parametrize("kind", ["luks2"])
+def test_sigkill_at_every_step_of_the_cli(tmp_path: Path, kind: str, keys: EscrowKeys) -> None:
+    """The real program killed with SIGKILL after each step of a recovery; rerun finishes."""
+    def run_cli(base: Path, point: str) -> tuple[Path, StateStore, int]:
+        image, store = setup_volume(base, kind, keys, extra_user=True)
+        proc = cli("--state-dir", str(store.dir), "--certificate", str(keys.cert),
+                   "change", str(image), stdin=BACKUP0 + b"\n" + USER1 + b"\n" + USER1 + b"\n",
+                   env={"LUKS_PASSPHRASE_TEST_KILL_AT": point})
+        return image, store, proc.returncode
+
+    points = ["recover:begun", "recover:cleared-0", "recover:cleared-2", "recover:cleared",
+              "recover:add-user", "recover:user-added", "recover:user-recorded",
+              "recover:user-verified", "backup:begun", "backup:added", "backup:done"]
+    for i, point in enumerate(points):
+        image, store, rc = run_cli(tmp_path / f"k{i}", point)
+        assert rc == -9, point
+        uuid = luks_uuid(image)
+        assert opens(image, BACKUP0, 1)
+        # the next run: `resume`, with a passphrase on stdin if it needs one
+        proc = cli("--state-dir", str(store.dir), "--certificate", str(keys.cert), "resume",
+                   str(image), stdin=USER1 + b"\n")
+        assert proc.returncode == 0, proc.stderr
+        st = store.load(uuid)
+        assert st.journal is None and not st.backup_needed
+        if not opens(image, USER1):
+            proc = cli("--state-dir", str(store.dir), "--certificate", str(keys.cert), "change",
+                       str(image), stdin=BACKUP0 + b"\n" + USER1 + b"\n" + USER1 + b"\n")
+            assert proc.returncode == 0, proc.stderr
+        st = store.load(uuid)
+        assert opens(image, USER1) and opens(image, BACKUP0, 1) and st.pending_backup is not None
+        assert json.loads((store.dir / f"{uuid}.json").read_text())["journal"] is None
+    CRASH_POINTS_COVERED[f"sigkill-cli-{kind}"] = len(points)
+
+
+def test_report_crash_points() -> None:
+    """Printed with -s; the sum of every crash point exercised above."""
+    total = sum(CRASH_POINTS_COVERED.values())
+    print(f"\ncrash points covered: {total} {CRASH_POINTS_COVERED}")
