@@ -171,6 +171,8 @@ class FakeAsker:
                 + extra)
         tmp = ask_dir / f".tmp.{token}"
         tmp.write_text(text)
+        #: when the question appeared (CLOCK_MONOTONIC), for timings
+        self.published = time.monotonic()
         os.rename(tmp, self.path)
 
     def answer(self, timeout: float) -> tuple[bytes, int] | None:
