@@ -118,7 +118,10 @@ class KeyServer:
         self.clock = clock
         self.ctx = tls_client_context()
         self.db_thread = ThreadPoolExecutor(1, thread_name_prefix="mandosd-db")
-        self.store = SQLiteStore(statedir, durable=True)
+        # NORMAL sync: a commit survives the process being killed; only a power cut may
+        # lose the last "secret sent" (its deadline extension), which errs on the safe
+        # side.  Admin changes (mandos-ctl) are written with FULL sync.
+        self.store = SQLiteStore(statedir, durable=False)
         self.config: Config = configmod.load(configdir)
         self.stamp = configmod.config_stamp(configdir)
         self.store.sync_clients(self.config.clients.values(), clock())
