@@ -82,7 +82,7 @@ def test_parse_server_errors(text: str) -> None:
 
 def test_secret_is_masked() -> None:
     s = Secret(b"hunter2")
-    assert "hunter2" not in repr(s) + str(s) + f"{s}" + "%s" % s
+    assert "hunter2" not in repr(s) + str(s) + f"{s}" + "{}".format(s)  # noqa: UP032
     assert s.reveal() == b"hunter2"
     s.wipe()
     assert s.reveal() == b""
