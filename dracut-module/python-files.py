@@ -27,8 +27,9 @@ LAZY = [
     "runpy",               # python3 -m
     "ctypes.util",
 ]
-#: Not wanted: this script, and what site.py imports only through .pth files.
-SKIP = {"__main__", "_distutils_hack"}
+#: Not wanted: this script, what site.py imports only through .pth files, and
+#: sitecustomize (Debian's apport hook; site.py does without).
+SKIP = {"__main__", "_distutils_hack", "sitecustomize"}
 
 #: Imported by other paths at run time (str.encode("idna") needs these as well).
 LAZY_CALLS = [
