@@ -89,7 +89,7 @@ def make_escrow_keys(directory: Path, high_serial: bool = False) -> EscrowKeys:
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Escrow test"),
                       x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Helpdesk")])
     now = datetime.datetime.now(datetime.UTC)
-    serial = (1 << 159) | 12345 if high_serial else 0x1234567
+    serial = (1 << 151) | 12345 if high_serial else 0x1234567
     cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
             .public_key(key.public_key()).serial_number(serial)
             .not_valid_before(now - datetime.timedelta(days=1))

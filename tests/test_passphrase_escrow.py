@@ -1,0 +1,347 @@
+"""Escrow packets against Debian's real volume_key, and the escrow exchange with mandosd.
+
+- our format-3 packets (LUKS1 and LUKS2) are read by ``volume_key --dump
+  --unencrypted`` and opened by ``volume_key --secrets`` with the private key
+  in an NSS database;
+- packets made by ``volume_key --create-random-passphrase`` on a LUKS1 image
+  are imported by ``luks-passphrase import``, and their passphrase recovers;
+- ``luks-passphrase sync`` against :func:`mandosd.escrow.handle_escrow`
+  behind a small asyncio server doing the key server's TLS-client role.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+import shutil
+import ssl
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from luks_passphrase import escrow_packet
+from luks_passphrase.flows import Tool
+from luks_passphrase.state import StateStore
+from mandosd import escrow_cli
+from mandosd.escrow import EscrowStore, handle_escrow
+from password_agent.protocol import key_id, tls13_only
+from password_agent.secret import Secret
+from tests.test_passphrase_flows import setup_volume
+from tests.test_passphrase_helpers import (
+    BACKUP0,
+    USER0,
+    EscrowKeys,
+    active_slots,
+    cli,
+    luks_uuid,
+    make_escrow_keys,
+    make_image,
+    nss_db,
+    opens,
+)
+
+USER1 = b"user passphrase one!"
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> EscrowKeys:
+    return make_escrow_keys(tmp_path_factory.mktemp("escrow"))
+
+
+@pytest.fixture(scope="module")
+def nss(tmp_path_factory: pytest.TempPathFactory, keys: EscrowKeys) -> Path:
+    if shutil.which("volume_key") is None:
+        pytest.skip("volume_key is not installed (apt-get install volume-key)")
+    db = nss_db(tmp_path_factory.mktemp("nss"), keys)
+    if db is None:
+        pytest.skip("certutil/pk12util not installed (apt-get install libnss3-tools)")
+    return db
+
+
+def vk_dump(packet: Path) -> dict[str, str]:
+    out = subprocess.run(["volume_key", "--dump", "--unencrypted", str(packet)], check=True,
+                         capture_output=True).stdout.decode()
+    return dict(line.split(":\t", 1) for line in out.splitlines() if ":\t" in line)
+
+
+def vk_secret(packet: Path, db: Path) -> bytes:
+    out = subprocess.run(["volume_key", "--secrets", "-b", "-d", str(db), str(packet)],
+                         check=True, capture_output=True, stdin=subprocess.DEVNULL).stdout
+    m = re.search(rb"^Passphrase:\t(.*)$", out, re.MULTILINE)
+    assert m, out
+    return m.group(1)
+
+
+# -- packets and volume_key ----------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["luks1", "luks2"])
+def test_volume_key_reads_our_packets(tmp_path: Path, kind: str, keys: EscrowKeys,
+                                      nss: Path) -> None:
+    image, store = setup_volume(tmp_path, kind, keys)
+    Tool(store, certificate=keys.cert_pem, hostname="host.example").change(
+        str(image), Secret(BACKUP0), lambda: Secret(USER1))
+    st = store.load(luks_uuid(image))
+    assert st.queue is not None and st.pending_backup is not None
+    packet = tmp_path / "packet"
+    packet.write_bytes(st.queue.packet)
+    meta = vk_dump(packet)
+    assert meta["Packet format"] == "Only secrets public key-encrypted"
+    assert meta["Volume UUID"] == luks_uuid(image)
+    assert meta["Passphrase slot"] == str(st.pending_backup.slot)
+    assert meta["Host name"] == "host.example"
+    assert meta["Volume path"] == str(image)
+    assert meta["Volume format"] == "crypt_LUKS"
+    secret = vk_secret(packet, nss)
+    assert re.fullmatch(rb"[0-9A-Za-z./]{5}(-[0-9A-Za-z./]{5}){3}", secret)
+    assert opens(image, secret, st.pending_backup.slot)
+
+
+def test_serial_with_high_bit(tmp_path: Path) -> None:
+    """NSS names a certificate by DER INTEGER content: a leading zero when the high bit is set."""
+    if shutil.which("volume_key") is None:
+        pytest.skip("volume_key is not installed")
+    k = make_escrow_keys(tmp_path / "k", high_serial=True)
+    db = nss_db(tmp_path, k)
+    if db is None:
+        pytest.skip("certutil/pk12util not installed")
+    packet = tmp_path / "p"
+    packet.write_bytes(escrow_packet.build(k.cert_pem, Secret(b"abcde-fghij-klmno-pqrst"),
+                                           escrow_packet.Metadata("h", "u", "/dev/x",
+                                                                  "crypt_LUKS", 3)))
+    assert escrow_packet.parse(packet.read_bytes()).serial_der[0] == 0
+    assert vk_secret(packet, db) == b"abcde-fghij-klmno-pqrst"
+
+
+def test_import_packets_made_by_volume_key(tmp_path: Path, keys: EscrowKeys, nss: Path) -> None:
+    image = make_image(tmp_path / "installed.img", "luks1")
+    packet = tmp_path / "root" / f"{luks_uuid(image)}-escrow-backup-passphrase"
+    packet.parent.mkdir()
+    subprocess.run(["volume_key", "--save", "-b", str(image), "-c", str(keys.cert),
+                    "--create-random-passphrase", str(packet),
+                    "--output-format", "asymmetric_wrap_secret_only"],
+                   input=USER0 + b"\0", check=True, capture_output=True)
+    backup = vk_secret(packet, nss)
+    slot = int(vk_dump(packet)["Passphrase slot"])
+    assert opens(image, backup, slot)
+    state = tmp_path / "state"
+    proc = cli("--state-dir", str(state), "--crypttab", str(tmp_path / "none"),
+               "import", str(packet), "--volume", str(image))
+    assert proc.returncode == 0, proc.stderr
+    st = StateStore(state).load(luks_uuid(image))
+    assert st.current_backup is not None and st.current_backup.slot == slot
+    # found by the packet's path when no volume is named
+    proc = cli("--state-dir", str(state), "--crypttab", str(tmp_path / "none"), "import",
+               str(packet))
+    assert proc.returncode == 0, proc.stderr
+    # (a recovery with it is the flow tested above; volume_key's slot has the default,
+    # benchmarked PBKDF, so it is not repeated here)
+
+
+def test_import_refuses_format_1(tmp_path: Path) -> None:
+    """volume_key's format 1 envelops the metadata too: refused with a hint."""
+    packet = tmp_path / "p"
+    packet.write_bytes(b"\0volume_key\x01" + bytes(64))
+    image = make_image(tmp_path / "v.img", "luks1")
+    proc = cli("--state-dir", str(tmp_path / "s"), "import", str(packet), "--volume", str(image))
+    assert proc.returncode == 1 and b"asymmetric_wrap_secret_only" in proc.stderr
+    packet.write_bytes(b"garbage")
+    proc = cli("--state-dir", str(tmp_path / "s"), "import", str(packet), "--volume", str(image))
+    assert proc.returncode == 1 and b"not a volume_key escrow packet" in proc.stderr
+
+
+# -- the escrow exchange -------------------------------------------------------
+
+def machine_keys(directory: Path) -> Path:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    directory.mkdir(parents=True)
+    k = ed25519.Ed25519PrivateKey.generate()
+    (directory / "tls-privkey.pem").write_bytes(k.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    (directory / "tls-pubkey.pem").write_bytes(k.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    return directory
+
+
+class EscrowServer:
+    """The key server's side: `escrow 1` line, TLS client role, key_id, handle_escrow."""
+
+    def __init__(self, statedir: Path) -> None:
+        self.store = EscrowStore(statedir, durable=False)
+        self.loop = asyncio.new_event_loop()
+        self.ready = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.key_ids: list[str] = []
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.server = self.loop.run_until_complete(
+            asyncio.start_server(self._conn, "127.0.0.1", 0))
+        self.port = self.server.sockets[0].getsockname()[1]
+        self.ready.set()
+        self.loop.run_forever()
+
+    async def _conn(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        line = await asyncio.wait_for(reader.readline(), 5)
+        if line != b"escrow 1\r\n":
+            writer.close()
+            return
+        ctx = tls13_only(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        # TLS client on a connection we accepted (protocol 1's inverted roles)
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader()
+        protocol = asyncio.StreamReaderProtocol(reader)
+        transport = await loop.start_tls(writer.transport, protocol, ctx, server_side=False,
+                                         ssl_handshake_timeout=10)
+        assert transport is not None
+        protocol.connection_made(transport)
+        writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+        sslobj = writer.get_extra_info("ssl_object")
+        from cryptography import x509
+        from cryptography.hazmat.primitives import serialization
+
+        cert = x509.load_der_x509_certificate(sslobj.getpeercert(binary_form=True))
+        kid = key_id(cert.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo))
+        self.key_ids.append(kid)
+        await handle_escrow(reader, writer, client_name="client1", key_id=kid, store=self.store)
+
+    def __enter__(self) -> EscrowServer:
+        self.thread.start()
+        self.ready.wait(5)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+@pytest.fixture()
+def escrow_server(tmp_path: Path) -> Iterator[EscrowServer]:
+    with EscrowServer(tmp_path / "mandosd-state") as srv:
+        yield srv
+
+
+def test_sync_escrows_and_promotes(tmp_path: Path, keys: EscrowKeys,
+                                   escrow_server: EscrowServer) -> None:
+    image, store = setup_volume(tmp_path / "m", "luks2", keys)
+    uuid = luks_uuid(image)
+    Tool(store, certificate=keys.cert_pem).change(str(image), Secret(BACKUP0),
+                                                  lambda: Secret(USER1))
+    st = store.load(uuid)
+    assert st.queue is not None and st.pending_backup is not None
+    sha, pending = st.queue.sha256, st.pending_backup.slot
+    keydir = machine_keys(tmp_path / "keys")
+    proc = cli("--state-dir", str(store.dir), "sync", "--server",
+               f"127.0.0.1:{escrow_server.port}", "--keydir", str(keydir))
+    assert proc.returncode == 0, proc.stderr
+    st = store.load(uuid)
+    assert st.queue is None and st.pending_backup is None
+    assert st.current_backup is not None and st.current_backup.slot == pending
+    assert not opens(image, BACKUP0) and opens(image, USER1)
+    assert sorted(active_slots(image)) == sorted({pending, *active_slots(image)})
+    # the server holds it, under the machine's key_id
+    from password_agent.tlskeys import KeyFiles
+
+    kid = KeyFiles.from_dir(keydir).key_id()
+    assert escrow_server.key_ids == [kid]
+    stored = escrow_server.store.current(kid, uuid)
+    assert stored is not None and stored.sha256 == sha and stored.slot == pending
+    # the helpdesk: list, export, read with the private key
+    statedir = escrow_server.store.path.parent
+    assert escrow_server.store.path.stat().st_mode & 0o777 == 0o600
+    assert statedir.stat().st_mode & 0o777 == 0o700
+    out = tmp_path / "exported"
+    assert escrow_cli.main(["--statedir", str(statedir), "export", "client1", uuid,
+                            "-o", str(out)]) == 0
+    assert hashlib.sha256(out.read_bytes()).hexdigest() == sha
+    secret = escrow_packet.unwrap(escrow_packet.parse(out.read_bytes()), keys.key_pem).reveal()
+    assert opens(image, secret, pending)
+    # nothing left to do
+    proc = cli("--state-dir", str(store.dir), "sync", "--server",
+               f"127.0.0.1:{escrow_server.port}", "--keydir", str(keydir))
+    assert proc.returncode == 0 and b"Nothing queued" in proc.stdout
+
+
+def test_escrow_cli_list_and_secrets(tmp_path: Path, keys: EscrowKeys,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    store = EscrowStore(tmp_path / "srv", durable=False)
+    pkt = escrow_packet.build(keys.cert_pem, Secret(b"abcde-fghij-klmno-pqrst"),
+                              escrow_packet.Metadata("web1", "12345678-1234-1234-1234-123456789abc",
+                                                     "/dev/sda2", "crypt_LUKS", 2))
+    store.store(key_id="A" * 64, client_name="web1",
+                volume_uuid="12345678-1234-1234-1234-123456789abc", created=10, packet=pkt)
+    # an older packet arriving later does not replace the newer one
+    old = escrow_packet.build(keys.cert_pem, Secret(b"older-older-older-older"),
+                              escrow_packet.Metadata("web1", "12345678-1234-1234-1234-123456789abc",
+                                                     "/dev/sda2", "crypt_LUKS", 1))
+    cur = store.store(key_id="A" * 64, client_name="web1",
+                      volume_uuid="12345678-1234-1234-1234-123456789abc", created=5, packet=old)
+    assert cur.slot == 2
+    assert escrow_cli.main(["--statedir", str(tmp_path / "srv"), "list"]) == 0
+    listing = capsys.readouterr().out
+    assert "web1" in listing and "12345678-1234-1234-1234-123456789abc" in listing
+    assert escrow_cli.main(["--statedir", str(tmp_path / "srv"), "list", "--history"]) == 0
+    assert capsys.readouterr().out.count("12345678-1234-1234-1234-123456789abc") == 2
+    p = tmp_path / "p"
+    p.write_bytes(pkt)
+    assert escrow_cli.main(["secrets", str(p), "--key", str(keys.key)]) == 0
+    assert "abcde-fghij-klmno-pqrst" in capsys.readouterr().out
+
+
+def test_sync_not_confirmed_keeps_everything(tmp_path: Path, keys: EscrowKeys,
+                                             escrow_server: EscrowServer) -> None:
+    image, store = setup_volume(tmp_path / "m", "luks1", keys)
+    uuid = luks_uuid(image)
+    Tool(store, certificate=keys.cert_pem).change(str(image), Secret(BACKUP0),
+                                                  lambda: Secret(USER1))
+    # the server already holds a newer packet for this volume: ours is not confirmed
+    keydir = machine_keys(tmp_path / "keys")
+    from password_agent.tlskeys import KeyFiles
+
+    newer = escrow_packet.build(keys.cert_pem, Secret(b"newer-newer-newer-newer"),
+                                escrow_packet.Metadata("x", uuid, "/dev/x", "crypt_LUKS", 7))
+    escrow_server.store.store(key_id=KeyFiles.from_dir(keydir).key_id(), client_name="client1",
+                              volume_uuid=uuid, created=2**40, packet=newer)
+    proc = cli("--state-dir", str(store.dir), "sync", "--server",
+               f"127.0.0.1:{escrow_server.port}", "--keydir", str(keydir))
+    assert proc.returncode == 5, proc.stderr
+    assert opens(image, BACKUP0, 1)
+    st = store.load(uuid)
+    assert st.queue is not None and st.pending_backup is not None
+
+
+def test_sync_server_unreachable(tmp_path: Path, keys: EscrowKeys) -> None:
+    image, store = setup_volume(tmp_path / "m", "luks2", keys)
+    Tool(store, certificate=keys.cert_pem).change(str(image), Secret(BACKUP0),
+                                                  lambda: Secret(USER1))
+    from tests.helpers import free_port
+
+    proc = cli("--state-dir", str(store.dir), "sync", "--server", f"127.0.0.1:{free_port()}",
+               "--keydir", str(machine_keys(tmp_path / "keys")))
+    assert proc.returncode == 1 and b"refused" in proc.stderr.lower()
+    assert opens(image, BACKUP0, 1)
+
+
+def test_hostile_peer_is_bounded(tmp_path: Path, escrow_server: EscrowServer) -> None:
+    """An oversized frame after the handshake ends the session; the server stays up."""
+    import socket
+    import struct
+
+    from password_agent.tlskeys import KeyFiles, server_context
+
+    ctx = server_context(KeyFiles.from_dir(machine_keys(tmp_path / "keys")))
+    with socket.create_connection(("127.0.0.1", escrow_server.port), timeout=5) as sock:
+        sock.sendall(b"escrow 1\r\n")
+        with ctx.wrap_socket(sock, server_side=True) as tls:
+            tls.sendall(struct.pack(">I", 10**9))
+            assert tls.recv(100) == b""  # closed on us
+    assert escrow_server.store.list() == []
