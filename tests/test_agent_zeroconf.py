@@ -1,7 +1,8 @@
-"""Server discovery with mDNS/DNS-SD (python-zeroconf), for real, in a network namespace.
+"""Finding servers: mDNS/DNS-SD discovery (python-zeroconf) and IPv6 link-local addresses,
+for real, in a network namespace.
 
-Multicast never leaves the test: server, announcement and agent all run inside a network
-namespace of our own that has nothing but its loopback interface.
+Nothing leaves the test: server, announcement and agent all run inside a network namespace
+of our own that has only its loopback interface (and a veth pair for link-local).
 """
 
 from __future__ import annotations
@@ -106,4 +107,29 @@ def test_agent_finds_an_announced_server(netns: str, tmp_path: Path, client_keys
     finally:
         announcer.kill()
         announcer.wait()
+        srv.stop()
+
+
+def test_ipv6_link_local_server_with_scope(netns: str, tmp_path: Path, client_keys: Path,
+                                           client_section: str) -> None:
+    inns = ["ip", "netns", "exec", netns]
+    for cmd in (["ip", "link", "add", "mveth0", "type", "veth", "peer", "name", "mveth1"],
+                ["ip", "link", "set", "mveth1", "up"],
+                ["ip", "link", "set", "mveth0", "up"],
+                ["ip", "addr", "add", "fe80::4d41:4e44/64", "dev", "mveth0", "nodad"]):
+        subprocess.run(inns + cmd, check=True)
+    # the namespace is empty: any port is free there
+    srv = Mandosd(tmp_path / "srv", sections=[client_section],
+                  listen=["[fe80::4d41:4e44%mveth0]:4711"])
+    srv.start(inns + srv.argv())
+    ask_dir = tmp_path / "ask"
+    ask_dir.mkdir()
+    agent = AgentProc(tmp_path, client_keys, [srv.address], ask_dir=ask_dir)
+    agent.argv = inns + agent.argv
+    try:
+        with agent, FakeAsker(ask_dir, "cryptsetup:/dev/ll") as asker:
+            assert asker.answer(20) == (b"+" + PASSWORD, 0), agent.log()
+            log = agent.wait_log("answered question")
+        assert "MANDOS_SERVER=[fe80::4d41:4e44%mveth0]:" in log
+    finally:
         srv.stop()
