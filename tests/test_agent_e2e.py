@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -30,7 +31,7 @@ from tests.agentlib import (
     wait_for_question,
 )
 from tests.conftest import PASSWORD
-from tests.helpers import Mandosd, enroll, make_keys
+from tests.helpers import Mandosd, enroll, free_port, make_keys
 
 needs_asker = pytest.mark.skipif(not os.path.exists(SYSTEMD_ASK_PASSWORD),
                                  reason="systemd-ask-password is not installed")
@@ -72,8 +73,19 @@ def test_systemd_ask_password_gets_the_password(tmp_path: Path, client_keys: Pat
         assert f"MANDOS_SERVER={server.address}" in log
         assert "MANDOS_OUTCOME=answered" in log
         assert agent.running()
+        assert agent.stop() == 0  # SIGTERM: a clean exit
     assert_no_secret(agent.log())
     assert "sent secret to client1" in server.log()
+
+
+def test_ipv6_server(tmp_path: Path, client_keys: Path, client_section: str) -> None:
+    port = free_port(socket.AF_INET6)
+    ask_dir = tmp_path / "ask"
+    ask_dir.mkdir()
+    with Mandosd(tmp_path / "srv", sections=[client_section], listen=[f"[::1]:{port}"]), \
+            AgentProc(tmp_path, client_keys, [f"[::1]:{port}"], ask_dir=ask_dir), \
+            FakeAsker(ask_dir, "cryptsetup:/dev/v6") as asker:
+        assert asker.answer(15) == (b"+" + PASSWORD, 0)
 
 
 @needs_asker
