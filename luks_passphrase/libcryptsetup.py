@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import IntEnum
 from pathlib import Path
+from typing import Any
 
 from password_agent.secret import Secret
 
@@ -240,7 +241,7 @@ class LuksVolume:
             raise LuksError(f"{self.path}: key slot {slot}: no salt in the LUKS2 metadata") from None
         return base64.b64decode(salt).hex()
 
-    def metadata(self) -> dict[str, object]:
+    def metadata(self) -> dict[str, Any]:
         """The LUKS2 JSON metadata (crypt_dump_json, or read from the header)."""
         if hasattr(self._lib, "crypt_dump_json"):
             out = ctypes.c_char_p()

@@ -260,8 +260,8 @@ async def _session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                   MANDOS_KEY_ID=key_id, MANDOS_OUTCOME="escrow-stored", LUKS_UUID=uuid)
             writer.write(json_frame(current.ack()))
         elif op == "status":
-            uuid = req.get("volume_uuid")
-            found = store.current(key_id, uuid) if isinstance(uuid, str) else None
+            asked = req.get("volume_uuid")
+            found = store.current(key_id, asked) if isinstance(asked, str) else None
             writer.write(json_frame(found.ack() if found else
                                     {"ok": False, "error": "nothing stored for this volume"}))
         else:
