@@ -4,6 +4,7 @@ mandosd on 127.0.0.1, gpg.  Also dead and silent servers, dying askers, odd ask 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -422,3 +423,68 @@ def test_no_traceback_on_bad_keys(tmp_path: Path) -> None:
     assert agent.wait_exit() == 3
     assert "Traceback" not in agent.log()
     assert "tls-" in agent.log() or "missing" in agent.log()
+
+
+def _journal_entries(data: list[bytes]) -> list[dict[str, str]]:
+    entries = []
+    for dgram in data:
+        fields: dict[str, str] = {}
+        pos = 0
+        while pos < len(dgram):
+            nl = dgram.index(b"\n", pos)
+            line = dgram[pos:nl]
+            if b"=" in line:
+                k, _, v = line.partition(b"=")
+                fields[k.decode()] = v.decode(errors="replace")
+                pos = nl + 1
+            else:  # KEY\n<u64 length><data>\n
+                size = int.from_bytes(dgram[nl + 1:nl + 9], "little")
+                fields[line.decode()] = dgram[nl + 9:nl + 9 + size].decode(errors="replace")
+                pos = nl + 9 + size + 1
+        entries.append(fields)
+    return entries
+
+
+def test_structured_journal_fields(tmp_path: Path, client_keys: Path, server: Mandosd) -> None:
+    """Under journald: one entry per outcome, with the question, server and timing as fields."""
+    journal = tmp_path / "journal.sock"
+    sink = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sink.bind(str(journal))
+    sink.settimeout(0.2)
+    ask_dir = tmp_path / "ask"
+    ask_dir.mkdir()
+    agent = AgentProc(tmp_path, client_keys, [dead_address(), server.address], ask_dir=ask_dir,
+                      env={"MANDOS_JOURNAL_SOCKET": str(journal)})
+    agent.argv.remove("--debug")
+    agent.start(wait_ready=False)
+    data: list[bytes] = []
+    try:
+        with FakeAsker(ask_dir, "cryptsetup:/dev/journal") as asker:
+            deadline = time.monotonic() + 15
+            while not any(b"MANDOS_OUTCOME=answered" in d for d in data):
+                assert time.monotonic() < deadline, data
+                try:
+                    data.append(sink.recv(65536))
+                except TimeoutError:
+                    pass
+            assert asker.answer(5) == (b"+" + PASSWORD, 0)
+            with contextlib.suppress(TimeoutError):
+                while True:  # the rest (the refused server may report after the answer)
+                    data.append(sink.recv(65536))
+    finally:
+        agent.stop()
+        sink.close()
+    entries = _journal_entries(data)
+    assert all(e["SYSLOG_IDENTIFIER"] == "mandos-password-agent" for e in entries)
+    answered = [e for e in entries if e.get("MANDOS_OUTCOME") == "answered"]
+    assert len(answered) == 1
+    e = answered[0]
+    assert e["MESSAGE_ID"] == "3f0a1c2e8b7d4f5a9c6e2b1d0a9f8e7d"
+    assert e["PRIORITY"] == "6"
+    assert e["MANDOS_QUESTION_ID"] == "cryptsetup:/dev/journal"
+    assert e["MANDOS_SERVER"] == server.address
+    assert int(e["MANDOS_ELAPSED_MS"]) >= int(e["MANDOS_FETCH_MS"]) >= 0
+    assert e["MANDOS_ASK_FILE"].startswith(str(ask_dir))
+    failed = [e for e in entries if e.get("MANDOS_OUTCOME") == "server-failed"]
+    assert failed and failed[0]["MANDOS_REASON"] == "Connection refused"
+    assert_no_secret(repr(entries))
