@@ -25,6 +25,7 @@ import ssl
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import log as logsetup
@@ -356,13 +357,28 @@ class Agent:
     # --- set-up ----------------------------------------------------------------------------
 
     def load_keys(self) -> None:
-        """Make the TLS context and the gpg home once, so answering is fast."""
+        """Make the TLS context and the gpg home once, so answering is fast.
+
+        The OpenPGP key import runs in the background (it overlaps the first fetch);
+        if it fails, the agent stops with EXIT_KEYS rather than retry in vain.
+        """
         keys = KeyFiles.from_dir(self.cfg.keydir)
-        self.ctx = server_context(keys)
         self.decryptor = Decryptor(keys.seckey, keys.pubkey)
+        self.ctx = server_context(keys)
         wait_ready = getattr(self.decryptor, "wait_ready", None)
         if wait_ready is not None:
-            wait_ready()
+            threading.Thread(target=self._wait_gpg, args=(wait_ready,), daemon=True,
+                             name="gpg import").start()
+
+    def _wait_gpg(self, wait_ready: Callable[[], None]) -> None:
+        try:
+            with self._decrypt_lock:  # a decrypt() waits for the import, not beside it
+                wait_ready()
+        except GpgError as e:
+            log.error("%s", e)
+            self.exit_code = EXIT_KEYS
+            self.stopping = True
+            self._wake()
 
     def start_discovery(self) -> None:
         if not self.cfg.zeroconf:

@@ -488,3 +488,15 @@ def test_structured_journal_fields(tmp_path: Path, client_keys: Path, server: Ma
     failed = [e for e in entries if e.get("MANDOS_OUTCOME") == "server-failed"]
     assert failed and failed[0]["MANDOS_REASON"] == "Connection refused"
     assert_no_secret(repr(entries))
+
+
+def test_unusable_openpgp_key_stops_the_agent(tmp_path: Path, client_keys: Path) -> None:
+    keys = tmp_path / "keys"
+    shutil.copytree(client_keys, keys)
+    (keys / "seckey.txt").write_text("-----BEGIN PGP PRIVATE KEY BLOCK-----\ngarbage\n")
+    ask_dir = tmp_path / "ask"
+    ask_dir.mkdir()
+    agent = AgentProc(tmp_path, keys, [dead_address()], ask_dir=ask_dir).start(wait_ready=False)
+    assert agent.wait_exit() == 3
+    assert "cannot import the OpenPGP key" in agent.log()
+    assert "Traceback" not in agent.log()
