@@ -222,7 +222,8 @@ class Tool:
         dest = self.store.header_backup_path(st.uuid, stamp)
         vol.header_backup(dest)
         os.chmod(dest, 0o600)
-        self.progress(f"Header backed up to {dest}")
+        self.progress(f"Header backed up to {dest}"
+                      + ("" if self.keep_header_backups else " (removed once this step is complete)"))
         journal["header_backup"] = str(dest)
         st.journal = journal
         self.store.save(st)
