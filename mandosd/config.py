@@ -205,8 +205,11 @@ def _parse_setting(path: Path, section: str, s: Setting, raw: str) -> Any:
 
 def _warn_unknown(path: Path, parser: configparser.ConfigParser, section: str,
                   known: set[str], defaults: Mapping[str, str]) -> None:
-    lines = _line_numbers(path)
     own = parser._sections.get(section, {}) if section != "DEFAULT" else parser.defaults()  # type: ignore[attr-defined]
+    unknown = [key for key in own if key not in known]
+    if not unknown:
+        return  # re-reading the file per section made 10,000 clients take minutes
+    lines = _line_numbers(path)
     for key in own:
         if key not in known:
             line = lines.get((section, key), 0)
