@@ -258,14 +258,27 @@ def load_clients(path: Path, configdir: Path) -> dict[str, Client]:
     parser = _read(path, defaults)
     known = set(defaults) | CLIENT_SPECIAL
     clients: dict[str, Client] = {}
+    known |= set(parser.defaults())
     for name in parser.sections():
-        _warn_unknown(path, parser, name, known | set(parser.defaults()), defaults)
-        values = {s.key: _parse_setting(path, name, s, _value(path, parser, name, s.key))
+        _warn_unknown(path, parser, name, known, defaults)
+        # every option interpolated once; checkers get them all as %(name)s
+        attributes: dict[str, str] = {}
+        broken: set[str] = set()
+        for key in parser.options(name):
+            if key == "secret":
+                continue
+            try:
+                attributes[key] = parser.get(name, key)
+            except configparser.InterpolationError:
+                attributes[key] = parser.get(name, key, raw=True)
+                broken.add(key)
+        values = {s.key: _parse_setting(path, name, s, _value(path, parser, name, s.key)
+                                        if s.key in broken else attributes[s.key])
                   for s in CLIENT_SETTINGS}
         if not values["host"]:
             values["host"] = name
         kid: str | None = None
-        if parser.has_option(name, "key_id"):
+        if "key_id" in attributes:
             raw = parser.get(name, "key_id", raw=True)
             try:
                 kid = normalize_key_id(raw)
@@ -275,14 +288,6 @@ def load_clients(path: Path, configdir: Path) -> dict[str, Client]:
             log.warning("%s: [%s] has no key_id; this client cannot be identified "
                         "over TLS 1.3 and will never get its secret", path, name)
         fpr = "".join(parser.get(name, "fingerprint", raw=True, fallback="").split()).upper()
-        attributes = {}
-        for key in parser.options(name):
-            if key in ("secret",):
-                continue
-            try:
-                attributes[key] = parser.get(name, key)
-            except configparser.InterpolationError:
-                attributes[key] = parser.get(name, key, raw=True)
         attributes["name"] = name
         attributes["host"] = values["host"]
         clients[name] = Client(
