@@ -109,7 +109,8 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("status", help="volumes, key slots, backup slots, queue")
     s.add_argument("volume", nargs="?", metavar="VOLUME")
     i = sub.add_parser("import", help="learn the backup slot from volume_key packets")
-    i.add_argument("packets", nargs="+", metavar="PACKET")
+    i.add_argument("packets", nargs="*", metavar="PACKET",
+                   help=f"volume_key packets (default: {INSTALLER_PACKETS})")
     i.add_argument("--volume", metavar="VOLUME",
                    help="the volume (default: found by the packet's UUID or path)")
     y = sub.add_parser("sync", help="send queued escrow packets, finish on confirmation")
@@ -124,6 +125,8 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+#: Where installers (anaconda) leave their escrow packets.
+INSTALLER_PACKETS = "/root/*-escrow-backup-passphrase"
 KILL_AT_ENV = "LUKS_PASSPHRASE_TEST_KILL_AT"
 
 
@@ -212,8 +215,13 @@ def cmd_status(ctx: Context) -> Outcome:
 
 
 def cmd_import(ctx: Context) -> Outcome:
+    import glob
+
     messages = []
-    for name in ctx.args.packets:
+    names = ctx.args.packets or sorted(glob.glob(INSTALLER_PACKETS))
+    if not names:
+        raise FlowError(f"no packets given and none found as {INSTALLER_PACKETS}")
+    for name in names:
         try:
             data = Path(name).read_bytes()
         except OSError as e:

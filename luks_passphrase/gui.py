@@ -223,8 +223,11 @@ def run_gui(tool: Tool, volumes: list[Volume], preselect: str | None,
 
         raise FlowError(f"cannot open a window: {e}") from None
     App(root, backend, volumes, preselect)
-    if screenshot is not None:  # pragma: no cover - used by hand
-        root.after(1500, lambda: (subprocess.run(["xwd", "-root", "-out", str(screenshot)],
-                                                 check=False), root.destroy()))
+    if screenshot is not None:  # used by hand: an XWD dump of the screen, then quit
+        def shoot() -> None:
+            subprocess.run(["xwd", "-root", "-silent", "-out", str(screenshot)], check=False)
+            root.destroy()
+
+        root.after(1500, shoot)
     root.mainloop()
     sys.stdout.flush()

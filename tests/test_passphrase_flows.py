@@ -31,6 +31,7 @@ from tests.test_passphrase_helpers import (
     make_escrow_keys,
     make_image,
     opens,
+    opens_fast,
 )
 
 KINDS = ["luks1", "luks2"]
@@ -235,9 +236,9 @@ def _points(run: object) -> list[str]:
 
 def _check_invariants(image: Path, store: StateStore, keys: EscrowKeys, uuid: str,
                       users: tuple[bytes, ...], backups: tuple[bytes, ...]) -> None:
-    assert any(opens(image, u) for u in users), "no user passphrase opens"
+    assert any(opens_fast(image, u) for u in users), "no user passphrase opens"
     queued = queued_passphrase(store, uuid, keys)
-    assert any(opens(image, b) for b in backups) or (queued and opens(image, queued)), \
+    assert any(opens_fast(image, b) for b in backups) or (queued and opens_fast(image, queued)), \
         "the backup passphrase was lost"
 
 
@@ -245,7 +246,7 @@ def _resume(store: StateStore, keys: EscrowKeys, image: Path, users: tuple[bytes
     t = tool(store, keys)
     t.resume(str(image))
     if store.load(luks_uuid(image)).backup_needed:
-        unlock = next(u for u in users if opens(image, u))
+        unlock = next(u for u in users if opens_fast(image, u))
         t.resume(str(image), Secret(unlock))
     st = store.load(luks_uuid(image))
     assert st.journal is None and not st.backup_needed
@@ -271,10 +272,10 @@ def test_crash_during_change(tmp_path: Path, kind: str, keys: EscrowKeys) -> Non
         _check_invariants(image, store, keys, uuid, (USER0, USER1), (BACKUP0,))
         _resume(store, keys, image, (USER0, USER1))
         _check_invariants(image, store, keys, uuid, (USER0, USER1), (BACKUP0,))
-        assert opens(image, USER0) != opens(image, USER1), point  # exactly one of them
-        if opens(image, USER0):  # rolled back: the next run does it
+        assert opens_fast(image, USER0) != opens_fast(image, USER1), point  # exactly one of them
+        if opens_fast(image, USER0):  # rolled back: the next run does it
             tool(store, keys).change(str(image), Secret(USER0), lambda: Secret(USER1))
-        assert opens(image, USER1) and not opens(image, USER0) and opens(image, BACKUP0, 1)
+        assert opens_fast(image, USER1) and not opens_fast(image, USER0) and opens_fast(image, BACKUP0, 1)
         assert store.load(uuid).current_backup.slot == 1  # type: ignore[union-attr]
     CRASH_POINTS_COVERED[f"change-{kind}"] = len(points)
 
@@ -311,20 +312,20 @@ def test_crash_during_recovery_and_promotion(tmp_path: Path, kind: str, keys: Es
         _resume(store, keys, image, (USER1, USER0, OTHER))
         st = store.load(uuid)
         if point.startswith("promote:"):
-            assert not opens(image, BACKUP0) and opens(image, new_backup)
+            assert not opens_fast(image, BACKUP0) and opens_fast(image, new_backup)
             assert st.current_backup is not None and st.pending_backup is None
             continue
-        assert opens(image, BACKUP0, 1), point  # never lost before the server has the new one
-        if not opens(image, USER1):  # rolled back to the backup passphrase: run again
-            assert not opens(image, USER0) or point == "recover:begun"
+        assert opens_fast(image, BACKUP0, 1), point  # never lost before the server has the new one
+        if not opens_fast(image, USER1):  # rolled back to the backup passphrase: run again
+            assert not opens_fast(image, USER0) or point == "recover:begun"
             tool(store, keys).change(str(image), Secret(BACKUP0), lambda: Secret(USER1))
             st = store.load(uuid)
-        assert opens(image, USER1) and not opens(image, OTHER)
+        assert opens_fast(image, USER1) and not opens_fast(image, OTHER)
         new_backup = queued_passphrase(store, uuid, keys)
         assert new_backup is not None and st.pending_backup is not None
-        assert opens(image, new_backup, st.pending_backup.slot)
+        assert opens_fast(image, new_backup, st.pending_backup.slot)
         tool(store, keys).promote(str(image), st.queue.sha256)  # type: ignore[union-attr]
-        assert not opens(image, BACKUP0) and opens(image, new_backup) and opens(image, USER1)
+        assert not opens_fast(image, BACKUP0) and opens_fast(image, new_backup) and opens_fast(image, USER1)
     CRASH_POINTS_COVERED[f"recovery+promotion-{kind}"] = len(points)
 
 

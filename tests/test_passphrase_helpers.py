@@ -58,6 +58,19 @@ def opens(image: Path, passphrase: bytes, slot: int | None = None) -> bool:
     return proc.returncode == 0
 
 
+def opens_fast(image: Path, passphrase: bytes, slot: int | None = None) -> bool:
+    """The same check in-process (libcryptsetup), for the many checks of the crash loops."""
+    from luks_passphrase.libcryptsetup import LuksVolume, WrongPassphrase
+    from password_agent.secret import Secret
+
+    with LuksVolume(image) as v:
+        try:
+            v.open_slot(Secret(passphrase), -1 if slot is None else slot)
+        except WrongPassphrase:
+            return False
+    return True
+
+
 def active_slots(image: Path) -> list[int]:
     from luks_passphrase.libcryptsetup import LuksVolume
 
