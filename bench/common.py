@@ -76,6 +76,23 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
+def start_ready(argv: list[str], timeout: float = 120) -> subprocess.Popen[bytes]:
+    """Start a server that speaks sd_notify; return once it has sent READY=1."""
+    d = Path(tempfile.mkdtemp(prefix="bench-notify-"))
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(d / "notify"))
+    sock.settimeout(timeout)
+    env = {**os.environ, "NOTIFY_SOCKET": str(d / "notify")}
+    p = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while b"READY=1" not in sock.recv(4096):
+            pass
+    finally:
+        sock.close()
+        shutil.rmtree(d, ignore_errors=True)
+    return p
+
+
 def wait_port(host: str, port: int, timeout: float = 20) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

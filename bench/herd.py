@@ -1,0 +1,232 @@
+"""bench/herd: a rack reboots after a power cut; N clients ask at the same moment.
+
+For N in 50, 200, 500, in one run:
+- ours, load generator: N simulated clients (real TLS, real key_ids; bench/loadgen.py)
+  against mandosd;
+- ours, real clients: N ``mandos-client`` processes at once (gpg decrypt included);
+- Debian's Mandos server with N of Debian's ``mandos-client`` processes at once;
+- tang (a process per request) with N ``clevis decrypt`` processes at once.
+Reports the time until every client has its secret, failures, the server's CPU
+per secret (children included: Mandos forks per connection, tang runs one per
+request) and the server's peak RSS.  Process-driven rows include the clients'
+own CPU on the same two cores, so compare those rows with each other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (  # noqa: E402
+    MANDOS_CLIENT,
+    cpu_seconds,
+    free_port,
+    have_mandos,
+    mandos_server,
+    median,
+    ours,
+    rss_kib,
+    start_ready,
+    stop,
+    table,
+    tempdir,
+)
+from loadgen import Identity, herd, make_identities  # noqa: E402
+
+SECRET = b"herd passphrase"
+
+
+def start_mandosd(base: Path, sections: list[str], port: int) -> subprocess.Popen[bytes]:
+    conf = base / "conf"
+    if conf.exists():
+        shutil.rmtree(conf)
+    conf.mkdir()
+    (conf / "clients.conf").write_text("\n".join(sections))
+    state = base / "state"
+    shutil.rmtree(state, ignore_errors=True)
+    return start_ready([ours("mandosd"), "--configdir", str(conf), "--statedir", str(state),
+                        "--listen", f"127.0.0.1:{port}"])
+
+
+def spawn_all(argvs: list[list[str]], expected: bytes, env: dict[str, str] | None = None
+              ) -> tuple[float, int]:
+    """Start every process at once; seconds until the last exits, and how many succeeded."""
+    t0 = time.perf_counter()
+    procs = [subprocess.Popen(a, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                              stdin=subprocess.DEVNULL, env=env) for a in argvs]
+    ok = 0
+    for p in procs:
+        out, _ = p.communicate(timeout=300)
+        ok += p.returncode == 0 and out == expected
+    return time.perf_counter() - t0, ok
+
+
+def write_client_keydirs(base: Path, idents: list[Identity], shared: Path) -> list[Path]:
+    """Per-client key directories: own TLS key, the shared OpenPGP key pair."""
+    from cryptography.hazmat.primitives import serialization
+
+    dirs = []
+    for ident in idents:
+        d = base / "kd" / ident.name
+        d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        key = serialization.load_pem_private_key(ident.key.read_bytes(), None)
+        (d / "tls-privkey.pem").write_bytes(ident.key.read_bytes())
+        (d / "tls-pubkey.pem").write_bytes(key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+        (d / "tls-cert.pem").write_bytes(ident.cert.read_bytes())
+        for f in ("seckey.txt", "pubkey.txt"):
+            shutil.copy(shared / f, d / f)
+        dirs.append(d)
+    return dirs
+
+
+def real_sections(idents: list[Identity], message_b64: str) -> list[str]:
+    lines = [message_b64[i:i + 64] for i in range(0, len(message_b64), 64)]
+    return [f"[{i.name}]\nhost = 127.0.0.1\nkey_id = {i.key_id}\nsecret =\n    "
+            + "\n    ".join(lines) + "\n" for i in idents]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="50,200,500", help="herd sizes (default: %(default)s)")
+    ap.add_argument("--runs", type=int, default=3, help="runs per load-generator figure")
+    ap.add_argument("--peers", default="real,mandos,tang",
+                    help="process-driven rows to include: real,mandos,tang (or none)")
+    ap.add_argument("--json", type=Path, help="also write the figures here")
+    args = ap.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    peers = set(args.peers.split(",")) - {"none", ""}
+    nmax = max(sizes)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, 8 * nmax)), hard))
+    rows: list[list[str]] = []
+    figures: dict[str, dict[int, dict[str, float]]] = {}
+
+    def record(system: str, n: int, secs: float, ok: int, cpu: float, rss: int) -> None:
+        figures.setdefault(system, {})[n] = {"seconds": secs, "ok": ok, "failed": n - ok,
+                                            "cpu_ms_per_secret": cpu * 1000 / max(ok, 1),
+                                            "peak_rss_mib": rss / 1024}
+
+    with tempdir("bench-herd-") as base:
+        idents = make_identities(base / "ids", nmax)
+        # one shared OpenPGP key for the process-driven rows (gpg key generation is slow)
+        shared = base / "shared"
+        subprocess.run([ours("mandos-keygen"), "--dir", str(shared), "--name", "herd"],
+                       check=True, capture_output=True)
+        sec = subprocess.run([ours("mandos-keygen"), "--dir", str(shared), "--name", "x",
+                              "--passfile", "/dev/stdin"], input=SECRET, check=True,
+                             capture_output=True).stdout.decode()
+        message_b64 = "".join(ln.strip() for ln in
+                              sec.split("secret =")[1].split("checker")[0].splitlines())
+        port = free_port()
+
+        # -- ours, load generator ------------------------------------------------------
+        for n in sizes:
+            times, cpus, rsss, oks = [], [], [], []
+            for _ in range(args.runs):
+                srv = start_mandosd(base, [i.section() for i in idents], port)
+                try:
+                    c0 = cpu_seconds(srv.pid)
+                    res = asyncio.run(herd("127.0.0.1", port, idents[:n]))
+                    cpus.append(cpu_seconds(srv.pid) - c0)
+                    rsss.append(rss_kib(srv.pid))
+                finally:
+                    stop(srv)
+                times.append(res.seconds)
+                oks.append(res.ok)
+                if res.errors:
+                    print(f"  ours n={n}: {res.errors}", file=sys.stderr)
+            record("mandosd, load generator", n, median(times), min(oks), median(cpus),
+                   int(max(rsss)))
+
+        kd = write_client_keydirs(base, idents, shared) if peers else []
+        # -- ours, real mandos-client processes -------------------------------------------
+        if "real" in peers:
+            for n in sizes:
+                srv = start_mandosd(base, real_sections(idents, message_b64), port)
+                try:
+                    c0 = cpu_seconds(srv.pid)
+                    secs, ok = spawn_all([[ours("mandos-client"), "--connect",
+                                           f"127.0.0.1:{port}", "--keydir", str(d),
+                                           "--timeout", "120"] for d in kd[:n]], SECRET)
+                    record("mandosd + mandos-client processes", n, secs, ok,
+                           cpu_seconds(srv.pid) - c0, rss_kib(srv.pid))
+                finally:
+                    stop(srv)
+
+        # -- Debian's Mandos -------------------------------------------------------------
+        if "mandos" in peers and have_mandos():
+            mport = free_port()
+            with mandos_server(base / "m", "\n".join(real_sections(idents, message_b64)),
+                               mport) if (base / "m").mkdir() is None else None as msrv:
+                for n in sizes:
+                    c0 = cpu_seconds(msrv.pid)
+                    argvs = [[MANDOS_CLIENT, f"--connect=[::1]:{mport}", "--interface=none",
+                              f"--pubkey={d}/pubkey.txt", f"--seckey={d}/seckey.txt",
+                              f"--tls-pubkey={d}/tls-pubkey.pem",
+                              f"--tls-privkey={d}/tls-privkey.pem"] for d in kd[:n]]
+                    secs, ok = spawn_all(argvs, SECRET)
+                    time.sleep(0.5)  # let Mandos reap its children, so their CPU counts
+                    record("Debian Mandos 1.8.16 + its mandos-client", n, secs, ok,
+                           cpu_seconds(msrv.pid) - c0, rss_kib(msrv.pid))
+
+        # -- tang + clevis ---------------------------------------------------------------
+        if "tang" in peers and Path("/usr/libexec/tangd").exists() and shutil.which("clevis"):
+            tdir = base / "tang"
+            tdir.mkdir()
+            subprocess.run(["/usr/libexec/tangd-keygen", str(tdir)], check=True)
+            tport = free_port()
+            tang = subprocess.Popen(["systemd-socket-activate", "--inetd", "-a", "-l",
+                                     f"127.0.0.1:{tport}", "/usr/libexec/tangd", str(tdir)],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            try:
+                time.sleep(0.3)
+                jwe = subprocess.run(["clevis", "encrypt", "tang",
+                                      json.dumps({"url": f"http://127.0.0.1:{tport}"}), "-y"],
+                                     input=SECRET, check=True, capture_output=True).stdout
+                (base / "secret.jwe").write_bytes(jwe)
+                for n in sizes:
+                    time.sleep(0.5)
+                    c0 = cpu_seconds(tang.pid)
+                    secs, ok = spawn_all([["sh", "-c", 'exec clevis decrypt < "$0"',
+                                           str(base / "secret.jwe")]] * n, SECRET)
+                    time.sleep(0.5)
+                    record("tang 14 + clevis decrypt", n, secs, ok,
+                           cpu_seconds(tang.pid) - c0, rss_kib(tang.pid))
+            finally:
+                stop(tang)
+
+    for system, by_n in figures.items():
+        for n, f in sorted(by_n.items()):
+            rows.append([system, str(n), f"{f['seconds']:.2f} s", str(int(f["failed"])),
+                         f"{f['cpu_ms_per_secret']:.2f} ms", f"{f['peak_rss_mib']:.0f} MiB"])
+    print(f"Herd: N clients ask at once ({os.cpu_count()} cores; load-generator rows are the "
+          f"median of {args.runs} runs)\n")
+    print(table(rows, ["system", "N", "all served", "failed", "server CPU/secret",
+                       "server peak RSS"]))
+    ref = figures.get("Debian Mandos 1.8.16 + its mandos-client")
+    mine = figures.get("mandosd + mandos-client processes") or figures.get(
+        "mandosd, load generator")
+    if ref and mine:
+        print()
+        for n in sizes:
+            if n in ref and n in mine and mine[n]["cpu_ms_per_secret"] > 0:
+                r = ref[n]["cpu_ms_per_secret"] / mine[n]["cpu_ms_per_secret"]
+                print(f"N={n}: {r:.0f}x the secrets per server CPU-second of Mandos")
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
