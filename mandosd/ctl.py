@@ -18,7 +18,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -253,7 +253,7 @@ def _cell(value: Any, key: str) -> str:
     return str(value)
 
 
-def table(rows: list[Mapping[str, Any]], keywords: tuple[str, ...]) -> str:
+def table(rows: Sequence[Mapping[str, Any]], keywords: tuple[str, ...]) -> str:
     """Mandos's table: left-aligned columns, one space apart."""
     widths = {k: max([len(HEADERS[k]), *(len(_cell(r[k], k)) for r in rows)])
               for k in keywords}
