@@ -141,7 +141,7 @@ class Tool:
                         "the escrow server; use your own passphrase (or the previous backup "
                         "passphrase)")
                 if st.backup_needed and role == "user":
-                    self._make_backup(vol, st, current, path)
+                    self._make_backup(vol, st, current, path, slot)
                     return Outcome("resumed", (resumed + " " if resumed else "")
                                    + "Finished the interrupted recovery: a new backup passphrase "
                                    "was made and queued for escrow; run again to change your "
@@ -171,7 +171,7 @@ class Tool:
                 slot = vol.open_slot(unlock)
                 if self._role(vol, st, slot) == "pending":
                     raise Refused(f"key slot {slot} holds the pending backup passphrase")
-                self._make_backup(vol, st, unlock, path)
+                self._make_backup(vol, st, unlock, path, slot)
                 msg = (msg + " " if msg else "") + "A new backup passphrase was made and queued."
             return Outcome("resumed" if msg else "nothing", msg or "Nothing to finish.")
 
@@ -263,7 +263,7 @@ class Tool:
         backup = self._begin(vol, st, {
             "op": "change", "phase": "add", "old_slot": old, "old_salt": vol.salt(old),
             "target": target, "before": vol.active_slots()})
-        vol.add(current, new, target)
+        vol.add(current, new, target, unlock_slot=old)
         self.crash("change:added")
         assert st.journal is not None
         st.journal.update(phase="added", new_slot=target, new_salt=vol.salt(target))
@@ -295,7 +295,7 @@ class Tool:
         st.journal.update(phase="add-user", target=target)
         self.store.save(st)
         self.crash("recover:add-user")
-        vol.add(backup_pw, new, target)
+        vol.add(backup_pw, new, target, unlock_slot=bslot)
         self.crash("recover:user-added")
         st.journal.update(phase="user-added", user_slot=target, user_salt=vol.salt(target))
         self.store.save(st)
@@ -306,7 +306,7 @@ class Tool:
         self.crash("recover:user-verified")
         event(log, logging.INFO, f"backup passphrase used: user passphrase now in key slot {target}",
               LUKS_UUID=st.uuid, LUKS_SLOT=target)
-        pending = self._make_backup(vol, st, new, path)
+        pending = self._make_backup(vol, st, new, path, target)
         return Outcome("recovered", f"Recovered: your new passphrase is in key slot {target}. "
                        f"A new backup passphrase (key slot {pending}) waits for the escrow "
                        "server (luks-passphrase sync); the used one is removed once the server "
@@ -330,7 +330,8 @@ class Tool:
         self.store.save(st)
         self.crash("recover:cleared")
 
-    def _make_backup(self, vol: LuksVolume, st: VolumeState, unlock: Secret, path: str) -> int:
+    def _make_backup(self, vol: LuksVolume, st: VolumeState, unlock: Secret, path: str,
+                     unlock_slot: int) -> int:
         """A new random backup passphrase in a free slot, its packet written first."""
         if self.certificate is None:
             raise Refused("no escrow certificate configured; cannot make a backup passphrase")
@@ -346,7 +347,7 @@ class Tool:
             self._begin(vol, st, {
                 "op": "backup", "phase": "add", "target": target,
                 "packet": base64.b64encode(packet).decode(), "created": int(time.time())})
-            vol.add(unlock, pw, target)
+            vol.add(unlock, pw, target, unlock_slot=unlock_slot)
         finally:
             pw.wipe()
         self.crash("backup:added")

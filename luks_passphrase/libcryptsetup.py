@@ -129,6 +129,9 @@ def load_library() -> ctypes.CDLL:
             "crypt_header_backup": (ci, [vp, cp, cp]),
             "crypt_header_restore": (ci, [vp, cp, cp]),
             "crypt_set_log_callback": (None, [vp, _LOG_CB, vp]),
+            "crypt_get_volume_key_size": (ci, [vp]),
+            "crypt_volume_key_get": (ci, [vp, ci, ctypes.c_void_p, ctypes.POINTER(sz), cp, sz]),
+            "crypt_keyslot_add_by_volume_key": (ci, [vp, ci, ctypes.c_void_p, sz, cp, sz]),
         }
         for name, (res, args) in sigs.items():
             fn = getattr(lib, name)
@@ -273,16 +276,18 @@ class LuksVolume:
             raise _fail(f"{self.path}: checking the passphrase", rc)
         return int(rc)
 
-    def add(self, unlock: Secret, new: Secret, slot: int) -> int:
+    def add(self, unlock: Secret, new: Secret, slot: int, unlock_slot: int | None = None) -> int:
         """Add *new* to the free *slot*, unlocking with *unlock*.
 
         The new slot gets the PBKDF (type, hash, cost) of the slot that
         *unlock* opens, without benchmarking.  Never overwrites: *slot* must
-        be inactive.
+        be inactive.  With *unlock_slot* known, only that slot is unlocked
+        (one PBKDF run instead of trying every slot): the volume key is taken
+        from it and the new slot made from the volume key, which is wiped.
         """
         if self.status(slot) != SlotStatus.INACTIVE:
             raise SlotError(f"{self.path}: key slot {slot} is not free")
-        ref = self.open_slot(unlock)
+        ref = self.open_slot(unlock) if unlock_slot is None else unlock_slot
         pbkdf = _PbkdfType()
         rc = self._lib.crypt_keyslot_get_pbkdf(self._cd, ref, ctypes.byref(pbkdf))
         if rc < 0:
@@ -292,12 +297,25 @@ class LuksVolume:
         rc = self._lib.crypt_set_pbkdf_type(self._cd, ctypes.byref(pbkdf))
         if rc < 0:
             raise _fail(f"{self.path}: setting the PBKDF", rc)
+        size = self._lib.crypt_get_volume_key_size(self._cd)
+        if size <= 0:
+            raise LuksError(f"{self.path}: unknown volume key size")
+        vk = ctypes.create_string_buffer(size)
+        vk_size = ctypes.c_size_t(size)
         old, pw = unlock.reveal(), new.reveal()
-        rc = self._lib.crypt_keyslot_add_by_passphrase(self._cd, slot, old, len(old), pw, len(pw))
-        del old, pw
-        if rc == -errno.EPERM:
-            _take_error()
-            raise WrongPassphrase()
+        try:
+            rc = self._lib.crypt_volume_key_get(self._cd, ref, vk, ctypes.byref(vk_size),
+                                                old, len(old))
+            if rc == -errno.EPERM or rc == -errno.ENOENT:
+                _take_error()
+                raise WrongPassphrase(f"key slot {ref} does not open with this passphrase")
+            if rc < 0:
+                raise _fail(f"{self.path}: unlocking key slot {ref}", rc)
+            rc = self._lib.crypt_keyslot_add_by_volume_key(self._cd, slot, vk, vk_size.value,
+                                                           pw, len(pw))
+        finally:
+            ctypes.memset(vk, 0, size)
+            del old, pw
         if rc < 0:
             raise _fail(f"{self.path}: adding a passphrase to key slot {slot}", rc)
         if rc != slot:

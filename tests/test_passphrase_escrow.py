@@ -345,3 +345,45 @@ def test_hostile_peer_is_bounded(tmp_path: Path, escrow_server: EscrowServer) ->
             tls.sendall(struct.pack(">I", 10**9))
             assert tls.recv(100) == b""  # closed on us
     assert escrow_server.store.list() == []
+
+
+def test_sync_with_the_real_mandosd(tmp_path: Path, keys: EscrowKeys, mandosd: object,
+                                    client_keys: Path) -> None:
+    """End to end: `luks-passphrase sync` to a running mandosd (client1 enrolled)."""
+    from tests.helpers import Mandosd
+
+    assert isinstance(mandosd, Mandosd)
+    image, store = setup_volume(tmp_path / "m", "luks2", keys)
+    uuid = luks_uuid(image)
+    Tool(store, certificate=keys.cert_pem).change(str(image), Secret(BACKUP0),
+                                                  lambda: Secret(USER1))
+    st = store.load(uuid)
+    assert st.queue is not None and st.pending_backup is not None
+    sha, pending = st.queue.sha256, st.pending_backup.slot
+    (store.dir / "escrow-servers").write_text(f"# the key server\n{mandosd.address}\n")
+    proc = cli("--state-dir", str(store.dir), "sync", "--keydir", str(client_keys))
+    assert proc.returncode == 0, proc.stderr + mandosd.log().encode()
+    assert not opens(image, BACKUP0)
+    st = store.load(uuid)
+    assert st.current_backup is not None and st.current_backup.slot == pending
+    out = tmp_path / "exported"
+    assert escrow_cli.main(["--statedir", str(mandosd.statedir), "export", "client1", uuid,
+                            "-o", str(out)]) == 0
+    assert hashlib.sha256(out.read_bytes()).hexdigest() == sha
+    secret = escrow_packet.unwrap(escrow_packet.parse(out.read_bytes()), keys.key_pem)
+    assert opens(image, secret.reveal(), pending)
+    assert secret.reveal().decode() not in mandosd.log()
+
+
+def test_sync_unknown_machine_is_refused_by_mandosd(tmp_path: Path, keys: EscrowKeys,
+                                                    mandosd: object) -> None:
+    from tests.helpers import Mandosd
+
+    assert isinstance(mandosd, Mandosd)
+    image, store = setup_volume(tmp_path / "m", "luks1", keys)
+    Tool(store, certificate=keys.cert_pem).change(str(image), Secret(BACKUP0),
+                                                  lambda: Secret(USER1))
+    proc = cli("--state-dir", str(store.dir), "sync", "--server", mandosd.address,
+               "--keydir", str(machine_keys(tmp_path / "stranger")))
+    assert proc.returncode != 0
+    assert opens(image, BACKUP0, 1) and store.load(luks_uuid(image)).queue is not None
