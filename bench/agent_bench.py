@@ -7,6 +7,8 @@ private ask directory, every server on loopback:
 - ``ours-cold``       mandos-password-agent --exit-when-idle started when the question
                       appears (what its .path unit does), same server
                       (both run as in the initrd: ``/usr/bin/python3 -m password_agent.agent``)
+- ``ours-own``        as ``ours``, with the keys our own mandos-keygen makes (Ed25519 TLS,
+                      Curve25519 OpenPGP) instead of Debian's RSA keys
 - ``mandos``          Debian's Mandos password-agent + mandos-client 1.8.16, started when the
                       question appears (it exits when no question is left, so this *is*
                       its normal mode: its .path unit starts it), Mandos server on [::1]
@@ -42,7 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tests.agentlib import AgentProc, FakeAsker  # noqa: E402
-from tests.helpers import Mandosd, free_port  # noqa: E402
+from tests.helpers import Mandosd, enroll, free_port, make_keys  # noqa: E402
 
 PASSWORD = b"bench passphrase"
 MANDOS_KEYGEN = "/usr/sbin/mandos-keygen"
@@ -150,8 +152,12 @@ class Bench(contextlib.ExitStack):
 
     # --- ours ------------------------------------------------------------------------------------
 
-    def ours(self, keys: Path, section: str) -> tuple[Variant, Variant]:
-        srv = Mandosd(self.base / "mandosd", sections=[section])
+    def ours(self, keys: Path, section: str) -> tuple[Variant, Variant, Variant]:
+        # A second client with the keys our own mandos-keygen makes (Ed25519 / Curve25519
+        # OpenPGP), as deployed: the same server serves both.
+        own_keys = make_keys(self.base / "own-keys", "bench-own")
+        own_section = enroll(own_keys, PASSWORD, "bench-own", host="127.0.0.1")
+        srv = Mandosd(self.base / "mandosd", sections=[section, own_section])
         srv.start()
         self.callback(srv.stop)
         warm = self.base / "ask-ours"
@@ -161,6 +167,15 @@ class Bench(contextlib.ExitStack):
         self.callback(agent.stop)
         agent.wait_log("watching ")
         running = Variant("ours", "mandos-password-agent, running", warm, PASSWORD)
+
+        own_dir = self.base / "ask-ours-own"
+        own_dir.mkdir()
+        own = initrd_python(AgentProc(self.base, own_keys, [srv.address], ask_dir=own_dir))
+        own.start(wait_ready=False)
+        self.callback(own.stop)
+        own.wait_log("watching ")
+        running_own = Variant("ours-own", "the same, with keys from our mandos-keygen "
+                              "(Ed25519/Curve25519)", own_dir, PASSWORD)
 
         cold_dir = self.base / "ask-ours-cold"
         cold_dir.mkdir()
@@ -174,7 +189,7 @@ class Bench(contextlib.ExitStack):
 
         cold = Variant("ours-cold", "mandos-password-agent --exit-when-idle, started per "
                        "question", cold_dir, PASSWORD, start_cold)
-        return running, cold
+        return running, cold, running_own
 
     # --- Debian's Mandos -------------------------------------------------------------------------
 
@@ -322,7 +337,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(prog="bench/agent", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=30, help="questions per agent (default 30)")
-    ap.add_argument("--only", action="append", choices=["ours", "ours-cold", "mandos", "clevis"],
+    ap.add_argument("--only", action="append",
+                    choices=["ours", "ours-cold", "ours-own", "mandos", "clevis"],
                     help="run only these agents")
     ap.add_argument("--json", type=Path, help="also write the raw timings here")
     ap.add_argument("--keep", action="store_true", help="keep the work directory and logs")
@@ -330,17 +346,17 @@ def main() -> int:
     if os.geteuid() != 0:
         say("must run as root (askers accept answers from root only; losetup)")
         return 2
-    only = set(args.only or ["ours", "ours-cold", "mandos", "clevis"])
+    only = set(args.only or ["ours", "ours-cold", "ours-own", "mandos", "clevis"])
     with workdir(args.keep) as base, Bench(base) as bench:
         variants: list[Variant] = []
-        need_mandos_keys = bool(only & {"ours", "ours-cold", "mandos"})
+        need_mandos_keys = bool(only & {"ours", "ours-cold", "ours-own", "mandos"})
         if need_mandos_keys and not Path(MANDOS_KEYGEN).exists():
             say("Debian's mandos-keygen is missing (apt-get install mandos)")
             return 2
         if need_mandos_keys:
             keys, section = bench.mandos_keys()
-            running, cold = bench.ours(keys, section)
-            variants += [v for v in (running, cold) if v.name in only]
+            running, cold, own = bench.ours(keys, section)
+            variants += [v for v in (running, cold, own) if v.name in only]
             if "mandos" in only:
                 if Path(MANDOS_SERVER).exists() and Path(MANDOS_AGENT).exists():
                     variants.append(bench.debian_mandos(keys, section))
