@@ -342,7 +342,7 @@ class Tool:
         pw = random_backup_passphrase()
         try:
             packet = escrow_packet.build(self.certificate, pw, escrow_packet.Metadata(
-                host_name=self.hostname, volume_uuid=st.uuid, volume_path=path,
+                host_name=self.hostname, volume_uuid=st.uuid, volume_path=os.path.abspath(path),
                 volume_format=escrow_packet.VOLUME_FORMAT_LUKS, passphrase_slot=target))
             self._begin(vol, st, {
                 "op": "backup", "phase": "add", "target": target,

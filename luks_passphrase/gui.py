@@ -65,8 +65,9 @@ class InProcessBackend:
 class PkexecBackend:
     """Running as a user: ``pkexec luks-passphrase change``, passphrases on stdin."""
 
-    def __init__(self, cli: str = PKEXEC_CLI, extra_args: list[str] | None = None) -> None:
-        self.cli = cli
+    def __init__(self, cli: str | None = None, extra_args: list[str] | None = None) -> None:
+        # pkexec needs an absolute path; the polkit action names /usr/bin/luks-passphrase
+        self.cli = cli or shutil.which("luks-passphrase") or PKEXEC_CLI
         self.extra = extra_args or []
 
     def change(self, device: str, current: Secret, new: Secret, progress: Progress) -> Result:
@@ -82,11 +83,14 @@ class PkexecBackend:
                 data[i] = 0
         if proc.returncode in (126, 127):
             return Result(False, "Not authorised.")
-        text = (proc.stdout + proc.stderr).decode(errors="replace").strip()
-        lines = [ln.removeprefix("luks-passphrase: ") for ln in text.splitlines()]
         if proc.returncode == 3:
             return Result(False, "The current passphrase is wrong.")
-        return Result(proc.returncode == 0, "\n".join(lines[-3:]))
+        if proc.returncode == 0:
+            return Result(True, proc.stdout.decode(errors="replace").strip())
+        errors = [ln.removeprefix("luks-passphrase: ")
+                  for ln in proc.stderr.decode(errors="replace").splitlines()
+                  if ln.startswith("luks-passphrase: ")]
+        return Result(False, errors[-1] if errors else f"failed (exit code {proc.returncode})")
 
 
 class App:

@@ -161,3 +161,34 @@ def test_gui_change_under_xvfb(tmp_path: Path, display: str) -> None:
         root.destroy()
     assert opens(image, NEW.encode()) and not opens(image, USER0)
     assert opens(other, USER0)
+
+
+def test_pkexec_backend_hands_passphrases_on_stdin(tmp_path: Path) -> None:
+    """As a user the GUI runs `pkexec luks-passphrase change`; a stand-in pkexec runs it."""
+    import sys
+
+    from luks_passphrase.gui import PkexecBackend
+    from password_agent.secret import Secret
+    from tests.test_passphrase_helpers import ROOT
+
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "pkexec").write_text('#!/bin/sh\nexec "$@"\n')
+    wrapper = bindir / "luks-passphrase"
+    wrapper.write_text(f'#!/bin/sh\ncd {ROOT} && exec {sys.executable} -m luks_passphrase "$@"\n')
+    for f in (bindir / "pkexec", wrapper):
+        f.chmod(0o755)
+    image = make_image(tmp_path / "disk.img", "luks1")
+    old_path = os.environ["PATH"]
+    os.environ["PATH"] = f"{bindir}:{old_path}"
+    try:
+        backend = PkexecBackend(str(wrapper), ["--state-dir", str(tmp_path / "state")])
+        seen: list[str] = []
+        bad = backend.change(str(image), Secret(b"wrong"), Secret(NEW.encode()), seen.append)
+        assert not bad.ok and "wrong" in bad.message
+        res = backend.change(str(image), Secret(USER0), Secret(NEW.encode()), seen.append)
+    finally:
+        os.environ["PATH"] = old_path
+    assert res.ok, res.message
+    assert "Passphrase changed" in res.message and seen
+    assert opens(image, NEW.encode()) and not opens(image, USER0)
