@@ -148,9 +148,10 @@ class Context:
         cert_path = args.certificate or args.state_dir / "escrow-cert.pem"
         try:
             cert = cert_path.read_bytes()
-        except FileNotFoundError:
+        except (FileNotFoundError, PermissionError) as e:
+            # the default lives in the root-only state directory: a user's GUI has no access
             if args.certificate:
-                raise StateError(f"{cert_path}: no such file") from None
+                raise StateError(f"{cert_path}: {e.strerror}") from None
             cert = None
         except OSError as e:
             raise StateError(f"{cert_path}: {e.strerror}") from None
