@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import random
@@ -56,6 +57,8 @@ TANGD = "/usr/libexec/tangd"
 TANGD_KEYGEN = "/usr/libexec/tangd-keygen"
 CLEVIS_ASKPASS = "/usr/libexec/clevis-luks-askpass"
 
+_QUESTIONS = itertools.count()
+
 DBUS_CONF = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
  "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
 <busconfig><type>system</type><listen>unix:path={sock}</listen><auth>EXTERNAL</auth>
@@ -84,7 +87,9 @@ class Variant:
     failures: int = 0
 
     def measure(self, timeout: float = 10) -> None:
-        asker = FakeAsker(self.ask_dir, "cryptsetup:" + self.device)
+        # A new Id each time: the agent rightly ignores the same asker asking the same again
+        # (that means its answer was refused).
+        asker = FakeAsker(self.ask_dir, f"cryptsetup:{self.device}-{next(_QUESTIONS)}")
         proc = self.on_question()
         try:
             got = asker.answer(timeout)

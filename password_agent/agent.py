@@ -32,6 +32,7 @@ from .askfile import (
     Question,
     is_ask_name,
     monotonic_us,
+    pid_alive,
     read_ask,
     skip_reason,
 )
@@ -82,6 +83,9 @@ class Agent:
         self.jobs: dict[str, Job] = {}
         self.reported: set[str] = set()  # skipped questions, logged once each
         self.answered_names: set[str] = set()
+        #: (Id, PID) of askers answered: the same asker asking the same again means our
+        #: secret was refused (systemd-cryptsetup's next try); that one is left to others.
+        self.answered_askers: set[tuple[str, int]] = set()
         self.pidfds: dict[int, str] = {}
         self.pidfd_fallback = not hasattr(os, "pidfd_open")
         self.sel = selectors.DefaultSelector()
@@ -116,6 +120,14 @@ class Agent:
     def answered(self, job: Job) -> None:
         with self._lock:
             self.answered_names.add(job.q.name)
+            if job.q.pid is not None:
+                self.answered_askers = {(i, p) for i, p in self.answered_askers
+                                        if pid_alive(p)}
+                self.answered_askers.add((job.q.id, job.q.pid))
+
+    def asked_again(self, q: Question) -> bool:
+        with self._lock:
+            return q.pid is not None and (q.id, q.pid) in self.answered_askers
 
     def job_done(self, job: Job) -> None:
         self._done.put(job)
@@ -205,10 +217,17 @@ class Agent:
                   MESSAGE_ID=MessageId.SKIPPED, MANDOS_OUTCOME="malformed",
                   MANDOS_ASK_FILE=path, MANDOS_REASON=e.reason)
             return
+        level = logging.INFO
         reason = skip_reason(q, now_us=monotonic_us(), id_prefixes=self.cfg.id_prefix)
+        if reason is not None and reason.startswith("Id="):
+            level = logging.DEBUG  # someone else's question: not our business
+        if reason is None and self.asked_again(q):
+            level = logging.WARNING
+            reason = (f"process {q.pid} asks again after our answer, so it refused the secret; "
+                      "leaving its next try to other agents (console, plymouth)")
         if reason:
             self.reported.add(name)
-            event(log, logging.DEBUG if q.id and "Id=" in reason else logging.INFO,
+            event(log, level,
                   f"leaving question {q.id or name} alone: {reason}",
                   MESSAGE_ID=MessageId.SKIPPED, MANDOS_OUTCOME="skipped",
                   MANDOS_QUESTION_ID=q.id, MANDOS_ASK_FILE=path, MANDOS_REASON=reason)

@@ -500,3 +500,24 @@ def test_unusable_openpgp_key_stops_the_agent(tmp_path: Path, client_keys: Path)
     assert agent.wait_exit() == 3
     assert "cannot import the OpenPGP key" in agent.log()
     assert "Traceback" not in agent.log()
+
+
+def test_refused_answer_is_not_repeated(tmp_path: Path, client_keys: Path,
+                                        server: Mandosd) -> None:
+    """The same asker asking the same again means it refused our secret (systemd-cryptsetup's
+    next try): leave that try to a human instead of burning it, but answer other askers."""
+    ask_dir = tmp_path / "ask"
+    ask_dir.mkdir()
+    with AgentProc(tmp_path, client_keys, [server.address], ask_dir=ask_dir) as agent:
+        with FakeAsker(ask_dir, "cryptsetup:/dev/sda2") as first:
+            assert first.answer(15) == (b"+" + PASSWORD, 0)
+        with FakeAsker(ask_dir, "cryptsetup:/dev/sda2") as again:
+            agent.wait_log("asks again after our answer")
+            assert again.answer(0.3) is None
+        sleeper = subprocess.Popen(["sleep", "30"])
+        try:
+            with FakeAsker(ask_dir, "cryptsetup:/dev/sda2", pid=sleeper.pid) as other:
+                assert other.answer(15) == (b"+" + PASSWORD, 0)
+        finally:
+            sleeper.kill()
+            sleeper.wait()
