@@ -135,18 +135,18 @@ _BUS_CONF = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configu
 @contextmanager
 def mandos_server(base: Path, clients_conf: str, port: int) -> Iterator[subprocess.Popen[bytes]]:
     """Debian's real Mandos server on [::1]:port, with a private D-Bus it insists on."""
-    conf, state = base / "mandos-conf", base / "mandos-state"
+    conf = base / "mandos-conf"
     conf.mkdir()
-    state.mkdir()
-    os.chmod(state, 0o755)  # Mandos reads it after dropping privileges
     (conf / "mandos.conf").write_text("[DEFAULT]\n")
     (conf / "clients.conf").write_text(clients_conf)
-    # Mandos drops privileges before it connects: the bus must be reachable by others
-    busdir = base / "dbus"
-    busdir.mkdir()
-    os.chmod(base, 0o711)
+    # Mandos drops privileges before it connects to the bus and reads its state
+    # directory: both must be reachable by others, outside our 0700 work directory
+    busdir = Path(tempfile.mkdtemp(prefix="bench-mandos-"))
     os.chmod(busdir, 0o755)
     bus = busdir / "bus"
+    state = busdir / "state"
+    state.mkdir()
+    os.chmod(state, 0o755)
     (base / "bus.conf").write_text(_BUS_CONF.format(path=bus))
     dbus = subprocess.Popen(["dbus-daemon", "--config-file", str(base / "bus.conf"),
                              "--nofork", "--nopidfile"], stdout=subprocess.DEVNULL)
@@ -170,6 +170,7 @@ def mandos_server(base: Path, clients_conf: str, port: int) -> Iterator[subproce
     finally:
         stop(srv)
         stop(dbus)
+        shutil.rmtree(busdir, ignore_errors=True)
 
 
 def mandos_client_argv(keys: Path, port: int) -> list[str]:

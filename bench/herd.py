@@ -89,9 +89,10 @@ def write_client_keydirs(base: Path, idents: list[Identity], shared: Path) -> li
     return dirs
 
 
-def real_sections(idents: list[Identity], message_b64: str) -> list[str]:
+def real_sections(idents: list[Identity], message_b64: str, fingerprint: str) -> list[str]:
     lines = [message_b64[i:i + 64] for i in range(0, len(message_b64), 64)]
-    return [f"[{i.name}]\nhost = 127.0.0.1\nkey_id = {i.key_id}\nsecret =\n    "
+    return [f"[{i.name}]\nhost = 127.0.0.1\nkey_id = {i.key_id}\n"
+            f"fingerprint = {fingerprint}\nsecret =\n    "
             + "\n    ".join(lines) + "\n" for i in idents]
 
 
@@ -128,6 +129,7 @@ def main() -> int:
                              capture_output=True).stdout.decode()
         message_b64 = "".join(ln.strip() for ln in
                               sec.split("secret =")[1].split("checker")[0].splitlines())
+        fingerprint = sec.split("fingerprint = ")[1].split()[0]
         port = free_port()
 
         # -- ours, load generator ------------------------------------------------------
@@ -153,7 +155,7 @@ def main() -> int:
         # -- ours, real mandos-client processes -------------------------------------------
         if "real" in peers:
             for n in sizes:
-                srv = start_mandosd(base, real_sections(idents, message_b64), port)
+                srv = start_mandosd(base, real_sections(idents, message_b64, fingerprint), port)
                 try:
                     c0 = cpu_seconds(srv.pid)
                     secs, ok = spawn_all([[ours("mandos-client"), "--connect",
@@ -167,7 +169,7 @@ def main() -> int:
         # -- Debian's Mandos -------------------------------------------------------------
         if "mandos" in peers and have_mandos():
             mport = free_port()
-            with mandos_server(base / "m", "\n".join(real_sections(idents, message_b64)),
+            with mandos_server(base / "m", "\n".join(real_sections(idents, message_b64, fingerprint)),
                                mport) if (base / "m").mkdir() is None else None as msrv:
                 for n in sizes:
                     c0 = cpu_seconds(msrv.pid)
