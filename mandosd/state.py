@@ -91,6 +91,7 @@ class ClientState:
 class StateStore(Protocol):
     def sync_clients(self, clients: Iterable[Client], now: float) -> None: ...
     def get(self, name: str) -> ClientState | None: ...
+    def get_by_key_id(self, key_id: str) -> ClientState | None: ...
     def all(self) -> list[ClientState]: ...
     def update(self, name: str, **changes: Any) -> None: ...
     def record_secret_sent(self, name: str, now: float, deadline: float) -> None: ...
@@ -207,6 +208,13 @@ class SQLiteStore:
     def get(self, name: str) -> ClientState | None:
         try:
             row = self.db.execute("SELECT * FROM clients WHERE name=?", (name,)).fetchone()
+        except sqlite3.Error as e:
+            raise StateError(f"{self.path}: {e}") from None
+        return _row_to_state(row) if row else None
+
+    def get_by_key_id(self, key_id: str) -> ClientState | None:
+        try:
+            row = self.db.execute("SELECT * FROM clients WHERE key_id=?", (key_id,)).fetchone()
         except sqlite3.Error as e:
             raise StateError(f"{self.path}: {e}") from None
         return _row_to_state(row) if row else None
@@ -375,3 +383,16 @@ def known_clients(configured: Mapping[str, Client], states: Iterable[ClientState
                 logging.getLogger("mandosd.state").error(
                     "client %s (added with mandos-ctl): %s", st.name, e)
     return out
+
+
+def added_client(store: SQLiteStore, key_id: str, configdir: Path) -> Client | None:
+    """The client with *key_id* added by ``mandos-ctl --add`` (not in clients.conf), if any."""
+    from .config import ConfigError
+
+    st = store.get_by_key_id(key_id)
+    if st is None or st.source != "ctl" or not st.section:
+        return None
+    try:
+        return section_client(st.section, configdir)
+    except ConfigError:
+        return None
