@@ -18,8 +18,9 @@ from password_agent import log as plog
 from password_agent.run import CommandError
 
 from . import escrow_packet
+from .backend import open_volume
 from .flows import FlowError, Outcome, Refused, Tool
-from .libcryptsetup import LuksError, LuksVolume, WrongPassphrase
+from .libcryptsetup import LuksError, WrongPassphrase
 from .prompt import InputError, Mismatch, Prompter
 from .state import DEFAULT_STATE_DIR, StateError, StateStore
 from .volumes import DEFAULT_CRYPTTAB, UnknownVolume, Volume, find, list_volumes
@@ -199,7 +200,7 @@ def cmd_status(ctx: Context) -> Outcome:
     vols = [ctx.volume(ctx.args.volume)] if ctx.args.volume else ctx.volumes()
     for v in vols:
         try:
-            with LuksVolume(v.device) as lv:
+            with open_volume(v.device) as lv:
                 st = ctx.store.load(lv.uuid)
                 print(f"{v}: {lv.type} UUID={lv.uuid} active slots {lv.active_slots()} "
                       f"of {lv.keyslot_max}")
@@ -249,7 +250,7 @@ def _volume_for_uuid(ctx: Context, uuid: str, path_hint: str) -> Volume:
         candidates.append(Volume(path_hint, path_hint, "path"))
     for v in candidates:
         try:
-            with LuksVolume(v.device) as lv:
+            with open_volume(v.device) as lv:
                 if lv.uuid.lower() == uuid.lower():
                     return v
         except LuksError:

@@ -44,7 +44,7 @@ from password_agent.log import event
 from password_agent.secret import Secret
 
 from . import escrow_packet
-from .libcryptsetup import LuksVolume
+from .backend import Luks, open_volume
 from .state import Queued, SlotRef, StateStore, VolumeState
 
 log = logging.getLogger("luks_passphrase")
@@ -128,7 +128,7 @@ class Tool:
 
     def change(self, path: str, current: Secret, get_new: Callable[[], Secret]) -> Outcome:
         """``luks-passphrase change``: a normal change, or recovery when *current* is the backup."""
-        with LuksVolume(path) as vol:
+        with open_volume(path) as vol:
             uuid = vol.uuid
             with self.store.locked(uuid):
                 st = self.store.load(uuid)
@@ -160,7 +160,7 @@ class Tool:
 
     def resume(self, path: str, unlock: Secret | None = None) -> Outcome:
         """Finish or roll back whatever a previous run left (``luks-passphrase resume``)."""
-        with LuksVolume(path) as vol, self.store.locked(vol.uuid):
+        with open_volume(path) as vol, self.store.locked(vol.uuid):
             st = self.store.load(vol.uuid)
             msg = self.resume_locked(vol, st)
             if st.backup_needed:
@@ -176,13 +176,13 @@ class Tool:
             return Outcome("resumed" if msg else "nothing", msg or "Nothing to finish.")
 
     def needs_passphrase_to_resume(self, path: str) -> bool:
-        with LuksVolume(path) as vol:
+        with open_volume(path) as vol:
             st = self.store.load(vol.uuid)
             return st.backup_needed or bool(st.journal and st.journal.get("op") == "backup")
 
     # -- roles -------------------------------------------------------------
 
-    def _role(self, vol: LuksVolume, st: VolumeState, slot: int) -> str:
+    def _role(self, vol: Luks, st: VolumeState, slot: int) -> str:
         """"pending", "backup" or "user": what the slot that opened is to us."""
         salt = vol.salt(slot)
         changed = False
@@ -205,7 +205,7 @@ class Tool:
             self.store.save(st)
         return role
 
-    def _check_new(self, vol: LuksVolume, current: Secret, new: Secret, need_free: bool) -> None:
+    def _check_new(self, vol: Luks, current: Secret, new: Secret, need_free: bool) -> None:
         if len(new) < MIN_PASSPHRASE:
             raise Refused(f"the new passphrase is too short (at least {MIN_PASSPHRASE} characters)")
         if new == current:
@@ -216,7 +216,7 @@ class Tool:
 
     # -- the journal ---------------------------------------------------------
 
-    def _begin(self, vol: LuksVolume, st: VolumeState, journal: dict[str, Any]) -> str:
+    def _begin(self, vol: Luks, st: VolumeState, journal: dict[str, Any]) -> str:
         """Back up the header, then write the journal.  Return the backup's path."""
         stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S.%fZ")
         dest = self.store.header_backup_path(st.uuid, stamp)
@@ -240,7 +240,7 @@ class Tool:
             except FileNotFoundError:
                 pass
 
-    def _destroy(self, vol: LuksVolume, slot: int, salt: str | None, why: str) -> bool:
+    def _destroy(self, vol: Luks, slot: int, salt: str | None, why: str) -> bool:
         """Destroy *slot* if it is still the slot we mean; never the last one."""
         if not vol.status(slot).active:
             return False
@@ -257,7 +257,7 @@ class Tool:
 
     # -- a normal change -----------------------------------------------------
 
-    def _change(self, vol: LuksVolume, st: VolumeState, current: Secret, old: int,
+    def _change(self, vol: Luks, st: VolumeState, current: Secret, old: int,
                 new: Secret) -> Outcome:
         target = vol.free_slots()[0]
         backup = self._begin(vol, st, {
@@ -284,7 +284,7 @@ class Tool:
 
     # -- recovery with the backup passphrase ---------------------------------
 
-    def _recover(self, vol: LuksVolume, st: VolumeState, backup_pw: Secret, bslot: int,
+    def _recover(self, vol: Luks, st: VolumeState, backup_pw: Secret, bslot: int,
                  new: Secret, path: str) -> Outcome:
         hb = self._begin(vol, st, {
             "op": "recover", "phase": "clear", "backup_slot": bslot,
@@ -312,7 +312,7 @@ class Tool:
                        "server (luks-passphrase sync); the used one is removed once the server "
                        "has it.", hb)
 
-    def _recover_clear(self, vol: LuksVolume, st: VolumeState) -> None:
+    def _recover_clear(self, vol: Luks, st: VolumeState) -> None:
         """Destroy every slot but the backup slot; drop the pending backup and its packet."""
         j = st.journal
         assert j is not None
@@ -330,7 +330,7 @@ class Tool:
         self.store.save(st)
         self.crash("recover:cleared")
 
-    def _make_backup(self, vol: LuksVolume, st: VolumeState, unlock: Secret, path: str,
+    def _make_backup(self, vol: Luks, st: VolumeState, unlock: Secret, path: str,
                      unlock_slot: int) -> int:
         """A new random backup passphrase in a free slot, its packet written first."""
         if self.certificate is None:
@@ -355,7 +355,7 @@ class Tool:
         self.crash("backup:done")
         return target
 
-    def _backup_added(self, vol: LuksVolume, st: VolumeState) -> None:
+    def _backup_added(self, vol: Luks, st: VolumeState) -> None:
         j = st.journal
         assert j is not None
         target = j["target"]
@@ -370,7 +370,7 @@ class Tool:
 
     def promote(self, path: str, confirmed_sha256: str) -> Outcome:
         """The server holds the queued packet: kill the old backup slot, pending becomes current."""
-        with LuksVolume(path) as vol, self.store.locked(vol.uuid):
+        with open_volume(path) as vol, self.store.locked(vol.uuid):
             st = self.store.load(vol.uuid)
             self.resume_locked(vol, st)
             if st.queue is None or st.pending_backup is None:
@@ -388,7 +388,7 @@ class Tool:
                 "old_salt": old.salt if old else None, "new_slot": p.slot, "new_salt": p.salt})
             return self._promote_finish(vol, st)
 
-    def _promote_finish(self, vol: LuksVolume, st: VolumeState) -> Outcome:
+    def _promote_finish(self, vol: Luks, st: VolumeState) -> Outcome:
         j = st.journal
         assert j is not None
         if j["old_slot"] is not None and j["old_slot"] != j["new_slot"]:
@@ -411,7 +411,7 @@ class Tool:
         meta = packet.metadata
         if meta.passphrase_slot is None:
             raise FlowError("the packet names no passphrase slot")
-        with LuksVolume(path) as vol, self.store.locked(vol.uuid):
+        with open_volume(path) as vol, self.store.locked(vol.uuid):
             if meta.volume_uuid.lower() != vol.uuid.lower():
                 raise FlowError(f"the packet is for volume {meta.volume_uuid}, not {vol.uuid}")
             st = self.store.load(vol.uuid)
@@ -430,7 +430,7 @@ class Tool:
 
     # -- crash recovery ------------------------------------------------------
 
-    def resume_locked(self, vol: LuksVolume, st: VolumeState) -> str:
+    def resume_locked(self, vol: Luks, st: VolumeState) -> str:
         """Finish or roll back the journal's operation; return what was done ('' if nothing)."""
         j = st.journal
         if not j:
@@ -474,7 +474,7 @@ class Tool:
             return self._promote_finish(vol, st).message
         raise FlowError(f"unknown operation {op!r} in the state file")
 
-    def _rollback_new(self, vol: LuksVolume, j: dict[str, Any], key: str, salt: str | None,
+    def _rollback_new(self, vol: Luks, j: dict[str, Any], key: str, salt: str | None,
                       keep: int, before: list[int] | None) -> None:
         slot = j.get(key)
         if slot is None or slot == keep or (before is not None and slot in before):

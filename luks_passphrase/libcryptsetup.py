@@ -166,6 +166,17 @@ _LUKS1_SALT_SIZE = 32
 _LUKS1_ACTIVE = 0x00AC71F3
 
 
+def luks1_salt(path: str, slot: int) -> str:
+    """A LUKS1 key slot's salt, hex, read from the binary header."""
+    off = _LUKS1_SLOTS_OFFSET + _LUKS1_SLOT_SIZE * slot
+    with open(path, "rb") as f:
+        f.seek(off)
+        raw = f.read(_LUKS1_SLOT_SIZE)
+    if len(raw) != _LUKS1_SLOT_SIZE or int.from_bytes(raw[:4], "big") != _LUKS1_ACTIVE:
+        raise LuksError(f"{path}: key slot {slot}: unexpected LUKS1 header")
+    return raw[8:8 + _LUKS1_SALT_SIZE].hex()
+
+
 class LuksVolume:
     """One LUKS header, loaded with libcryptsetup.  Use as a context manager."""
 
@@ -230,13 +241,7 @@ class LuksVolume:
         if not self.status(slot).active:
             raise SlotError(f"{self.path}: key slot {slot} is not in use")
         if self.type == "LUKS1":
-            off = _LUKS1_SLOTS_OFFSET + _LUKS1_SLOT_SIZE * slot
-            with open(self.path, "rb") as f:
-                f.seek(off)
-                raw = f.read(_LUKS1_SLOT_SIZE)
-            if len(raw) != _LUKS1_SLOT_SIZE or int.from_bytes(raw[:4], "big") != _LUKS1_ACTIVE:
-                raise LuksError(f"{self.path}: key slot {slot}: unexpected LUKS1 header")
-            return raw[8:8 + _LUKS1_SALT_SIZE].hex()
+            return luks1_salt(self.path, slot)
         meta = self.metadata()
         try:
             salt = meta["keyslots"][str(slot)]["kdf"]["salt"]

@@ -363,6 +363,26 @@ def test_sigkill_at_every_step_of_the_cli(tmp_path: Path, kind: str, keys: Escro
     CRASH_POINTS_COVERED[f"sigkill-cli-{kind}"] = len(points)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_cryptsetup_program_backend(tmp_path: Path, kind: str, keys: EscrowKeys,
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same flows and crash points through the fallback backend (the cryptsetup program)."""
+    from luks_passphrase.backend import open_volume
+    from luks_passphrase.cryptsetup_cli import CryptsetupVolume
+
+    monkeypatch.setenv("LUKS_PASSPHRASE_BACKEND", "cryptsetup")
+    assert isinstance(open_volume(make_image(tmp_path / "probe.img", kind)), CryptsetupVolume)
+    test_change_own_passphrase(tmp_path / "c", kind, keys)
+    test_new_slot_uses_the_volumes_pbkdf(tmp_path / "p", kind, keys)
+    test_recovery_then_escrow_confirmation(tmp_path / "r", kind, keys)
+    before = CRASH_POINTS_COVERED.pop(f"change-{kind}", None)
+    test_crash_during_change(tmp_path / "x", kind, keys)
+    CRASH_POINTS_COVERED[f"change-{kind}-cryptsetup-program"] = CRASH_POINTS_COVERED.pop(
+        f"change-{kind}")
+    if before is not None:
+        CRASH_POINTS_COVERED[f"change-{kind}"] = before
+
+
 def test_report_crash_points() -> None:
     """Printed with -s; the sum of every crash point exercised above."""
     total = sum(CRASH_POINTS_COVERED.values())
