@@ -87,14 +87,15 @@ def _statedir(args: argparse.Namespace, cfg: configmod.Config) -> Path:
     return configmod.DEFAULT_STATEDIR
 
 
-def _sockets(args: argparse.Namespace, cfg: configmod.Config) -> list[socket.socket]:
+def _sockets(args: argparse.Namespace, cfg: configmod.Config) -> tuple[list[socket.socket], bool]:
+    """The sockets to serve on, and whether systemd passed them (then timers run checkers)."""
     if args.listen:
-        return [listen.bind(spec) for spec in args.listen]
+        return [listen.bind(spec) for spec in args.listen], False
     socks = listen.systemd_sockets()
     if socks:
-        return socks
+        return socks, True
     if cfg.server.socket:
-        return [socket.socket(fileno=int(cfg.server.socket))]
+        return [socket.socket(fileno=int(cfg.server.socket))], False
     port = args.port if args.port is not None else cfg.server.port
     if port is None:
         raise listen.ListenError(
@@ -102,7 +103,7 @@ def _sockets(args: argparse.Namespace, cfg: configmod.Config) -> list[socket.soc
             "or set port= in mandos.conf")
     address = args.address or cfg.server.address or ("::" if cfg.server.use_ipv6 else "0.0.0.0")
     spec = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
-    return [listen.bind(spec)]
+    return [listen.bind(spec)], False
 
 
 def _notify(message: str) -> None:
@@ -153,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             return _run_checkers(args, configdir, statedir, cfg)
         from .server import KeyServer, Limits
 
-        socks = _sockets(args, cfg)
+        socks, from_systemd = _sockets(args, cfg)
         limits = Limits(version_timeout=args.peer_timeout,
                         handshake_timeout=args.peer_timeout)
         server = KeyServer(configdir, statedir, limits=limits)
@@ -172,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
             loop.add_signal_handler(sig, task.cancel)
         from .background import standalone_jobs
 
-        jobs = standalone_jobs(server, socket_activated=not args.listen)
+        jobs = standalone_jobs(server, socket_activated=from_systemd)
         await server.serve(
             socks, idle_timeout=args.idle_timeout, background=jobs,
             on_ready=lambda: _notify(f"READY=1\nSTATUS=Serving {len(server.config.clients)} "

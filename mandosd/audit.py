@@ -48,8 +48,8 @@ class Kind(enum.Enum):
 _LEVEL = {
     Kind.SECRET_SENT: logging.INFO,
     Kind.PROTOCOL_ERROR: logging.INFO,
-    Kind.CHECKER_STARTED: logging.DEBUG,
-    Kind.CHECKER_SUCCEEDED: logging.DEBUG,
+    Kind.CHECKER_STARTED: logging.INFO,
+    Kind.CHECKER_SUCCEEDED: logging.INFO,
     Kind.CONFIG_LOADED: logging.INFO,
     Kind.SERVER_STARTED: logging.INFO,
 }

@@ -37,7 +37,7 @@ from . import config as configmod
 from . import policy
 from .audit import Kind, audit
 from .config import Client, Config
-from .state import ClientState, SQLiteStore, StateError
+from .state import ClientState, SQLiteStore, StateError, added_client
 
 log = logging.getLogger("mandosd.server")
 T = TypeVar("T")
@@ -158,7 +158,9 @@ class KeyServer:
     def _lookup(self, kid: str) -> tuple[Client | None, ClientState | None]:
         """Runs on the database thread: re-read config if changed, then the client's state."""
         self._reload_if_changed()
-        client = self.config.by_key_id.get(kid) if kid != EMPTY_KEY_ID else None
+        if kid == EMPTY_KEY_ID:
+            return None, None
+        client = self.config.by_key_id.get(kid) or added_client(self.store, kid, self.configdir)
         if client is None:
             return None, None
         state = self.store.get(client.name)

@@ -9,6 +9,7 @@ parallel; the secret is printed as soon as it is decrypted, and clean-up
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -53,7 +54,12 @@ def _fail(message: object, code: int) -> int:
     return code
 
 
+def _terminate(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)  # unwinds through the finally below: gpg is cleaned up
+
+
 def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _terminate)
     args = _parser().parse_args(argv)
     keys = KeyFiles.from_dir(args.keydir, pubkey=args.pubkey, seckey=args.seckey,
                              tls_pubkey=args.tls_pubkey, tls_privkey=args.tls_privkey)

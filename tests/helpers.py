@@ -129,8 +129,10 @@ class Mandosd:
         self.stop()
 
 
-def fetch(keydir: Path, *servers: str, timeout: float = 5) -> subprocess.CompletedProcess[bytes]:
+def fetch(keydir: Path, *servers: str, timeout: float = 5,
+          env: dict[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
     argv = [tool("mandos-client"), "--keydir", str(keydir), "--timeout", str(timeout)]
     for s in servers:
         argv += ["--connect", s]
-    return subprocess.run(argv, capture_output=True, timeout=timeout + 30)
+    return subprocess.run(argv, capture_output=True, timeout=timeout + 30,
+                          env={**os.environ, **(env or {})})

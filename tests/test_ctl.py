@@ -161,6 +161,8 @@ def test_add_section_from_keygen(mandosd: Mandosd, tmp_path: Path) -> None:
     assert p.returncode == 0, p.stderr
     c = props(mandosd, "client2")
     assert c["Enabled"] is True and c["Host"] == "127.0.0.1"
+    # the running server hands the added client its secret, no restart
+    assert fetch(keys, mandosd.address).stdout == b"second"
     # kept across a config reload; adding twice fails
     assert "client2" in ctl(mandosd).stdout
     again = ctl(mandosd, "--add", "-", input=section.encode())
