@@ -313,7 +313,7 @@ def load(configdir: Path) -> Config:
 
 def config_stamp(configdir: Path) -> tuple[tuple[int, int] | None, ...]:
     """Changes when a config file changes, so a long-running server can re-read it."""
-    out = []
+    out: list[tuple[int, int] | None] = []
     for name in ("mandos.conf", "clients.conf"):
         try:
             st = (configdir / name).stat()

@@ -185,7 +185,8 @@ class KeyServer:
                 return
             try:
                 transport = await asyncio.wait_for(
-                    loop.start_tls(sock_transport, peer, self.ctx, server_side=False,
+                    loop.start_tls(sock_transport, peer, self.ctx,  # type: ignore[arg-type]
+                                   server_side=False,
                                    ssl_handshake_timeout=self.limits.handshake_timeout),
                     self.limits.handshake_timeout + 1)
             except (TimeoutError, ssl.SSLError, OSError, ConnectionError) as e:
@@ -225,10 +226,11 @@ class KeyServer:
         decision = policy.decide(client, state, now)
         name = client.name if client else None
         if decision.verdict is policy.Verdict.WAIT and client is not None:
-            decision = await self._wait_for_approval(client, peer, kid, peername, now,
-                                                     decision.wait_until or now)
-            if decision is None:
+            waited = await self._wait_for_approval(client, peer, kid, peername, now,
+                                                   decision.wait_until or now)
+            if waited is None:
                 return
+            decision = waited
         if decision.verdict is policy.Verdict.SEND and client is not None:
             now = self.clock()
             deadline = policy.deadline_after_secret(client, now, state.deadline if state

@@ -106,7 +106,7 @@ def spki_from_certificate(cert_der: bytes) -> bytes:
     tag, pos, end = _der_element(cert_der, start)  # tbsCertificate
     if tag != 0x30:
         raise DERError("not an X.509 certificate")
-    fields = []
+    fields: list[tuple[int, int, int]] = []
     while pos < end and len(fields) < 7:
         tag, cstart, cend = _der_element(cert_der, pos)
         fields.append((tag, pos, cend))
