@@ -86,6 +86,43 @@ See docs/passphrase-tool.md.
 """
 
 
+_RAW = argparse.RawDescriptionHelpFormatter
+_SUB = {
+    "change": """\
+Prompt for the current passphrase of VOLUME and learn which key slot it opens.
+  your own passphrase  ask for the new one twice, add it to a free slot, check
+                       that it opens, remove the old slot;
+  the backup one       recovery: remove every other slot and any pending backup,
+                       set the new passphrase, make a new random backup
+                       passphrase in another slot, queue its escrow packet
+                       (the used backup slot goes after `sync`);
+  the pending backup   refused (exit status 4).
+Without a terminal, reads the current passphrase, then the new one twice, one
+per line from stdin.  VOLUME: crypttab name, UUID=..., device or image path.""",
+    "resume": """\
+Finish or roll back an operation a previous run left unfinished (any command
+does this first).  If a new backup passphrase still has to be made, asks for
+your passphrase (one line on stdin without a terminal).""",
+    "status": "Show each volume's LUKS type, active key slots, current and pending backup\n"
+              "slot, whether an escrow packet is queued, and unfinished work.",
+    "import": """\
+Read volume_key escrow packets (format 3, asymmetric_wrap_secret_only, the
+default of `volume_key --save -c CERT --create-random-passphrase`) and record
+the key slot they name as the volume's current backup slot.  The volume is
+found by the packet's UUID (crypttab, dmsetup, /dev/disk/by-uuid, the packet's
+path) unless --volume names it.""",
+    "sync": """\
+Send every queued escrow packet to the escrow server (mandosd; `escrow 1` over
+TLS 1.3, identified by this machine's Mandos TLS key).  For each packet the
+server confirms by SHA-256, destroy the old backup slot and make the pending
+one current.  Unconfirmed packets stay queued (exit status 5).""",
+    "gui": """\
+A small window for `change`.  As root it runs the core itself; as a user it
+runs `pkexec luks-passphrase change` (see docs/passphrase-tool.md for the
+polkit action).""",
+}
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="luks-passphrase", description=DESCRIPTION, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -102,25 +139,31 @@ def _parser() -> argparse.ArgumentParser:
                         "passphrases)")
     p.add_argument("--debug", action="store_true", help="debug logging, tracebacks")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    c = sub.add_parser("change", help="change your passphrase, or recover with the backup one")
+    c = sub.add_parser("change", help="change your passphrase, or recover with the backup one",
+                       description=_SUB["change"], formatter_class=_RAW)
     c.add_argument("volume", nargs="?", metavar="VOLUME",
                    help="crypttab name, UUID=..., device or image path")
-    r = sub.add_parser("resume", help="finish an interrupted operation")
+    r = sub.add_parser("resume", help="finish an interrupted operation",
+                       description=_SUB["resume"], formatter_class=_RAW)
     r.add_argument("volume", nargs="?", metavar="VOLUME")
-    s = sub.add_parser("status", help="volumes, key slots, backup slots, queue")
+    s = sub.add_parser("status", help="volumes, key slots, backup slots, queue",
+                       description=_SUB["status"], formatter_class=_RAW)
     s.add_argument("volume", nargs="?", metavar="VOLUME")
-    i = sub.add_parser("import", help="learn the backup slot from volume_key packets")
+    i = sub.add_parser("import", help="learn the backup slot from volume_key packets",
+                       description=_SUB["import"], formatter_class=_RAW)
     i.add_argument("packets", nargs="*", metavar="PACKET",
                    help=f"volume_key packets (default: {INSTALLER_PACKETS})")
     i.add_argument("--volume", metavar="VOLUME",
                    help="the volume (default: found by the packet's UUID or path)")
-    y = sub.add_parser("sync", help="send queued escrow packets, finish on confirmation")
+    y = sub.add_parser("sync", help="send queued escrow packets, finish on confirmation",
+                       description=_SUB["sync"], formatter_class=_RAW)
     y.add_argument("--server", action="append", default=[], metavar="HOST:PORT",
                    help="escrow (mandosd) server; repeat for several "
                         "(default: STATE_DIR/escrow-servers)")
     y.add_argument("--keydir", type=Path, default=Path("/etc/keys/mandos"), metavar="DIR",
                    help="this machine's Mandos TLS key (default /etc/keys/mandos)")
-    g = sub.add_parser("gui", help="a small window for change")
+    g = sub.add_parser("gui", help="a small window for change",
+                       description=_SUB["gui"], formatter_class=_RAW)
     g.add_argument("volume", nargs="?", metavar="VOLUME")
     g.add_argument("--screenshot", type=Path, metavar="PNG", help=argparse.SUPPRESS)
     return p
