@@ -158,3 +158,57 @@ def test_resume_with_nothing_to_do(tmp_path: Path) -> None:
     image = make_image(tmp_path / "v.img", "luks2")
     proc = cli("--state-dir", str(tmp_path / "s"), "resume", str(image))
     assert proc.returncode == 0 and b"Nothing to finish" in proc.stdout
+
+
+def _expect(fd: int, pattern: bytes, timeout: float = 20) -> bytes:
+    import select
+    import time
+
+    buf = b""
+    deadline = time.monotonic() + timeout
+    while pattern not in buf:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            raise AssertionError(f"timed out waiting for {pattern!r}; got {buf!r}")
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:
+            chunk = b""
+        if not chunk:
+            raise AssertionError(f"EOF waiting for {pattern!r}; got {buf!r}")
+        buf += chunk
+    return buf
+
+
+def test_interactive_on_a_terminal(tmp_path: Path) -> None:
+    """On a terminal: pick a volume from the list, passphrases without echo."""
+    import pty
+    import sys
+
+    from tests.test_passphrase_helpers import ROOT
+
+    a, b, crypttab = _two_volumes(tmp_path)
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the program on a pseudo-terminal
+        os.chdir(ROOT)
+        os.execve(sys.executable, [sys.executable, "-m", "luks_passphrase", "--state-dir",
+                                   str(tmp_path / "s"), "--crypttab", str(crypttab),
+                                   "--dmsetup-table", os.devnull, "change"],
+                  {"PATH": os.environ["PATH"], "PYTHONPATH": str(ROOT), "TERM": "dumb"})
+    try:
+        screen = _expect(fd, b"Which volume?")
+        assert b"1) alpha" in screen and b"2) beta" in screen
+        os.write(fd, b"2\n")
+        screen = _expect(fd, b"Current passphrase for beta")
+        os.write(fd, USER0 + b"\n")
+        _expect(fd, b"New passphrase:")
+        os.write(fd, USER1 + b"\n")
+        _expect(fd, b"Repeat new passphrase:")
+        os.write(fd, USER1 + b"\n")
+        screen = _expect(fd, b"Passphrase changed")
+        assert USER0 not in screen and USER1 not in screen  # no echo
+    finally:
+        _, status = os.waitpid(pid, 0)
+        os.close(fd)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert opens(b, USER1) and opens(a, USER0)
