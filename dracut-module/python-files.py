@@ -65,7 +65,7 @@ def main() -> int:
         importlib.import_module(name)
     for pkg in args.package:
         mod = importlib.import_module(pkg)
-        for info in pkgutil.iter_modules(mod.__path__, pkg + "."):
+        for info in pkgutil.walk_packages(mod.__path__, pkg + "."):
             if info.name in args.exclude:
                 continue
             try:

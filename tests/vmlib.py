@@ -269,6 +269,8 @@ class VM:
     cmdline: str
     logfile: Path
     server_port: int | None = None
+    #: keep the serial console's input open, for :meth:`type` (else it reads /dev/null)
+    interactive: bool = False
     memory_mb: int = 1024
     smp: int = 2
     proc: subprocess.Popen[bytes] | None = None
@@ -292,12 +294,20 @@ class VM:
 
     def start(self) -> VM:
         self.started = time.monotonic()
-        self.proc = subprocess.Popen(self.argv(), stdin=subprocess.DEVNULL,
+        self.proc = subprocess.Popen(self.argv(),
+                                     stdin=subprocess.PIPE if self.interactive
+                                     else subprocess.DEVNULL,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         return self
+
+    def type(self, text: bytes) -> None:
+        """Type *text* on the serial console (an interactive VM only)."""
+        assert self.proc and self.proc.stdin, "VM(interactive=True) to type"
+        self.proc.stdin.write(text)
+        self.proc.stdin.flush()
 
     def _read(self) -> None:
         assert self.proc and self.proc.stdout
