@@ -19,7 +19,6 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from .run import CommandError, minimal_env, run
 from .secret import Secret
 
 GPG = "gpg"
@@ -51,7 +50,8 @@ class Decryptor:
         self.seckey = seckey
         self.home = tempfile.mkdtemp(prefix="mandos-gpg-", dir=_runtime_dir())
         os.chmod(self.home, 0o700)
-        self._env = minimal_env({"GNUPGHOME": self.home})
+        self._env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C.UTF-8",
+                     "GNUPGHOME": self.home}
         self._ready = False
         try:
             self._import: subprocess.Popen[bytes] | None = subprocess.Popen(  # noqa: S603
@@ -93,6 +93,8 @@ class Decryptor:
             self._import = None
         if not os.path.isdir(self.home):
             return
+        from .run import CommandError, run
+
         try:
             run(["gpgconf", "--kill", "gpg-agent"], env={"GNUPGHOME": self.home}, timeout=5,
                 check=False)

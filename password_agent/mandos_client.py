@@ -13,8 +13,8 @@ import signal
 import sys
 from pathlib import Path
 
+from . import DEFAULT_KEYDIR
 from .gpg import Decryptor, GpgError
-from .tlskeys import DEFAULT_KEYDIR, KeyError_, KeyFiles
 
 EXIT_OK = 0
 EXIT_NO_SECRET = 1
@@ -61,16 +61,18 @@ def _terminate(signum: int, frame: object) -> None:
 def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     args = _parser().parse_args(argv)
-    keys = KeyFiles.from_dir(args.keydir, pubkey=args.pubkey, seckey=args.seckey,
-                             tls_pubkey=args.tls_pubkey, tls_privkey=args.tls_privkey)
     try:
-        decryptor = Decryptor(keys.seckey)  # starts gpg in the background
+        # start gpg in the background first: it imports the key while we load TLS
+        decryptor = Decryptor(args.seckey or args.keydir / "seckey.txt")
     except GpgError as e:
         return _fail(e, EXIT_KEYS)
     try:
         from . import log as logsetup
         from .client import FetchError, fetch_any, parse_server
-        from .tlskeys import server_context
+        from .tlskeys import KeyError_, KeyFiles, server_context
+
+        keys = KeyFiles.from_dir(args.keydir, pubkey=args.pubkey, seckey=args.seckey,
+                                 tls_pubkey=args.tls_pubkey, tls_privkey=args.tls_privkey)
 
         logsetup.setup("mandos-client", args.debug)
         try:

@@ -16,7 +16,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import re
-import ssl
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import ssl
 
 PROTOCOL_VERSION = "1"
 VERSION_LINE = b"1\r\n"
@@ -68,6 +71,8 @@ def pem_to_der(pem: str | bytes, label: str) -> bytes:
 
 def tls13_only(ctx: ssl.SSLContext) -> ssl.SSLContext:
     """Restrict *ctx* to TLS 1.3 without session tickets or resumption."""
+    import ssl
+
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     ctx.maximum_version = ssl.TLSVersion.TLSv1_3
     ctx.options |= ssl.OP_NO_TICKET

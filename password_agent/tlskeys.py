@@ -16,15 +16,18 @@ temporary directory, with ``cryptography`` when installed or ``openssl``.
 from __future__ import annotations
 
 import os
-import ssl
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from . import DEFAULT_KEYDIR  # noqa: F401 - re-exported
 from .protocol import DERError, key_id, pem_to_der, spki_from_certificate, tls13_only
 from .run import CommandError, run
 
-DEFAULT_KEYDIR = Path("/etc/keys/mandos")
+if TYPE_CHECKING:
+    import ssl
+
 
 
 class KeyError_(Exception):
@@ -81,6 +84,8 @@ def _make_certificate(keyfiles: KeyFiles, outdir: Path) -> Path:
 
 def server_context(keyfiles: KeyFiles) -> ssl.SSLContext:
     """TLS context for the client's role in protocol 1: the TLS *server*."""
+    import ssl  # here, not at the top: mandos-client starts gpg before paying for ssl
+
     ctx = tls13_only(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
     ctx.verify_mode = ssl.CERT_NONE
     try:
