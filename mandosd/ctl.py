@@ -78,6 +78,11 @@ def parser() -> argparse.ArgumentParser:
 With no action, prints a table of the named clients (all if none are named):
 Name, Enabled, Timeout, Last Successful Check; --verbose prints every field.
 
+Escrowed backup passphrases (sent by luks-passphrase sync):
+  mandos-ctl escrow list [--history]  packets stored, per machine and volume
+  mandos-ctl escrow export CLIENT UUID > packet
+  mandos-ctl escrow secrets PACKET --key escrow-key.pem
+
 Examples (as in Mandos):
   mandos-ctl                          list all clients
   mandos-ctl --verbose web1 web2      every field of two clients
@@ -426,6 +431,11 @@ def _setup_logging(debug: bool) -> None:
 
 
 def main(argv: list[str] | None = None, *, clock: Callable[[], float] = time.time) -> int:
+    args_in = sys.argv[1:] if argv is None else argv
+    if args_in[:1] == ["escrow"]:  # the escrowed backup passphrases: list / export / secrets
+        from . import escrow_cli
+
+        return escrow_cli.main(args_in[1:])
     p = parser()
     args = p.parse_args(argv)
     if args.actions is None:

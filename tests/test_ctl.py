@@ -181,3 +181,11 @@ def test_approve_deny_without_pending_request_holds_for_duration(mandosd: Mandos
     assert st is not None
     assert st.approval_decision == ("approve" if opt == "-A" else "deny")
     store.close()
+
+
+def test_escrow_subcommand(mandosd: Mandosd) -> None:
+    """``mandos-ctl escrow`` reaches the escrow store (empty here) with the same --statedir."""
+    p = subprocess.run([tool("mandos-ctl"), "escrow", "--statedir", str(mandosd.statedir),
+                        "list"], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert "Traceback" not in p.stderr
