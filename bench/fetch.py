@@ -43,6 +43,7 @@ def our_client_argv(keys: Path, port: int) -> list[str]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("-n", "--runs", type=int, default=20, help="fetches per system")
+    ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args()
     with tempdir("bench-fetch-") as base:
         # our keys (Ed25519 TLS, Curve25519 OpenPGP) and Debian's (RSA-4096 OpenPGP)
@@ -127,6 +128,14 @@ def main() -> int:
                   f"({cpu[ref] / args.runs / max(per_secret_ours, 1e-9):.0f}x less)")
         else:
             print("\n(Debian's mandos and mandos-client are not installed: no comparison)")
+        if args.json:
+            import json
+
+            args.json.write_text(json.dumps({
+                name: {"median_ms": median(ts) * 1000, "p90_ms": p90(ts) * 1000,
+                       "server_cpu_ms": (cpu[name] / args.runs if name == ref
+                                         else per_secret_ours) * 1000}
+                for name, ts in times.items()}, indent=1))
     return 0
 
 

@@ -1,0 +1,115 @@
+"""bench/all: every benchmark in one run, then one summary table.
+
+Runs bench/fetch, bench/agent, bench/herd, bench/scale and bench/boot in turn
+(each prints its own table too), keeps their raw figures in bench/results/, and
+prints the headline figures with the ratio to the peer measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+
+
+def run(name: str, argv: list[str]) -> bool:
+    print(f"\n===== bench/{name} " + "=" * 50, flush=True)
+    out = RESULTS / f"{name}.txt"
+    with out.open("w") as f:
+        p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        assert p.stdout is not None
+        for line in p.stdout:
+            sys.stdout.write(line)
+            f.write(line)
+        return p.wait() == 0
+
+
+def load(name: str) -> dict:
+    try:
+        return json.loads((RESULTS / f"{name}.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true",
+                    help="fewer runs and no 500-client process herds (a few minutes)")
+    ap.add_argument("--skip", action="append", default=[],
+                    help="leave out a benchmark (fetch, agent, herd, scale, boot)")
+    args = ap.parse_args()
+    RESULTS.mkdir(exist_ok=True)
+    py = sys.executable
+    q = args.quick
+    plan = {
+        "fetch": [py, str(HERE / "fetch.py"), "-n", "10" if q else "30",
+                  "--json", str(RESULTS / "fetch.json")],
+        "agent": [py, str(HERE / "agent_bench.py"), "--rounds", "10" if q else "30",
+                  "--json", str(RESULTS / "agent.json")],
+        "herd": [py, str(HERE / "herd.py"), "--runs", "1" if q else "3",
+                 "--sizes", "50,200" if q else "50,200,500",
+                 "--json", str(RESULTS / "herd.json")],
+        "scale": [py, str(HERE / "scale"), "--clients", "2000" if q else "10000"],
+        "boot": [py, str(HERE / "boot_bench.py"), "--runs", "1" if q else "3",
+                 "--json", str(RESULTS / "boot.json")],
+    }
+    failed = [name for name, argv in plan.items()
+              if name not in args.skip and not run(name, argv)]
+
+    print("\n===== summary " + "=" * 55)
+    rows: list[tuple[str, str, str, str]] = []
+    fetch = load("fetch")
+    mandos = fetch.get("Debian Mandos 1.8.16")
+    ours = fetch.get("ours (ECC keys)")
+    if ours:
+        rows.append(("single fetch, median", f"{ours['median_ms']:.0f} ms",
+                     f"Mandos {mandos['median_ms']:.0f} ms" if mandos else "-",
+                     f"{mandos['median_ms'] / ours['median_ms']:.1f}x" if mandos else "-"))
+        rows.append(("server CPU per secret", f"{ours['server_cpu_ms']:.2f} ms",
+                     f"Mandos {mandos['server_cpu_ms']:.1f} ms" if mandos else "-",
+                     f"{mandos['server_cpu_ms'] / ours['server_cpu_ms']:.0f}x"
+                     if mandos else "-"))
+    agent = load("agent")
+
+    def med(ms: list[float]) -> float:
+        s = sorted(ms)
+        return s[len(s) // 2] if s else float("nan")
+
+    if agent.get("ours", {}).get("ms"):
+        a = med(agent["ours"]["ms"])
+        for peer in ("mandos", "clevis"):
+            if agent.get(peer, {}).get("ms"):
+                b = med(agent[peer]["ms"])
+                rows.append((f"agent: question to answer vs {peer}", f"{a:.0f} ms",
+                             f"{b:.0f} ms", f"{b / a:.1f}x"))
+    herd = load("herd")
+    mine = herd.get("mandosd, load generator", {})
+    ref = herd.get("Debian Mandos 1.8.16 + its mandos-client", {})
+    real = herd.get("mandosd + mandos-client processes", {})
+    for n, f in sorted(mine.items(), key=lambda kv: int(kv[0])):
+        rows.append((f"herd of {n}: all served (load generator)", f"{f['seconds']:.2f} s",
+                     f"{int(f['failed'])} failed", f"{f['peak_rss_mib']:.0f} MiB peak"))
+    for n, f in sorted(ref.items(), key=lambda kv: int(kv[0])):
+        if n in real:
+            r = f["cpu_ms_per_secret"] / max(real[n]["cpu_ms_per_secret"], 1e-9)
+            rows.append((f"herd of {n}: secrets per server CPU-second",
+                         f"{1000 / real[n]['cpu_ms_per_secret']:.0f}/s",
+                         f"Mandos {1000 / f['cpu_ms_per_secret']:.0f}/s", f"{r:.0f}x"))
+    width = [max(len(r[i]) for r in rows + [("figure", "ours", "peer", "ratio")])
+             for i in range(4)]
+    for r in [("figure", "ours", "peer", "ratio"), *rows]:
+        print("| " + " | ".join(c.ljust(w) for c, w in zip(r, width, strict=True)) + " |")
+    print("\nRaw figures: bench/results/*.json and *.txt (scale and boot print their own)")
+    if failed:
+        print(f"\nFAILED: {', '.join(failed)}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
