@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -76,7 +76,23 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
-def start_ready(argv: list[str], timeout: float = 120) -> subprocess.Popen[bytes]:
+def start_mandosd(configdir: Path, statedir: Path, host: str, port: int,
+                  timeout: float = 120) -> subprocess.Popen[bytes]:
+    """mandosd as it runs in production: socket-activated (so no in-process checkers
+    add to its CPU time), returned once it has loaded its config and sent READY=1."""
+    spec = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    argv = ["systemd-socket-activate", "-E", "NOTIFY_SOCKET", "-E", "PATH", "-l", spec,
+            ours("mandosd"), "--configdir",
+            str(configdir), "--statedir", str(statedir)]
+
+    def trigger() -> None:  # systemd-socket-activate starts it on the first connection
+        wait_port(host, port)
+
+    return start_ready(argv, timeout, trigger)
+
+
+def start_ready(argv: list[str], timeout: float = 120,
+                trigger: Callable[[], None] | None = None) -> subprocess.Popen[bytes]:
     """Start a server that speaks sd_notify; return once it has sent READY=1."""
     d = Path(tempfile.mkdtemp(prefix="bench-notify-"))
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -85,6 +101,8 @@ def start_ready(argv: list[str], timeout: float = 120) -> subprocess.Popen[bytes
     env = {**os.environ, "NOTIFY_SOCKET": str(d / "notify")}
     p = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
+        if trigger is not None:
+            trigger()
         while b"READY=1" not in sock.recv(4096):
             pass
     finally:
@@ -159,7 +177,7 @@ def mandos_server(base: Path, clients_conf: str, port: int) -> Iterator[subproce
     srv = subprocess.Popen([MANDOS_SERVER, "--address", "::1", "--port", str(port),
                             "--no-zeroconf", "--no-dbus", "--foreground", "--configdir",
                             str(conf), "--statedir", str(state)], env=env, stdout=log,
-                           stderr=log)
+                           stderr=log, start_new_session=True)
     try:
         try:
             wait_port("::1", port)
@@ -169,6 +187,10 @@ def mandos_server(base: Path, clients_conf: str, port: int) -> Iterator[subproce
         yield srv
     finally:
         stop(srv)
+        try:  # and whatever it forked for connections still running
+            os.killpg(srv.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         stop(dbus)
         shutil.rmtree(busdir, ignore_errors=True)
 

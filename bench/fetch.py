@@ -24,11 +24,11 @@ from common import (  # noqa: E402
     median,
     ours,
     p90,
+    start_mandosd,
     stop,
     table,
     tempdir,
     time_to_output,
-    wait_port,
 )
 
 from password_agent.certificate import self_signed_pem  # noqa: E402
@@ -75,10 +75,7 @@ def main() -> int:
                 self_signed_pem((okeys / "tls-privkey.pem").read_bytes()))
             section += "\n" + dsection
         (conf / "clients.conf").write_text(section)
-        srv = subprocess.Popen([ours("mandosd"), "--configdir", str(conf), "--statedir",
-                                str(base / "state"), "--listen", f"[::1]:{port}"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_port("::1", port)
+        srv = start_mandosd(conf, base / "state", "::1", port)
         systems["ours (ECC keys)"] = (our_client_argv(keys, port), srv)
         ctx = None
         try:

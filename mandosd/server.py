@@ -216,40 +216,62 @@ class KeyServer:
             if transport is not None and not transport.is_closing():
                 transport.close()
 
+    def _decide(self, kid: str) -> tuple[Client | None, ClientState | None, policy.Decision,
+                                         str | None]:
+        """On the database thread: look up, decide, and record what the decision changes.
+
+        One round trip to the database thread per request: a secret about to be sent is
+        recorded (with its new deadline) before it leaves, and a passed deadline disables
+        the client.  Returns the client, its state, the decision and an error, if recording
+        failed (then nothing is sent).
+        """
+        client, state = self._lookup(kid)
+        now = self.clock()
+        decision = policy.decide(client, state, now)
+        error = None
+        try:
+            if decision.verdict is policy.Verdict.SEND and client is not None:
+                self._record_sent(client, state, now)
+            elif (decision.verdict is policy.Verdict.TIMED_OUT and state is not None
+                  and state.enabled):
+                self.store.update(state.name, enabled=False)
+        except StateError as e:
+            error = str(e)
+        return client, state, decision, error
+
+    def _record_sent(self, client: Client, state: ClientState | None, now: float) -> None:
+        deadline = policy.deadline_after_secret(client, now, state.deadline if state else None)
+        self.store.record_secret_sent(client.name, now, deadline)
+
     async def _answer(self, transport: Any, peer: _Peer, kid: str, peername: str) -> None:
         try:
-            client, state = await self._db(self._lookup, kid)
+            client, state, decision, error = await self._db(self._decide, kid)
         except StateError as e:
             log.error("state store: %s", e)
             return
-        now = self.clock()
-        decision = policy.decide(client, state, now)
         name = client.name if client else None
         if decision.verdict is policy.Verdict.WAIT and client is not None:
-            waited = await self._wait_for_approval(client, peer, kid, peername, now,
-                                                   decision.wait_until or now)
+            waited = await self._wait_for_approval(client, peer, kid, peername, self.clock(),
+                                                   decision.wait_until or self.clock())
             if waited is None:
                 return
             decision = waited
+            if decision.verdict is policy.Verdict.SEND:
+                try:
+                    await self._db(self._record_sent, client, state, self.clock())
+                except StateError as e:
+                    error = str(e)
+        if error is not None:
+            # refuse rather than hand out a secret we could not record
+            log.error("not sending to %s: state store: %s", name, error)
+            return
         if decision.verdict is policy.Verdict.SEND and client is not None:
-            now = self.clock()
-            deadline = policy.deadline_after_secret(client, now, state.deadline if state
-                                                    else None)
-            try:
-                await self._db(self.store.record_secret_sent, client.name, now, deadline)
-            except StateError as e:
-                # refuse rather than hand out a secret we could not record
-                log.error("not sending to %s: %s", client.name, e)
-                return
             transport.write(client.secret)
             self.served += 1
             audit(Kind.SECRET_SENT, f"sent secret to {client.name}", client=client.name,
                   key_id=kid, peer=peername, reason=decision.reason)
             return
         if decision.verdict is policy.Verdict.TIMED_OUT and state is not None and state.enabled:
-            name_ = state.name
-            with contextlib.suppress(StateError):
-                await self._db(lambda: self.store.update(name_, enabled=False))
             audit(Kind.CLIENT_TIMED_OUT, f"{state.name}: timeout passed; client disabled",
                   client=state.name, key_id=kid, reason="deadline passed")
         audit(decision.verdict.value, f"refused {name or 'unknown client'}: {decision.reason}",
