@@ -76,17 +76,6 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _statedir(args: argparse.Namespace, cfg: configmod.Config) -> Path:
-    if args.statedir is not None:
-        return args.statedir
-    env = os.environ.get("STATE_DIRECTORY")
-    if env:
-        return Path(env.split(":")[0])
-    if cfg.server.statedir:
-        return Path(cfg.server.statedir)
-    return configmod.DEFAULT_STATEDIR
-
-
 def _sockets(args: argparse.Namespace, cfg: configmod.Config) -> tuple[list[socket.socket], bool]:
     """The sockets to serve on, and whether systemd passed them (then timers run checkers)."""
     if args.listen:
@@ -139,8 +128,7 @@ def _run_checkers(args: argparse.Namespace, configdir: Path, statedir: Path,
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logsetup.setup("mandosd", args.debug)
-    configdir = args.configdir or Path(os.environ.get("CONFIGURATION_DIRECTORY", "").split(":")[0]
-                                       or configmod.DEFAULT_CONFIGDIR)
+    configdir = configmod.configdir_from(args.configdir)
     try:
         cfg = configmod.load(configdir)
         if args.check_config:
@@ -149,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if cfg.server.debug and not args.debug:
             logsetup.setup("mandosd", True)
-        statedir = _statedir(args, cfg)
+        statedir = configmod.statedir_from(args.statedir, cfg.server)
         if args.run_checkers:
             return _run_checkers(args, configdir, statedir, cfg)
         from .server import KeyServer, Limits

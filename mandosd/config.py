@@ -11,6 +11,7 @@ import base64
 import binascii
 import configparser
 import logging
+import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -309,6 +310,24 @@ def load(configdir: Path) -> Config:
     clients = load_clients(configdir / "clients.conf", configdir)
     by_key = {c.key_id: c for c in clients.values() if c.key_id}
     return Config(server=server, clients=clients, by_key_id=by_key)
+
+
+def configdir_from(arg: Path | None) -> Path:
+    """--configdir, else systemd's $CONFIGURATION_DIRECTORY, else /etc/mandos."""
+    if arg is not None:
+        return arg
+    env = os.environ.get("CONFIGURATION_DIRECTORY", "").split(":")[0]
+    return Path(env) if env else DEFAULT_CONFIGDIR
+
+
+def statedir_from(arg: Path | None, server: ServerConfig) -> Path:
+    """--statedir, else $STATE_DIRECTORY, else statedir= from mandos.conf, else the default."""
+    if arg is not None:
+        return arg
+    env = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+    if env:
+        return Path(env)
+    return Path(server.statedir) if server.statedir else DEFAULT_STATEDIR
 
 
 def config_stamp(configdir: Path) -> tuple[tuple[int, int] | None, ...]:

@@ -408,17 +408,6 @@ class Ctl:
         return c.name
 
 
-def _statedir(args: argparse.Namespace, cfg: configmod.Config) -> Path:
-    if args.statedir is not None:
-        return Path(args.statedir)
-    env = os.environ.get("STATE_DIRECTORY")
-    if env:
-        return Path(env.split(":")[0])
-    if cfg.server.statedir:
-        return Path(cfg.server.statedir)
-    return configmod.DEFAULT_STATEDIR
-
-
 def _setup_logging(debug: bool) -> None:
     """Messages to stderr; audit entries to journald whenever it is there."""
     logsetup.setup("mandos-ctl", debug)
@@ -442,12 +431,11 @@ def main(argv: list[str] | None = None, *, clock: Callable[[], float] = time.tim
         args.actions = []
     check_syntax(p, args)
     _setup_logging(args.debug)
-    configdir = args.configdir or Path(os.environ.get("CONFIGURATION_DIRECTORY", "")
-                                       .split(":")[0] or configmod.DEFAULT_CONFIGDIR)
+    configdir = configmod.configdir_from(args.configdir)
     store = None
     try:
         cfg = configmod.load(configdir)
-        store = SQLiteStore(_statedir(args, cfg))
+        store = SQLiteStore(configmod.statedir_from(args.statedir, cfg.server))
         ctl = Ctl(configdir, store, clock)
         if args.add is not None:
             ctl.add(args.add)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import os
 import re
 import sqlite3
 import time
@@ -46,6 +45,8 @@ from luks_passphrase.escrow_wire import (
     parse_json,
 )
 from password_agent.log import event
+
+from .state import StateError, connect
 
 log = logging.getLogger("mandosd.escrow")
 
@@ -96,28 +97,18 @@ class EscrowStore:
     """``STATEDIR/escrow.sqlite``: every packet received, per machine and volume."""
 
     def __init__(self, statedir: Path, *, durable: bool = True) -> None:
-        try:
-            statedir.mkdir(mode=0o700, parents=True, exist_ok=True)
-            if statedir.stat().st_mode & 0o077:
-                os.chmod(statedir, 0o700)
-        except OSError as e:
-            raise EscrowError(f"{statedir}: {e.strerror}") from None
         self.path = statedir / DB_NAME
-        old = os.umask(0o077)
         try:
-            self.db = sqlite3.connect(self.path, timeout=10, isolation_level=None,
-                                      check_same_thread=False)
-            self.db.row_factory = sqlite3.Row
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
-            self.db.execute("PRAGMA busy_timeout=10000")
+            self.db = connect(statedir, DB_NAME, durable=durable)
+        except StateError as e:
+            raise EscrowError(str(e)) from None
+        try:
             for stmt in _SCHEMA.strip().split(";"):
                 if stmt.strip():
                     self.db.execute(stmt)
         except sqlite3.Error as e:
+            self.db.close()
             raise EscrowError(f"{self.path}: {e}") from None
-        finally:
-            os.umask(old)
 
     def close(self) -> None:
         self.db.close()

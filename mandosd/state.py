@@ -130,6 +130,28 @@ def _row_to_state(row: sqlite3.Row) -> ClientState:
     return ClientState(**values)
 
 
+def connect(statedir: Path, name: str, *, durable: bool) -> sqlite3.Connection:
+    """Open ``STATEDIR/name`` (directory 0700, file 0600) in WAL mode.
+
+    *durable* (synchronous=FULL): an acknowledged change survives even a power cut;
+    otherwise (NORMAL) it survives the process being killed.
+    """
+    prepare_statedir(statedir)
+    old_umask = os.umask(0o077)
+    try:
+        db = sqlite3.connect(statedir / name, timeout=10, isolation_level=None,
+                             check_same_thread=False)
+        db.row_factory = sqlite3.Row
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+        db.execute("PRAGMA busy_timeout=10000")
+        return db
+    except sqlite3.Error as e:
+        raise StateError(f"{statedir / name}: {e}") from None
+    finally:
+        os.umask(old_umask)
+
+
 def prepare_statedir(statedir: Path) -> None:
     try:
         statedir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -143,17 +165,9 @@ class SQLiteStore:
     """The embedded default: ``STATEDIR/clients.sqlite`` (0600, directory 0700)."""
 
     def __init__(self, statedir: Path, *, durable: bool = True) -> None:
-        prepare_statedir(statedir)
         self.path = statedir / DB_NAME
-        old_umask = os.umask(0o077)
+        self.db = connect(statedir, DB_NAME, durable=durable)
         try:
-            self.db = sqlite3.connect(self.path, timeout=10, isolation_level=None,
-                                      check_same_thread=False)
-            self.db.row_factory = sqlite3.Row
-            self.db.execute("PRAGMA journal_mode=WAL")
-            # FULL: an acknowledged change survives even a power cut.
-            self.db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
-            self.db.execute("PRAGMA busy_timeout=10000")
             with self._tx():
                 version = self.db.execute("PRAGMA user_version").fetchone()[0]
                 if version > SCHEMA_VERSION:
@@ -168,9 +182,11 @@ class SQLiteStore:
                             self.db.execute(stmt)
                 self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         except sqlite3.Error as e:
+            self.db.close()
             raise StateError(f"{self.path}: {e}") from None
-        finally:
-            os.umask(old_umask)
+        except StateError:
+            self.db.close()
+            raise
 
     def _tx(self) -> _Transaction:
         return _Transaction(self.db, self.path)
