@@ -33,6 +33,8 @@ mandos_python_files() {
     done
     if [[ $(mandos_zeroconf_wanted) == yes ]]; then
         args+=(--package zeroconf --optional ifaddr)
+    else
+        args+=(--exclude zeroconf)
     fi
     "$(mandos_python)" -I "$moddir/python-files.py" "${args[@]}" "$@"
 }

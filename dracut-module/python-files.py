@@ -14,7 +14,9 @@ for their library dependencies.
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib
+import importlib.util
 import os
 import pkgutil
 import sys
@@ -46,6 +48,52 @@ def dist_packages() -> str:
     return sysconfig.get_paths()["purelib"]
 
 
+def excluded(name: str, exclude: list[str]) -> bool:
+    return any(name == x or name.startswith(x + ".") for x in exclude)
+
+
+def lazy_imports(mod: object, exclude: list[str]) -> list[str]:
+    """Every module that *mod*'s source imports anywhere (functions, try blocks)."""
+    path = getattr(mod, "__file__", None)
+    if not path or not path.endswith(".py"):
+        return []
+    with open(path, "rb") as f:
+        tree = ast.parse(f.read(), path)
+    pkg = getattr(mod, "__package__", "") or ""
+    names = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = pkg.split(".")
+                parent = ".".join(parts[: len(parts) - node.level + 1])
+                base = f"{parent}.{base}" if base else parent
+            names.append(base)
+            # "from . import log": the names may be modules of a package
+            if base and not excluded(base, exclude) and _is_package(base):
+                names += [f"{base}.{a.name}" for a in node.names
+                          if not excluded(f"{base}.{a.name}", exclude)
+                          and _exists(f"{base}.{a.name}")]
+    return [n for n in names if n and n != "__future__" and not excluded(n, exclude)]
+
+
+def _is_package(name: str) -> bool:
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return False
+    return spec is not None and spec.submodule_search_locations is not None
+
+
+def _exists(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--path", action="append", default=[],
@@ -66,12 +114,22 @@ def main() -> int:
     for pkg in args.package:
         mod = importlib.import_module(pkg)
         for info in pkgutil.walk_packages(mod.__path__, pkg + "."):
-            if info.name in args.exclude:
+            if excluded(info.name, args.exclude):
                 continue
             try:
-                importlib.import_module(info.name)
+                sub = importlib.import_module(info.name)
             except ImportError as e:  # an optional part (e.g. needs cryptography)
                 print(f"python-files: leaving out {info.name}: {e}", file=sys.stderr)
+                continue
+            # Imports inside functions run only later, at boot: import them now.
+            for name in lazy_imports(sub, args.exclude):
+                if excluded(name, args.exclude):
+                    continue
+                try:
+                    importlib.import_module(name)
+                except ImportError as e:
+                    print(f"python-files: {info.name} imports {name} lazily, not "
+                          f"installed: {e}", file=sys.stderr)
     for name in args.optional:
         try:
             importlib.import_module(name)
