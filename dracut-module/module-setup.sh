@@ -11,13 +11,13 @@
 #                            python3-zeroconf is installed and no static server is set)
 #   mandos_pythonpath=DIR    where the password_agent package is, when
 #                            /usr/bin/python3 cannot import it by itself
-#   mandos_python=PATH       the interpreter (default /usr/bin/python3; never a venv)
 #   mandos_python_sources=yes  keep the .py files next to the byte code (default: no,
 #                            only byte code, ~0.6 MB smaller; tracebacks lack source lines)
 # See docs/initrd.md.
 
+# The distribution's interpreter, which the unit runs: never a venv or a pyenv shim.
 mandos_python() {
-    echo "${mandos_python:-/usr/bin/python3}"
+    echo /usr/bin/python3
 }
 
 mandos_keydir() {
@@ -99,11 +99,12 @@ cmdline() {
 
 mandos_install_python() {
     local py src dest so lib
+    local -a pyfiles=()
     py=$(mandos_python)
-    inst_binary "$py" || return 1
-    [[ -L $py ]] && inst_binary "$(readlink -f "$py")" "$py"
+    inst_binary "$py" || return 1 # a symlink (python3 -> python3.11) comes with its target
     while IFS=$'\t' read -r src dest; do
         inst_simple "$src" "$dest" || return 1
+        [[ $dest == *.py ]] && pyfiles+=("$initdir$dest")
     done < <(mandos_python_files)
     # dracut resolves library dependencies of executables only: the extension
     # modules (0644) would lose theirs (libssl, libffi...).
@@ -112,18 +113,15 @@ mandos_install_python() {
             inst_library "$lib"
         done < <(ldd "$so" 2> /dev/null | awk '$2 == "=>" && $3 ~ /^\// { print $3 }')
     done < <(mandos_python_files --shared-objects)
-    # Byte-compile what was installed, so that nothing is compiled at boot.
-    local -a dirs=("$initdir"/usr/lib/python3*)
+    # Byte-compile what we installed, so that nothing is compiled at boot.
     if [[ ${mandos_python_sources:-no} == yes ]]; then
-        "$py" -I -m compileall -q -j 0 --invalidation-mode unchecked-hash \
-            -s "$initdir" -p / "${dirs[@]}" > /dev/null || return 1
+        "$py" -I -m compileall -q --invalidation-mode unchecked-hash \
+            -s "$initdir" -p / "${pyfiles[@]}" > /dev/null || return 1
     else
         # Byte code in place of the sources (X.pyc beside, no X.py): Python
         # imports it as is.
-        "$py" -I -m compileall -q -j 0 -b -s "$initdir" -p / "${dirs[@]}" > /dev/null \
-            || return 1
-        find "${dirs[@]}" -name '*.py' -type f -delete
-        find "${dirs[@]}" -name '*.py' -type l -delete
+        "$py" -I -m compileall -q -b -s "$initdir" -p / "${pyfiles[@]}" > /dev/null || return 1
+        rm -f -- "${pyfiles[@]}"
     fi
 }
 

@@ -135,7 +135,9 @@ def test_initrd_python_fetches_in_chroot(setup: Setup, unpacked: Path, server: M
 
 def _timings(console: str) -> dict[str, float | None]:
     asked = vmlib.first_time(console, r"Starting systemd-cryptsetup@")
-    answered = vmlib.first_time(console, r"mandos-password-agent\[\d+\]: answered question")
+    # the agent's own line, else systemd-cryptsetup taking the passphrase
+    answered = vmlib.first_time(console, r"mandos-password-agent\[\d+\]: answered") \
+        or vmlib.first_time(console, r"systemd-cryptsetup\[\d+\]: Set cipher")
     unlocked = vmlib.first_time(console, r"Finished systemd-cryptsetup@")
     m = re.search(re.escape(vmlib.ROOT_MARKER) + r" uptime=([0-9.]+)", console)
     return {"question": asked, "answer": answered, "unlocked": unlocked,
