@@ -176,6 +176,12 @@ install() {
     inst_simple "$moddir/mandos-nbde-agent.path" "$systemdsystemunitdir/mandos-nbde-agent.path"
     inst_simple "$moddir/mandos-nbde-agent.service" "$systemdsystemunitdir/mandos-nbde-agent.service"
     $SYSTEMCTL -q --root "$initdir" add-wants sysinit.target mandos-nbde-agent.path
+    if [[ ${mandos_agent_early:-yes} == yes ]]; then
+        # Also start the agent at once, so that Python and the keys are loaded
+        # while udev finds the disk: the question is then answered within the
+        # fetch time.  It waits (inotify) and stops at the switch to the root.
+        $SYSTEMCTL -q --root "$initdir" add-wants sysinit.target mandos-nbde-agent.service
+    fi
     # Local additions (drop-ins) for the initrd agent.
     inst_multiple -H -o "$systemdsystemconfdir/mandos-nbde-agent.service.d/*.conf"
 

@@ -95,6 +95,7 @@ def test_check_needs_keys_and_includes_itself_for_a_luks_host(
 def test_units_are_valid_and_wired_declaratively() -> None:
     setup = (MODULE / "module-setup.sh").read_text()
     assert "add-wants sysinit.target mandos-nbde-agent.path" in setup
+    assert "add-wants sysinit.target mandos-nbde-agent.service" in setup  # started early
     assert "sed " not in setup.replace("# ", "")  # units are never edited
     service = (MODULE / "mandos-nbde-agent.service").read_text()
     path = (MODULE / "mandos-nbde-agent.path").read_text()
