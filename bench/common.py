@@ -105,6 +105,9 @@ def start_ready(argv: list[str], timeout: float = 120,
             trigger()
         while b"READY=1" not in sock.recv(4096):
             pass
+    except BaseException:
+        stop(p)
+        raise
     finally:
         sock.close()
         shutil.rmtree(d, ignore_errors=True)
