@@ -30,7 +30,6 @@ import json
 import os
 import random
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -44,6 +43,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.common import stop  # noqa: E402
 from tests.agentlib import AgentProc, FakeAsker  # noqa: E402
 from tests.helpers import Mandosd, enroll, free_port, make_keys  # noqa: E402
 
@@ -119,18 +119,8 @@ class Bench(contextlib.ExitStack):
         out = (self.base / log).open("ab")
         p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out,  # type: ignore[call-overload]
                              **kw)
-        self.callback(self._stop, p)
+        self.callback(stop, p)
         return p  # type: ignore[no-any-return]
-
-    @staticmethod
-    def _stop(p: subprocess.Popen[bytes]) -> None:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-            try:
-                p.wait(5)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
 
     # --- keys shared by ours and Debian's Mandos ------------------------------------------------
 
