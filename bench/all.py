@@ -101,6 +101,21 @@ def main() -> int:
             rows.append((f"herd of {n}: secrets per server CPU-second",
                          f"{1000 / real[n]['cpu_ms_per_secret']:.0f}/s",
                          f"Mandos {1000 / f['cpu_ms_per_secret']:.0f}/s", f"{r:.0f}x"))
+    boot = load("boot")
+    if boot.get("boots"):
+        def boot_med(variant: str, key: str) -> float:
+            return med([b[key] for b in boot["boots"] if b["variant"] == variant
+                        and b.get(key) is not None])
+
+        if any(b["variant"] == "clevis" for b in boot["boots"]):
+            a, c = boot_med("ours", "to_answer"), boot_med("clevis", "to_answer")
+            rows.append(("boot (TCG): question to answer", f"{a:.2f} s", f"clevis {c:.2f} s",
+                         f"{c / a:.1f}x"))
+        sizes = boot.get("sizes", {})
+        if "ours" in sizes and "clevis" in sizes:
+            rows.append(("initrd size", f"{sizes['ours'] / 1e6:.1f} MB",
+                         f"clevis {sizes['clevis'] / 1e6:.1f} MB",
+                         f"{(sizes['ours'] - sizes['clevis']) / 1e6:+.1f} MB"))
     width = [max(len(r[i]) for r in rows + [("figure", "ours", "peer", "ratio")])
              for i in range(4)]
     for r in [("figure", "ours", "peer", "ratio"), *rows]:
