@@ -284,9 +284,12 @@ class SQLiteStore:
 
     def record_checks(self, results: Iterable[CheckRecord]) -> None:
         """Record finished checkers in one transaction; success moves the deadline."""
+        # A success extends the deadline only while it has not passed: once passed, the
+        # client is timed out until an admin enables it, even if a checker that started
+        # in time succeeds afterwards (or the pass has not disabled it yet).
         rows = [(r.status, r.finished, r.next_check,
                  r.finished if r.deadline is not None else None,
-                 r.deadline, r.deadline, r.name) for r in results]
+                 r.deadline, r.finished, r.deadline, r.name) for r in results]
         if not rows:
             return
         with self._tx():
@@ -295,6 +298,7 @@ class SQLiteStore:
                 " checker_started=NULL, next_check=?,"
                 " last_checked_ok=COALESCE(?, last_checked_ok),"
                 " deadline=CASE WHEN ? IS NOT NULL AND enabled=1"
+                "   AND (deadline IS NULL OR deadline >= ?)"
                 "   THEN MAX(COALESCE(deadline, 0), ?) ELSE deadline END"
                 " WHERE name=?", rows)
 

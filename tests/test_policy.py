@@ -99,6 +99,20 @@ def test_expiry_disables_through_the_store(tmp_path: Path) -> None:
     store.close()
 
 
+def test_late_checker_success_does_not_revive_a_passed_deadline(tmp_path: Path) -> None:
+    """A checker that started in time but reports after the deadline passed (before any
+    pass or request disabled the client) must not extend it: timed out stays timed out."""
+    store = SQLiteStore(tmp_path, durable=False)
+    c = client()
+    store.sync_clients([c], T0)  # deadline T0 + 300
+    store.record_checks([CheckRecord("web1", T0 + 250, T0 + 301, 0, T0 + 421,
+                                     deadline=T0 + 301 + c.timeout)])
+    st = store.get("web1")
+    assert st is not None and st.deadline == T0 + 300
+    assert decide(c, st, T0 + 302).verdict is Verdict.TIMED_OUT
+    store.close()
+
+
 def test_claim_checks_due_once(tmp_path: Path) -> None:
     store = SQLiteStore(tmp_path, durable=False)
     store.sync_clients([client()], T0)
