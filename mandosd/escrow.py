@@ -239,8 +239,10 @@ async def _session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                       MANDOS_OUTCOME="escrow-refused")
                 continue
             try:
-                current = store.store(key_id=key_id, client_name=client_name, volume_uuid=uuid,
-                                      created=created, packet=packet)
+                # a durable write (fsync): off the event loop, other clients keep going
+                current = await asyncio.to_thread(
+                    store.store, key_id=key_id, client_name=client_name, volume_uuid=uuid,
+                    created=created, packet=packet)
             except EscrowError as e:
                 writer.write(json_frame({"ok": False, "error": "the server could not store it"}))
                 await writer.drain()
@@ -252,7 +254,8 @@ async def _session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
             writer.write(json_frame(current.ack()))
         elif op == "status":
             asked = req.get("volume_uuid")
-            found = store.current(key_id, asked) if isinstance(asked, str) else None
+            found = (await asyncio.to_thread(store.current, key_id, asked)
+                     if isinstance(asked, str) else None)
             writer.write(json_frame(found.ack() if found else
                                     {"ok": False, "error": "nothing stored for this volume"}))
         else:
