@@ -189,9 +189,6 @@ class CheckerPass:
         self._running: dict[str, tuple[float, Callable[[], None]]] = {}
         self._stopped: set[str] = set()
 
-    async def _db(self, fn: Callable[..., object], *args: object) -> object:
-        return await asyncio.to_thread(fn, *args)
-
     def _disable_expired(self, now: float) -> None:
         for st in self.store.disable_expired(now):
             self.report.disabled.append(st.name)

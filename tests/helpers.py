@@ -136,3 +136,21 @@ def fetch(keydir: Path, *servers: str, timeout: float = 5,
         argv += ["--connect", s]
     return subprocess.run(argv, capture_output=True, timeout=timeout + 30,
                           env={**os.environ, **(env or {})})
+
+
+def parse_journal_datagram(datagram: bytes) -> dict[str, str]:
+    """journald's native protocol: ``KEY=value`` lines, or ``KEY\\n<le64 size><data>\\n``."""
+    fields: dict[str, str] = {}
+    i = 0
+    while i < len(datagram):
+        nl = datagram.index(b"\n", i)
+        line = datagram[i:nl]
+        if b"=" in line:
+            k, _, v = line.partition(b"=")
+            fields[k.decode()] = v.decode(errors="replace")
+            i = nl + 1
+        else:
+            size = int.from_bytes(datagram[nl + 1:nl + 9], "little")
+            fields[line.decode()] = datagram[nl + 9:nl + 9 + size].decode(errors="replace")
+            i = nl + 9 + size + 1
+    return fields

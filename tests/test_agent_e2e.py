@@ -32,7 +32,7 @@ from tests.agentlib import (
     wait_for_question,
 )
 from tests.conftest import PASSWORD
-from tests.helpers import Mandosd, enroll, free_port, make_keys
+from tests.helpers import Mandosd, enroll, free_port, make_keys, parse_journal_datagram
 
 needs_asker = pytest.mark.skipif(not os.path.exists(SYSTEMD_ASK_PASSWORD),
                                  reason="systemd-ask-password is not installed")
@@ -425,26 +425,6 @@ def test_no_traceback_on_bad_keys(tmp_path: Path) -> None:
     assert "tls-" in agent.log() or "missing" in agent.log()
 
 
-def _journal_entries(data: list[bytes]) -> list[dict[str, str]]:
-    entries = []
-    for dgram in data:
-        fields: dict[str, str] = {}
-        pos = 0
-        while pos < len(dgram):
-            nl = dgram.index(b"\n", pos)
-            line = dgram[pos:nl]
-            if b"=" in line:
-                k, _, v = line.partition(b"=")
-                fields[k.decode()] = v.decode(errors="replace")
-                pos = nl + 1
-            else:  # KEY\n<u64 length><data>\n
-                size = int.from_bytes(dgram[nl + 1:nl + 9], "little")
-                fields[line.decode()] = dgram[nl + 9:nl + 9 + size].decode(errors="replace")
-                pos = nl + 9 + size + 1
-        entries.append(fields)
-    return entries
-
-
 def test_structured_journal_fields(tmp_path: Path, client_keys: Path, server: Mandosd) -> None:
     """Under journald: one entry per outcome, with the question, server and timing as fields."""
     journal = tmp_path / "journal.sock"
@@ -474,7 +454,7 @@ def test_structured_journal_fields(tmp_path: Path, client_keys: Path, server: Ma
     finally:
         agent.stop()
         sink.close()
-    entries = _journal_entries(data)
+    entries = [parse_journal_datagram(d) for d in data]
     assert all(e["SYSLOG_IDENTIFIER"] == "mandos-password-agent" for e in entries)
     answered = [e for e in entries if e.get("MANDOS_OUTCOME") == "answered"]
     assert len(answered) == 1

@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import socket
-import struct
 import subprocess
 import sys
 import threading
@@ -25,27 +24,9 @@ import pytest
 
 from mandosd.audit import Kind
 from tests.conftest import PASSWORD
-from tests.helpers import ROOT, Mandosd, fetch, have, make_keys, tool
+from tests.helpers import ROOT, Mandosd, fetch, have, make_keys, parse_journal_datagram, tool
 
 JOURNALD = "/lib/systemd/systemd-journald"
-
-
-def parse_native(datagram: bytes) -> dict[str, str]:
-    """journald's native protocol: KEY=value lines, or KEY\\n<le64 size><data>\\n."""
-    fields: dict[str, str] = {}
-    i = 0
-    while i < len(datagram):
-        nl = datagram.index(b"\n", i)
-        line = datagram[i:nl]
-        if b"=" in line:
-            k, _, v = line.partition(b"=")
-            fields[k.decode()] = v.decode()
-            i = nl + 1
-        else:
-            (size,) = struct.unpack("<Q", datagram[nl + 1:nl + 9])
-            fields[line.decode()] = datagram[nl + 9:nl + 9 + size].decode()
-            i = nl + 9 + size + 1
-    return fields
 
 
 def wait_port(srv: Mandosd, limit: float = 15) -> None:
@@ -149,7 +130,7 @@ def test_native_protocol_on_a_test_socket(tmp_path: Path, client_keys: Path,
         sock.close()
     for form in secret_forms(client_section):
         assert not any(form in d for d in raw)
-    entries = [parse_native(d) for d in raw]
+    entries = [parse_journal_datagram(d) for d in raw]
     assert all(k == k.upper() for e in entries for k in e)
     check_entries(entries, client_section)
 
