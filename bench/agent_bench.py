@@ -136,7 +136,7 @@ class Bench(contextlib.ExitStack):
         pw.unlink()
         # Our mandos-keygen also writes the certificate that Python's ssl needs; Debian's
         # does not (ours would then make one at start, with the cryptography module).
-        from password_agent.certificate import self_signed_pem
+        from mandos_keygen.certificate import self_signed_pem
 
         (keys / "tls-cert.pem").write_bytes(self_signed_pem((keys / "tls-privkey.pem")
                                                             .read_bytes()))

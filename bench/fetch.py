@@ -31,7 +31,7 @@ from common import (  # noqa: E402
     time_to_output,
 )
 
-from password_agent.certificate import self_signed_pem  # noqa: E402
+from mandos_keygen.certificate import self_signed_pem  # noqa: E402
 
 SECRET = b"benchmark passphrase"
 

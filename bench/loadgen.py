@@ -19,8 +19,8 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from password_agent.certificate import self_signed_pem
-from password_agent.protocol import VERSION_LINE, key_id, tls13_only
+from mandos_keygen.certificate import self_signed_pem
+from mandos_core.protocol import VERSION_LINE, key_id, tls13_only
 
 
 @dataclass(frozen=True)

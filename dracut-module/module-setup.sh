@@ -26,7 +26,7 @@ mandos_keydir() {
 
 # The Python files to install: "SOURCE<TAB>DEST" lines, from a real import.
 mandos_python_files() {
-    local -a args=(--package password_agent --exclude password_agent.certificate)
+    local -a args=(--package password_agent --package mandos_core --exclude mandos_core.escrow_packet --exclude mandos_core.escrow_wire)
     local p
     for p in ${mandos_pythonpath-}; do
         args+=(--path "$p")

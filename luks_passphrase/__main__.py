@@ -14,10 +14,10 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from password_agent import log as plog
-from password_agent.run import CommandError
+from mandos_core import log as plog
+from mandos_core.run import CommandError
 
-from . import escrow_packet
+from mandos_core import escrow_packet
 from .backend import open_volume
 from .flows import FlowError, Outcome, Refused, Tool
 from .libcryptsetup import LuksError, WrongPassphrase
@@ -302,8 +302,8 @@ def _volume_for_uuid(ctx: Context, uuid: str, path_hint: str) -> Volume:
 
 
 def cmd_sync(ctx: Context) -> Outcome:
-    from password_agent.client import parse_server
-    from password_agent.tlskeys import KeyFiles, server_context
+    from mandos_core.address import parse_server
+    from mandos_core.keyfiles import KeyFiles, server_context
 
     from .transport import TransportError, send
 
@@ -329,7 +329,7 @@ def cmd_sync(ctx: Context) -> Outcome:
             queued.append((uuid, st.queue))
     if not queued:
         return Outcome("nothing", "Nothing queued for escrow.")
-    from password_agent.tlskeys import KeyError_
+    from mandos_core.keyfiles import KeyError_
 
     try:
         tls = server_context(KeyFiles.from_dir(ctx.args.keydir))

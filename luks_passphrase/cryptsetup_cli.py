@@ -15,8 +15,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from password_agent.run import CommandError, run
-from password_agent.secret import Secret
+from mandos_core.run import CommandError, run
+from mandos_core.secret import Secret
 
 from .libcryptsetup import (
     CRYPT_ANY_SLOT,

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from tkinter import ttk
 
-from password_agent.secret import Secret
+from mandos_core.secret import Secret
 
 from .flows import Refused, Tool, strength_hint
 from .libcryptsetup import LuksError, WrongPassphrase

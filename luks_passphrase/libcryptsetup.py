@@ -27,7 +27,7 @@ from enum import IntEnum
 from pathlib import Path
 from typing import Any
 
-from password_agent.secret import Secret
+from mandos_core.secret import Secret
 
 log = logging.getLogger("luks_passphrase.libcryptsetup")
 

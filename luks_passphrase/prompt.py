@@ -13,7 +13,7 @@ import os
 import sys
 from typing import BinaryIO
 
-from password_agent.secret import Secret
+from mandos_core.secret import Secret
 
 MAX_PASSPHRASE = 512
 

@@ -1,6 +1,6 @@
 """``luks-passphrase sync``: hand queued escrow packets to the escrow server.
 
-The machine side of :mod:`luks_passphrase.escrow_wire`: TCP, the ``escrow 1``
+The machine side of :mod:`mandos_core.escrow_wire`: TCP, the ``escrow 1``
 line, TLS 1.3 as the TLS *server* with the machine's Mandos TLS key, then one
 store request per queued packet.  Returns the server's acknowledgements;
 the caller promotes a pending backup only when an acknowledgement names the
@@ -15,9 +15,9 @@ import ssl
 import time
 from dataclasses import dataclass
 
-from password_agent.client import Server
+from mandos_core.address import Server
 
-from .escrow_wire import (
+from mandos_core.escrow_wire import (
     ESCROW_LINE,
     MAX_JSON,
     READ_TIMEOUT,

@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from password_agent.run import CommandError, run
+from mandos_core.run import CommandError, run
 
 log = logging.getLogger("luks_passphrase.volumes")
 

@@ -7,10 +7,10 @@ import getpass
 import sys
 from pathlib import Path
 
-from password_agent import log as logsetup
-from password_agent.run import CommandError
-from password_agent.secret import Secret
-from password_agent.tlskeys import DEFAULT_KEYDIR, KeyError_, KeyFiles
+from mandos_core import log as logsetup
+from mandos_core.run import CommandError
+from mandos_core.secret import Secret
+from mandos_core.keyfiles import DEFAULT_KEYDIR, KeyError_, KeyFiles
 
 from .keys import (
     DEFAULT_CHECKER,

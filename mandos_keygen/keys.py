@@ -14,11 +14,11 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from password_agent.certificate import self_signed_pem
-from password_agent.protocol import key_id
-from password_agent.run import CommandError, run
-from password_agent.secret import Secret
-from password_agent.tlskeys import KeyFiles
+from mandos_keygen.certificate import self_signed_pem
+from mandos_core.protocol import key_id
+from mandos_core.run import CommandError, run
+from mandos_core.secret import Secret
+from mandos_core.keyfiles import KeyFiles
 
 KEY_FILES = ("tls-privkey.pem", "tls-pubkey.pem", "tls-cert.pem", "seckey.txt", "pubkey.txt")
 DEFAULT_CHECKER = "fping -q -- %%(host)s"

@@ -11,7 +11,7 @@ import socket
 import sys
 from pathlib import Path
 
-from password_agent import log as logsetup
+from mandos_core import log as logsetup
 
 from . import config as configmod
 from . import listen

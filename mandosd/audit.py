@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 import logging
 
-from password_agent.log import event
+from mandos_core.log import event
 
 log = logging.getLogger("mandosd.audit")
 

@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from password_agent.run import minimal_env
+from mandos_core.run import minimal_env
 
 from . import policy
 from .audit import Kind, audit

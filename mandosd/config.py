@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from password_agent.protocol import KeyIdError, normalize_key_id
-from password_agent.secret import Secret
+from mandos_core.protocol import KeyIdError, normalize_key_id
+from mandos_core.secret import Secret
 
 from .durations import DurationError, parse_duration
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from password_agent import log as logsetup
+from mandos_core import log as logsetup
 
 from . import config as configmod
 from . import policy

@@ -4,7 +4,7 @@ A machine's ``luks-passphrase sync`` connects to mandosd's port, sends
 ``escrow 1\\r\\n`` instead of ``1\\r\\n``, and does the protocol-1 TLS
 handshake (the machine is the TLS server; mandosd identifies it by key_id).
 After the handshake :func:`handle_escrow` runs the framed exchange described
-in :mod:`luks_passphrase.escrow_wire`: store requests, each answered with an
+in :mod:`mandos_core.escrow_wire`: store requests, each answered with an
 acknowledgement describing what is now stored for that volume.
 
 The server cannot read the packets: the passphrase in them is encrypted to
@@ -33,8 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from luks_passphrase import escrow_packet
-from luks_passphrase.escrow_wire import (
+from mandos_core import escrow_packet
+from mandos_core.escrow_wire import (
     MAX_JSON,
     MAX_PACKET,
     MAX_REQUESTS,
@@ -44,7 +44,7 @@ from luks_passphrase.escrow_wire import (
     json_frame,
     parse_json,
 )
-from password_agent.log import event
+from mandos_core.log import event
 
 from .state import StateError, connect
 

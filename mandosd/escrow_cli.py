@@ -18,7 +18,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from luks_passphrase import escrow_packet
+from mandos_core import escrow_packet
 
 from .config import DEFAULT_STATEDIR
 from .escrow import EscrowError, EscrowStore

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import socket
 
-from password_agent.client import parse_server
+from mandos_core.address import parse_server
 
 SD_LISTEN_FDS_START = 3
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from password_agent.protocol import (
+from mandos_core.protocol import (
     EMPTY_KEY_ID,
     ESCROW_LINE,
     MAX_VERSION_LINE,

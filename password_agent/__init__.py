@@ -1,10 +1,6 @@
-"""Client side of the Mandos protocol: the ask-password agent and ``mandos-client``.
+"""The client side of the Mandos protocol: the ask-password agent and ``mandos-client``.
 
-This package runs in the initrd, so it imports only the standard library and
-python-gnupg.  It must never import :mod:`mandosd`.
+This package runs in the initrd, so it imports only the standard library, the
+shared core (:mod:`mandos_core`) and the ``gpg`` binary.  It must never import
+:mod:`mandosd` or ``cryptography``.
 """
-
-from pathlib import Path
-
-#: Where the client's keys live, with Mandos's file names.
-DEFAULT_KEYDIR = Path("/etc/keys/mandos")

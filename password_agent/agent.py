@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from . import log as logsetup
+from mandos_core import log as logsetup
 from .agentconf import AgentConfig, ConfigError, build_parser, load
 from .askfile import (
     AskFileError,
@@ -53,9 +53,9 @@ from .inotify import (
     InotifyError,
 )
 from .job import Job, MessageId, elapsed_ms
-from .log import event
-from .secret import Secret
-from .tlskeys import KeyError_, KeyFiles, server_context
+from mandos_core.log import event
+from mandos_core.secret import Secret
+from mandos_core.keyfiles import KeyError_, KeyFiles, server_context
 
 log = logging.getLogger("mandos-password-agent")
 

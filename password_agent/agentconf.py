@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Literal
 
 from .client import Server, parse_server
-from .tlskeys import DEFAULT_KEYDIR
+from mandos_core.keyfiles import DEFAULT_KEYDIR
 
 DEFAULT_ASK_DIR = Path("/run/systemd/ask-password")
 DEFAULT_CONFIG = Path("/etc/mandos/password-agent.conf")

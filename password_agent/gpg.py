@@ -19,7 +19,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from .secret import Secret
+from mandos_core.secret import Secret
 
 GPG = "gpg"
 _BASE = ["--batch", "--no-tty", "--quiet", "--no-permission-warning", "--no-auto-check-trustdb"]
@@ -93,7 +93,7 @@ class Decryptor:
             self._import = None
         if not os.path.isdir(self.home):
             return
-        from .run import CommandError, run
+        from mandos_core.run import CommandError, run
 
         try:
             run(["gpgconf", "--kill", "gpg-agent"], env={"GNUPGHOME": self.home}, timeout=5,

@@ -27,8 +27,8 @@ from .agentconf import AgentConfig
 from .askfile import Question, monotonic_us, pid_alive
 from .client import FetchError, Refused, Server, fetch
 from .gpg import GpgError
-from .log import event
-from .secret import Secret
+from mandos_core.log import event
+from mandos_core.secret import Secret
 
 log = logging.getLogger("mandos-password-agent")
 

@@ -13,7 +13,7 @@ import signal
 import sys
 from pathlib import Path
 
-from . import DEFAULT_KEYDIR
+from mandos_core.keyfiles import DEFAULT_KEYDIR
 from .gpg import Decryptor, GpgError
 
 EXIT_OK = 0
@@ -67,9 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     except GpgError as e:
         return _fail(e, EXIT_KEYS)
     try:
-        from . import log as logsetup
+        from mandos_core import log as logsetup
         from .client import FetchError, fetch_any, parse_server
-        from .tlskeys import KeyError_, KeyFiles, server_context
+        from mandos_core.keyfiles import KeyError_, KeyFiles, server_context
 
         keys = KeyFiles.from_dir(args.keydir, pubkey=args.pubkey, seckey=args.seckey,
                                  tls_pubkey=args.tls_pubkey, tls_privkey=args.tls_privkey)

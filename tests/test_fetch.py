@@ -17,8 +17,8 @@ import pytest
 
 from mandosd.state import SQLiteStore
 from password_agent.client import parse_server
-from password_agent.protocol import VERSION_LINE
-from password_agent.tlskeys import KeyFiles, server_context
+from mandos_core.protocol import VERSION_LINE
+from mandos_core.keyfiles import KeyFiles, server_context
 from tests.conftest import PASSWORD
 from tests.helpers import Mandosd, enroll, fetch, free_port, have, make_keys
 

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from mandosd.config import ConfigError, load
 from mandosd.durations import DurationError, parse_duration
 from password_agent.askfile import AskFileError, parse_ask
-from password_agent.protocol import DERError, spki_from_certificate
+from mandos_core.protocol import DERError, spki_from_certificate
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "300"))
 fuzz = settings(max_examples=EXAMPLES, deadline=None,
@@ -95,7 +95,7 @@ def test_certificate_spki_extractor(data: bytes) -> None:
 @fuzz
 @given(st.binary(max_size=1500))
 def test_escrow_packet_reader(data: bytes) -> None:
-    from luks_passphrase.escrow_packet import PacketError, parse
+    from mandos_core.escrow_packet import PacketError, parse
 
     try:
         parse(data)
@@ -111,8 +111,8 @@ def _real_packet() -> bytes:
     from cryptography.hazmat.primitives.asymmetric import rsa
     from cryptography.x509.oid import NameOID
 
-    from luks_passphrase.escrow_packet import Metadata, build
-    from password_agent.secret import Secret
+    from mandos_core.escrow_packet import Metadata, build
+    from mandos_core.secret import Secret
 
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "escrow")])
@@ -133,7 +133,7 @@ _PACKET: list[bytes] = []
        st.integers(0, 10**6))
 def test_escrow_packet_reader_mutations(flips: list[tuple[int, int]], cut: int) -> None:
     """A real packet with bytes changed and its tail cut: a packet or the typed error."""
-    from luks_passphrase.escrow_packet import PacketError, parse
+    from mandos_core.escrow_packet import PacketError, parse
 
     if not _PACKET:
         _PACKET.append(_real_packet())

@@ -9,7 +9,7 @@ import pytest
 
 from tests.helpers import BIN, ROOT
 
-PACKAGES = ["password_agent", "mandosd", "mandos_keygen", "luks_passphrase"]
+PACKAGES = ["mandos_core", "password_agent", "mandosd", "mandos_keygen", "luks_passphrase"]
 
 
 def _run(tool: str, *args: str) -> subprocess.CompletedProcess[str]:

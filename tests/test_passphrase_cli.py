@@ -116,7 +116,7 @@ def test_exit_codes(tmp_path: Path, keys: EscrowKeys) -> None:
 
 def test_no_secret_outside_the_escrow_packet(tmp_path: Path, keys: EscrowKeys) -> None:
     """--debug output, state files, and modes: no passphrase anywhere in clear."""
-    from luks_passphrase import escrow_packet
+    from mandos_core import escrow_packet
     from luks_passphrase.state import StateStore
 
     image = make_image(tmp_path / "v.img", "luks1")
@@ -124,7 +124,7 @@ def test_no_secret_outside_the_escrow_packet(tmp_path: Path, keys: EscrowKeys) -
     state = tmp_path / "state"
     common = ["--debug", "--state-dir", str(state), "--certificate", str(keys.cert)]
     pkt = tmp_path / "installer.pkt"
-    from password_agent.secret import Secret
+    from mandos_core.secret import Secret
 
     pkt.write_bytes(escrow_packet.build(keys.cert_pem, Secret(BACKUP0), escrow_packet.Metadata(
         "h", luks_uuid(image), str(image), "crypt_LUKS", 1)))

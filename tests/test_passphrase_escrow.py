@@ -23,13 +23,13 @@ from pathlib import Path
 
 import pytest
 
-from luks_passphrase import escrow_packet
+from mandos_core import escrow_packet
 from luks_passphrase.flows import Tool
 from luks_passphrase.state import StateStore
 from mandosd import escrow_cli
 from mandosd.escrow import EscrowStore, handle_escrow
-from password_agent.protocol import key_id, tls13_only
-from password_agent.secret import Secret
+from mandos_core.protocol import key_id, tls13_only
+from mandos_core.secret import Secret
 from tests.test_passphrase_flows import setup_volume
 from tests.test_passphrase_helpers import (
     BACKUP0,
@@ -249,7 +249,7 @@ def test_sync_escrows_and_promotes(tmp_path: Path, keys: EscrowKeys,
     assert not opens(image, BACKUP0) and opens(image, USER1)
     assert sorted(active_slots(image)) == sorted({pending, *active_slots(image)})
     # the server holds it, under the machine's key_id
-    from password_agent.tlskeys import KeyFiles
+    from mandos_core.keyfiles import KeyFiles
 
     kid = KeyFiles.from_dir(keydir).key_id()
     assert escrow_server.key_ids == [kid]
@@ -305,7 +305,7 @@ def test_sync_not_confirmed_keeps_everything(tmp_path: Path, keys: EscrowKeys,
                                                   lambda: Secret(USER1))
     # the server already holds a newer packet for this volume: ours is not confirmed
     keydir = machine_keys(tmp_path / "keys")
-    from password_agent.tlskeys import KeyFiles
+    from mandos_core.keyfiles import KeyFiles
 
     newer = escrow_packet.build(keys.cert_pem, Secret(b"newer-newer-newer-newer"),
                                 escrow_packet.Metadata("x", uuid, "/dev/x", "crypt_LUKS", 7))
@@ -336,7 +336,7 @@ def test_hostile_peer_is_bounded(tmp_path: Path, escrow_server: EscrowServer) ->
     import socket
     import struct
 
-    from password_agent.tlskeys import KeyFiles, server_context
+    from mandos_core.keyfiles import KeyFiles, server_context
 
     ctx = server_context(KeyFiles.from_dir(machine_keys(tmp_path / "keys")))
     with socket.create_connection(("127.0.0.1", escrow_server.port), timeout=5) as sock:

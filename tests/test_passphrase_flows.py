@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from luks_passphrase import escrow_packet
+from mandos_core import escrow_packet
 from luks_passphrase.flows import Refused, Tool, random_backup_passphrase
 from luks_passphrase.libcryptsetup import LuksVolume, WrongPassphrase
 from luks_passphrase.state import StateStore
-from password_agent.secret import Secret
+from mandos_core.secret import Secret
 from tests.test_passphrase_helpers import (
     BACKUP0,
     USER0,

@@ -168,7 +168,7 @@ def test_pkexec_backend_hands_passphrases_on_stdin(tmp_path: Path) -> None:
     import sys
 
     from luks_passphrase.gui import PkexecBackend
-    from password_agent.secret import Secret
+    from mandos_core.secret import Secret
     from tests.test_passphrase_helpers import ROOT
 
     bindir = tmp_path / "bin"

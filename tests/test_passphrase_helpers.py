@@ -61,7 +61,7 @@ def opens(image: Path, passphrase: bytes, slot: int | None = None) -> bool:
 def opens_fast(image: Path, passphrase: bytes, slot: int | None = None) -> bool:
     """The same check in-process (libcryptsetup), for the many checks of the crash loops."""
     from luks_passphrase.libcryptsetup import LuksVolume, WrongPassphrase
-    from password_agent.secret import Secret
+    from mandos_core.secret import Secret
 
     with LuksVolume(image) as v:
         try:

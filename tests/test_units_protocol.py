@@ -9,7 +9,7 @@ import pytest
 
 from mandosd.durations import DurationError, format_duration, parse_duration
 from password_agent.client import parse_server
-from password_agent.protocol import (
+from mandos_core.protocol import (
     EMPTY_KEY_ID,
     KeyIdError,
     key_id,
@@ -17,8 +17,8 @@ from password_agent.protocol import (
     pem_to_der,
     spki_from_certificate,
 )
-from password_agent.secret import Secret
-from password_agent.tlskeys import KeyFiles
+from mandos_core.secret import Secret
+from mandos_core.keyfiles import KeyFiles
 from tests.helpers import have
 
 

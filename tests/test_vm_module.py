@@ -23,7 +23,7 @@ needs_python = pytest.mark.skipif(not Path(PY).exists(), reason="no Debian /usr/
 def python_files(*extra: str) -> dict[str, str]:
     out = subprocess.run(
         [PY, "-I", str(MODULE / "python-files.py"), "--path", str(vmlib.ROOT),
-         "--package", "password_agent", "--exclude", "password_agent.certificate",
+         "--package", "password_agent", "--exclude", "mandos_keygen.certificate",
          "--exclude", "zeroconf", *extra],
         capture_output=True, check=True, text=True).stdout
     return dict(line.split("\t") for line in out.splitlines())
@@ -57,7 +57,7 @@ def test_python_files_cover_the_agent_and_lazy_imports() -> None:
 def test_python_files_lists_extension_modules_for_ldd() -> None:
     out = subprocess.run(
         [PY, "-I", str(MODULE / "python-files.py"), "--path", str(vmlib.ROOT),
-         "--package", "password_agent", "--exclude", "password_agent.certificate",
+         "--package", "password_agent", "--exclude", "mandos_keygen.certificate",
          "--exclude", "zeroconf", "--shared-objects"],
         capture_output=True, check=True, text=True).stdout.split()
     assert out and all(p.endswith(".so") and Path(p).exists() for p in out)

@@ -29,7 +29,7 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from password_agent.secret import Secret
+from mandos_core.secret import Secret
 
 MAGIC = b"\0volume_key"
 FORMAT_CLEARTEXT = 0

@@ -21,9 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import DEFAULT_KEYDIR  # noqa: F401 - re-exported
 from .protocol import DERError, key_id, pem_to_der, spki_from_certificate, tls13_only
 from .run import CommandError, run
+
+#: Where the client's keys live, with Mandos's file names.
+DEFAULT_KEYDIR = Path("/etc/keys/mandos")
 
 if TYPE_CHECKING:
     import ssl
@@ -70,7 +72,7 @@ class KeyFiles:
 def _make_certificate(keyfiles: KeyFiles, outdir: Path) -> Path:
     cert = outdir / "tls-cert.pem"
     try:
-        from .certificate import self_signed_pem
+        from mandos_keygen.certificate import self_signed_pem
     except ImportError:  # no cryptography (initrd): fall back to the openssl binary
         try:
             run(["openssl", "req", "-x509", "-new", "-key", str(keyfiles.tls_privkey),
