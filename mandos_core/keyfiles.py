@@ -5,30 +5,28 @@ Debian's ``mandos-keygen`` or ours:
 
 - ``tls-privkey.pem``  Ed25519 private key (PKCS#8)
 - ``tls-pubkey.pem``   its SubjectPublicKeyInfo
-- ``tls-cert.pem``     a self-signed certificate around it (ours only; made on demand)
+- ``tls-cert.pem``     a self-signed certificate around it (written by our keygen
+                       before raw public keys; no longer used by the client)
+- ``server-pins``      key_ids of the key servers this machine trusts (optional)
 - ``seckey.txt`` / ``pubkey.txt``  the armored OpenPGP key pair
 
-Python's ``ssl`` needs a certificate to present, while Mandos 1.8 uses raw
-public keys.  When ``tls-cert.pem`` is missing we make one in a private
-temporary directory, with ``cryptography`` when installed or ``openssl``.
+The client presents its key as an RFC 7250 raw public key through GnuTLS,
+exactly as Mandos 1.8 does (:mod:`mandos_core.tls`).
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .protocol import DERError, key_id, pem_to_der, spki_from_certificate, tls13_only
-from .run import CommandError, run
+from .protocol import key_id, pem_to_der
 
 #: Where the client's keys live, with Mandos's file names.
 DEFAULT_KEYDIR = Path("/etc/keys/mandos")
 
 if TYPE_CHECKING:
-    import ssl
+    from .tls import ClientTLS
 
 
 
@@ -69,41 +67,56 @@ class KeyFiles:
         return key_id(self.spki_der())
 
 
-def _make_certificate(keyfiles: KeyFiles, outdir: Path) -> Path:
-    cert = outdir / "tls-cert.pem"
+#: Key servers this machine trusts: one key_id per line (``mandos-keygen --pin``).
+PINS_FILE = "server-pins"
+
+
+def read_pins(keydir: Path) -> frozenset[str]:
+    """The pinned key servers' key_ids in *keydir*/server-pins (empty when absent)."""
+    from .protocol import KeyIdError, normalize_key_id
+
+    path = keydir / PINS_FILE
     try:
-        from mandos_keygen.certificate import self_signed_pem
-    except ImportError:  # no cryptography (initrd): fall back to the openssl binary
-        try:
-            run(["openssl", "req", "-x509", "-new", "-key", str(keyfiles.tls_privkey),
-                 "-subj", "/CN=mandos-client", "-days", "36500", "-out", str(cert)])
-        except CommandError as e:
-            raise KeyError_(f"cannot make a TLS certificate: {e}") from None
-    else:
-        cert.write_bytes(self_signed_pem(keyfiles.tls_privkey.read_bytes()))
-    return cert
-
-
-def server_context(keyfiles: KeyFiles) -> ssl.SSLContext:
-    """TLS context for the client's role in protocol 1: the TLS *server*."""
-    import ssl  # here, not at the top: mandos-client starts gpg before paying for ssl
-
-    ctx = tls13_only(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
-    ctx.verify_mode = ssl.CERT_NONE
-    try:
-        if keyfiles.tls_cert is not None:
-            cert_der = pem_to_der(keyfiles.tls_cert.read_bytes(), "CERTIFICATE")
-            if spki_from_certificate(cert_der) != keyfiles.spki_der():
-                raise KeyError_(f"{keyfiles.tls_cert} does not match {keyfiles.tls_pubkey}")
-            ctx.load_cert_chain(keyfiles.tls_cert, keyfiles.tls_privkey)
-        else:
-            with tempfile.TemporaryDirectory(prefix="mandos-tls-") as tmp:
-                os.chmod(tmp, 0o700)
-                cert = _make_certificate(keyfiles, Path(tmp))
-                ctx.load_cert_chain(cert, keyfiles.tls_privkey)
+        text = path.read_text(encoding="ascii", errors="replace")
+    except FileNotFoundError:
+        return frozenset()
     except OSError as e:
-        name = getattr(e, "filename", None) or "key files"
-        raise KeyError_(f"{name}: {e.strerror or e}") from None
-    except (ssl.SSLError, ValueError, DERError) as e:
+        raise KeyError_(f"{path}: {e.strerror}") from None
+    pins = set()
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        try:
+            pins.add(normalize_key_id(line))
+        except KeyIdError as e:
+            raise KeyError_(f"{path}:{n}: {e}") from None
+    return frozenset(pins)
+
+
+def server_context(keyfiles: KeyFiles, *, priority: str | None = None,
+                   pins: frozenset[str] | None = None, require_pin: bool = True) -> ClientTLS:
+    """The client's role in protocol 1: the TLS *server*, presenting its raw public key."""
+    from . import gnutls
+    from .tls import ClientTLS, effective_priority
+
+    try:
+        spki_pem = keyfiles.tls_pubkey.read_bytes()
+        key_pem = keyfiles.tls_privkey.read_bytes()
+    except OSError as e:
+        raise KeyError_(f"{e.filename}: {e.strerror}") from None
+    try:
+        pem_to_der(spki_pem, "PUBLIC KEY")
+    except ValueError as e:
+        raise KeyError_(f"{keyfiles.tls_pubkey}: {e}") from None
+    cred = gnutls.Credentials()
+    try:
+        cred.set_rawpk(spki_pem, key_pem)
+    except gnutls.GnuTLSError as e:
+        cred.close()
         raise KeyError_(f"TLS key files in {keyfiles.tls_privkey.parent}: {e}") from None
-    return ctx
+    finally:
+        key_pem = b""
+    if pins is None:
+        pins = read_pins(keyfiles.tls_privkey.parent)
+    return ClientTLS(cred, effective_priority(priority, server=False), pins, require_pin)

@@ -1,20 +1,19 @@
 """The key server's exchange: one place that reads, bounds, decides and answers.
 
-asyncio, one task per connection; every wait is bounded, so a slow or hostile
-peer holds only its own connection.  Database calls run on one worker thread,
-never on the event loop.  Every refusal looks the same on the wire: the TLS
-handshake completes, then close_notify with zero bytes.  The reason goes to
-the audit log only.
+asyncio, one task per connection, TLS through GnuTLS on the non-blocking
+socket (:mod:`mandos_core.tls`): no thread or process per connection, and
+every wait is bounded, so a slow or hostile peer holds only its own
+connection.  Database calls run on one worker thread, never on the event
+loop.  Every refusal looks the same on the wire: the TLS handshake completes,
+then close_notify with zero bytes.  The reason goes to the audit log only.
 """
 
 from __future__ import annotations
 
 import asyncio
-import asyncio.sslproto
 import contextlib
 import logging
 import socket
-import ssl
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -22,91 +21,44 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from mandos_core.protocol import (
-    EMPTY_KEY_ID,
-    ESCROW_LINE,
-    MAX_VERSION_LINE,
-    VERSION_LINE,
-    DERError,
-    key_id,
-    spki_from_certificate,
-    tls13_only,
-)
+from mandos_core import gnutls
+from mandos_core.protocol import EMPTY_KEY_ID, ESCROW_LINE, MAX_VERSION_LINE, VERSION_LINE
+from mandos_core.tls import AsyncTLS, PeerKey, PeerKeyError, effective_priority, peer_key
 
 from . import config as configmod
+from . import identity as identitymod
 from . import policy
 from .audit import Kind, audit
+from .changes import Changes
 from .config import Client, Config
+from .connections import (
+    Conn,
+    ConnectionTable,
+    RateLimitedLog,
+    accept_loop,
+    raise_fd_limit,
+)
 from .state import ClientState, SQLiteStore, StateError, added_client
 
 log = logging.getLogger("mandosd.server")
 T = TypeVar("T")
-
-# asyncio gives every TLS connection a 256 KiB read buffer; a herd of 500 booting
-# clients then costs 125 MiB for buffers alone.  Our peers send a handshake and
-# nothing else: twice the largest TLS record is plenty.
-asyncio.sslproto.SSLProtocol.max_size = 2 * (16384 + 2048)
 
 
 @dataclass(frozen=True)
 class Limits:
     version_timeout: float = 10.0
     handshake_timeout: float = 10.0
+    send_timeout: float = 10.0
     #: bytes a peer may send after the handshake (it should send none)
     max_peer_data: int = 4096
-    approval_poll: float = 0.2
+    #: re-check a waiting approval this often even without a change notification
+    approval_recheck: float = 5.0
     #: cap on any approval wait, whatever approval_delay says
     max_approval_wait: float = 3600.0
-
-
-def tls_client_context() -> ssl.SSLContext:
-    """The key server's TLS role: the TLS *client*, identifying peers by key_id."""
-    ctx = tls13_only(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE  # identity is the key_id, checked below
-    return ctx
-
-
-class _Peer(asyncio.Protocol):
-    """Buffers the version line, then relays TLS events to the connection task."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, limits: Limits) -> None:
-        self.loop = loop
-        self.limits = limits
-        self.buf = bytearray()
-        self.line: asyncio.Future[bytes] = loop.create_future()
-        self.lost: asyncio.Future[None] = loop.create_future()
-        self.transport: asyncio.BaseTransport | None = None
-        self.after_tls = 0
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if self.transport is None:
-            self.transport = transport
-
-    def data_received(self, data: bytes) -> None:
-        if not self.line.done():
-            self.buf += data
-            nl = self.buf.find(b"\n")
-            if nl >= 0 or len(self.buf) >= MAX_VERSION_LINE:
-                end = nl + 1 if nl >= 0 else len(self.buf)
-                self.line.set_result(bytes(self.buf[:end]))
-                if len(self.buf) > end:  # TLS must wait for us; early bytes are hostile
-                    self.after_tls = self.limits.max_peer_data + 1
-            return
-        self.after_tls += len(data)
-        if self.after_tls > self.limits.max_peer_data and self.transport is not None:
-            self.transport.abort()  # type: ignore[attr-defined]
-
-    def eof_received(self) -> bool | None:
-        if not self.line.done():
-            self.line.set_result(bytes(self.buf))
-        return None
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self.line.done():
-            self.line.set_result(bytes(self.buf))
-        if not self.lost.done():
-            self.lost.set_result(None)
+    #: connections from one address; the oldest unproved one makes room for a newcomer
+    per_address: int = 256
+    #: connections in all (further capped by the file-descriptor limit)
+    total: int = 4096
 
 
 class KeyServer:
@@ -122,7 +74,6 @@ class KeyServer:
         self.statedir = statedir
         self.limits = limits
         self.clock = clock
-        self.ctx = tls_client_context()
         self.db_thread = ThreadPoolExecutor(1, thread_name_prefix="mandosd-db")
         # NORMAL sync: a commit survives the process being killed; only a power cut may
         # lose the last "secret sent" (its deadline extension), which errs on the safe
@@ -134,6 +85,13 @@ class KeyServer:
         self.active = 0
         self.last_activity = time.monotonic()
         self.served = 0
+        self.identity = identitymod.load_or_create(statedir)
+        self.priority = effective_priority(self.config.server.priority, server=True)
+        self.credentials = gnutls.Credentials()
+        self.credentials.set_rawpk(self.identity.spki_pem, self.identity.key_pem)
+        self.conns = ConnectionTable(limits.per_address, limits.total)
+        self.errors = RateLimitedLog(log)
+        self.changes: Changes | None = None
         audit(Kind.CONFIG_LOADED, f"loaded {len(self.config.clients)} clients from "
               f"{configdir}", clients=len(self.config.clients))
 
@@ -166,55 +124,83 @@ class KeyServer:
         state = self.store.get(client.name)
         return policy.effective(client, state), state
 
-    async def handle(self, sock_transport: asyncio.BaseTransport, peer: _Peer,
-                     peername: str) -> None:
+    async def _read_line(self, conn: Conn, deadline: float) -> bytes:
+        """The protocol line, read without consuming a byte beyond it (at most 16 bytes)."""
         loop = asyncio.get_running_loop()
-        transport: Any = sock_transport
+        waiter = AsyncTLS(loop, conn.sock.fileno(), None)  # type: ignore[arg-type]
+        buf = b""
+        while True:
+            try:
+                data = conn.sock.recv(MAX_VERSION_LINE - len(buf))
+            except BlockingIOError:
+                await waiter.wait(False, deadline)
+                continue
+            if not data:
+                return buf
+            buf += data
+            if b"\n" in buf or len(buf) >= MAX_VERSION_LINE:
+                return buf
+
+    async def handle(self, conn: Conn) -> None:
+        loop = asyncio.get_running_loop()
+        peername = conn.peername
+        session: gnutls.Session | None = None
+        tls: AsyncTLS | None = None
         self.active += 1
+        self.last_activity = time.monotonic()
         try:
             try:
-                line = await asyncio.wait_for(asyncio.shield(peer.line),
-                                              self.limits.version_timeout)
+                line = await self._read_line(conn, loop.time() + self.limits.version_timeout)
             except TimeoutError:
                 audit(Kind.PROTOCOL_ERROR, f"{peername}: no version line in time",
                       peer=peername, reason="version-timeout")
                 return
-            if line not in (VERSION_LINE, ESCROW_LINE) or peer.after_tls:
+            except OSError as e:
+                audit(Kind.PROTOCOL_ERROR, f"{peername}: connection failed: {e.strerror}",
+                      peer=peername, reason="connection-error")
+                return
+            if line not in (VERSION_LINE, ESCROW_LINE):
                 audit(Kind.PROTOCOL_ERROR, f"{peername}: unsupported protocol version line",
                       peer=peername, reason="bad-version-line")
                 return
+            fd = conn.sock.fileno()
+            session = gnutls.Session(fd, server=False, credentials=self.credentials,
+                                     priority=self.priority)
+            tls = AsyncTLS(loop, fd, session)
             try:
-                transport = await asyncio.wait_for(
-                    loop.start_tls(sock_transport, peer, self.ctx,  # type: ignore[arg-type]
-                                   server_side=False,
-                                   ssl_handshake_timeout=self.limits.handshake_timeout),
-                    self.limits.handshake_timeout + 1)
-            except (TimeoutError, ssl.SSLError, OSError, ConnectionError) as e:
-                transport = sock_transport
-                reason = getattr(e, "reason", None) or type(e).__name__
-                audit(Kind.PROTOCOL_ERROR, f"{peername}: TLS handshake failed: {reason}",
-                      peer=peername, reason="tls-handshake")
+                await tls.handshake(loop.time() + self.limits.handshake_timeout)
+            except TimeoutError:
+                audit(Kind.PROTOCOL_ERROR, f"{peername}: TLS handshake timed out",
+                      peer=peername, reason="tls-handshake", tls_error="timeout")
                 return
-            if transport is None:
+            except gnutls.GnuTLSError as e:
+                audit(Kind.PROTOCOL_ERROR, f"{peername}: TLS handshake failed: {e}",
+                      peer=peername, reason="tls-handshake", tls_error=e.reason)
+                return
+            except OSError as e:
+                audit(Kind.PROTOCOL_ERROR, f"{peername}: TLS handshake failed: {e.strerror}",
+                      peer=peername, reason="tls-handshake", tls_error="connection-error")
                 return
             try:
-                der = transport.get_extra_info("ssl_object").getpeercert(binary_form=True)
-                kid = key_id(spki_from_certificate(der))
-            except (AttributeError, TypeError, DERError):
-                audit(Kind.PROTOCOL_ERROR, f"{peername}: no usable certificate",
-                      peer=peername, reason="no-certificate")
+                peer = peer_key(session)
+            except PeerKeyError as e:
+                audit(Kind.PROTOCOL_ERROR, f"{peername}: {e}", peer=peername,
+                      reason=e.reason)
                 return
+            conn.proved = True
             if line == ESCROW_LINE:
-                await self._escrow(transport, peer, kid, peername)
-                return
-            await self._answer(transport, peer, kid, peername)
+                await self._escrow(tls, peer, peername)
+            else:
+                await self._answer(tls, peer, peername)
         except Exception:
             log.exception("%s: internal error; connection dropped", peername)
         finally:
             self.active -= 1
             self.last_activity = time.monotonic()
-            if transport is not None and not transport.is_closing():
-                transport.close()
+            if session is not None:
+                with contextlib.suppress(gnutls.GnuTLSError, gnutls.WouldBlock, OSError):
+                    session.bye()  # close_notify if the socket takes it now; never wait
+                session.close()
 
     def _decide(self, kid: str) -> tuple[Client | None, ClientState | None, policy.Decision,
                                          str | None]:
@@ -243,7 +229,9 @@ class KeyServer:
         deadline = policy.deadline_after_secret(client, now, state.deadline if state else None)
         self.store.record_secret_sent(client.name, now, deadline)
 
-    async def _answer(self, transport: Any, peer: _Peer, kid: str, peername: str) -> None:
+    async def _answer(self, tls: AsyncTLS, peer: PeerKey, peername: str) -> None:
+        kid = peer.key_id
+        ctype = peer.cert_type
         try:
             client, state, decision, error = await self._db(self._decide, kid)
         except StateError as e:
@@ -251,7 +239,7 @@ class KeyServer:
             return
         name = client.name if client else None
         if decision.verdict is policy.Verdict.WAIT and client is not None:
-            waited = await self._wait_for_approval(client, peer, kid, peername, self.clock(),
+            waited = await self._wait_for_approval(client, tls, kid, peername, self.clock(),
                                                    decision.wait_until or self.clock())
             if waited is None:
                 return
@@ -266,18 +254,25 @@ class KeyServer:
             log.error("not sending to %s: state store: %s", name, error)
             return
         if decision.verdict is policy.Verdict.SEND and client is not None:
-            transport.write(client.secret)
+            try:
+                await tls.send_all(bytes(client.secret),
+                                   tls.loop.time() + self.limits.send_timeout)
+            except (TimeoutError, gnutls.GnuTLSError, OSError) as e:
+                audit(Kind.PROTOCOL_ERROR, f"{client.name}: sending the secret failed: {e}",
+                      client=client.name, key_id=kid, peer=peername, reason="send-failed",
+                      cert_type=ctype)
+                return
             self.served += 1
             audit(Kind.SECRET_SENT, f"sent secret to {client.name}", client=client.name,
-                  key_id=kid, peer=peername, reason=decision.reason)
+                  key_id=kid, peer=peername, reason=decision.reason, cert_type=ctype)
             return
         if decision.verdict is policy.Verdict.TIMED_OUT and state is not None and state.enabled:
             audit(Kind.CLIENT_TIMED_OUT, f"{state.name}: timeout passed; client disabled",
                   client=state.name, key_id=kid, reason="deadline passed")
         audit(decision.verdict.value, f"refused {name or 'unknown client'}: {decision.reason}",
-              client=name, key_id=kid, peer=peername, reason=decision.reason)
+              client=name, key_id=kid, peer=peername, reason=decision.reason, cert_type=ctype)
 
-    async def _wait_for_approval(self, client: Client, peer: _Peer, kid: str, peername: str,
+    async def _wait_for_approval(self, client: Client, tls: AsyncTLS, kid: str, peername: str,
                                  requested_at: float, wait_until: float
                                  ) -> policy.Decision | None:
         wait_until = min(wait_until, requested_at + self.limits.max_approval_wait)
@@ -290,27 +285,51 @@ class KeyServer:
                 client.name, last_approval_request=requested_at,
                 approval_pending_until=wait_until))
         try:
-            return await self._approval_loop(client, peer, kid, peername, requested_at,
+            return await self._approval_loop(client, tls, kid, peername, requested_at,
                                              wait_until)
         finally:
             with contextlib.suppress(StateError):
                 await self._db(lambda: self.store.update(client.name,
                                                          approval_pending_until=None))
 
-    async def _approval_loop(self, client: Client, peer: _Peer, kid: str, peername: str,
+    async def _peer_gone(self, tls: AsyncTLS, received: list[int]) -> bool:
+        """After the socket turned readable while waiting: did the peer hang up?"""
+        try:
+            data = tls.session.recv(4096)
+        except gnutls.WouldBlock:
+            return False
+        except gnutls.GnuTLSError:
+            return True
+        if not data:
+            return True
+        received[0] += len(data)
+        return received[0] > self.limits.max_peer_data
+
+    async def _approval_loop(self, client: Client, tls: AsyncTLS, kid: str, peername: str,
                              requested_at: float, wait_until: float
                              ) -> policy.Decision | None:
+        """Wait for an approve/deny, woken by changes to the state (not by polling)."""
+        loop = tls.loop
+        received = [0]
         while True:
             left = wait_until - self.clock()
+            readable: asyncio.Future[None] = loop.create_future()
+            loop.add_reader(tls.fd, lambda: readable.done() or readable.set_result(None))
+            waits: set[asyncio.Future[Any]] = {readable}
+            if self.changes is not None:
+                waits.add(self.changes.next())
             try:
-                await asyncio.wait_for(asyncio.shield(peer.lost),
-                                       max(0.0, min(self.limits.approval_poll, left)))
+                await asyncio.wait(waits, timeout=max(0.0, min(left, self.limits.approval_recheck)),
+                                   return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                loop.remove_reader(tls.fd)
+                readable.cancel()
+            if readable.done() and not readable.cancelled() and await self._peer_gone(
+                    tls, received):
                 audit(Kind.PROTOCOL_ERROR, f"{client.name} disconnected while waiting "
                       "for approval", client=client.name, key_id=kid, peer=peername,
                       reason="disconnected-waiting")
                 return None
-            except TimeoutError:
-                pass
             try:
                 fresh, state = await self._db(self._lookup, kid)
             except StateError as e:
@@ -325,59 +344,43 @@ class KeyServer:
                         client.name, approved_until=self.clock() + client.approval_duration))
                 return decision
 
-    async def _escrow(self, transport: Any, peer: _Peer, kid: str, peername: str) -> None:
-        try:
-            from . import escrow
-        except ImportError:
-            audit(Kind.PROTOCOL_ERROR, f"{peername}: escrow not available", peer=peername,
-                  key_id=kid, reason="escrow-unavailable")
-            return
+    async def _escrow(self, tls: AsyncTLS, peer: PeerKey, peername: str) -> None:
+        from . import escrow
+
+        kid = peer.key_id
         client, _ = await self._db(self._lookup, kid)
         if client is None:
             audit(Kind.REFUSED_UNKNOWN, f"escrow from unknown key {kid}", key_id=kid,
                   peer=peername, reason="no client has this key_id")
             return
-        loop = asyncio.get_running_loop()
-        reader = asyncio.StreamReader(limit=64 * 1024, loop=loop)
-        proto = asyncio.StreamReaderProtocol(reader, loop=loop)
-        transport.set_protocol(proto)
-        proto.connection_made(transport)
-        writer = asyncio.StreamWriter(transport, proto, reader, loop)
+        reader, writer, pump = tls_streams(tls)
         store = await self._db(escrow.EscrowStore, self.statedir)
         try:
-            await escrow.handle_escrow(reader, writer, client_name=client.name, key_id=kid,
-                                       store=store)
+            await escrow.handle_escrow(reader, writer, client_name=client.name,  # type: ignore[arg-type]
+                                       key_id=kid, store=store)
         finally:
+            pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await pump
             await self._db(store.close)
+
+    def _refused_connection(self, conn: Conn, why: str) -> None:
+        self.errors.log(logging.WARNING, f"{why} {conn.address}",
+                        f"{conn.peername}: connection dropped ({why}: more than "
+                        f"{self.limits.per_address} from {conn.address} or "
+                        f"{self.conns.total} in all)")
 
     async def serve(self, socks: list[socket.socket], *, idle_timeout: float | None = None,
                     on_ready: Callable[[], None] | None = None,
                     background: list[Callable[[], Any]] | None = None) -> None:
         """Serve on *socks* until cancelled, or until idle for *idle_timeout* seconds."""
+        fds = raise_fd_limit()
+        self.conns.total = max(16, min(self.limits.total, fds - 64))
         loop = asyncio.get_running_loop()
-
-        def factory_for() -> Callable[[], asyncio.Protocol]:
-            def make() -> asyncio.Protocol:
-                peer = _Peer(loop, self.limits)
-
-                orig = peer.connection_made
-
-                def made(transport: asyncio.BaseTransport) -> None:
-                    orig(transport)
-                    pn = transport.get_extra_info("peername")
-                    peername = (f"[{pn[0]}]:{pn[1]}" if pn and ":" in str(pn[0])
-                                else f"{pn[0]}:{pn[1]}" if pn else "?")
-                    self.last_activity = time.monotonic()
-                    task = loop.create_task(self.handle(transport, peer, peername))
-                    self._tasks.add(task)
-                    task.add_done_callback(self._tasks.discard)
-
-                peer.connection_made = made  # type: ignore[method-assign]
-                return peer
-            return make
-
-        self._tasks: set[asyncio.Task[None]] = set()
-        servers = [await loop.create_server(factory_for(), sock=s) for s in socks]
+        self.changes = Changes(loop, self.statedir)
+        acceptors = [loop.create_task(accept_loop(s, self.conns, self.handle,
+                                                  self._refused_connection, self.errors))
+                     for s in socks]
         bg = [loop.create_task(job()) for job in background or []]
         if on_ready:
             on_ready()
@@ -390,14 +393,71 @@ class KeyServer:
                              idle_timeout)
                     return
         finally:
-            for t in bg:
+            for t in acceptors + bg:
                 t.cancel()
-            for srv in servers:
-                srv.close()
-            for t in list(self._tasks):
-                t.cancel()
-            await asyncio.gather(*self._tasks, *bg, return_exceptions=True)
+            for c in self.conns.all():
+                c.drop()
+            tasks = [c.task for c in self.conns.all() if c.task is not None]
+            await asyncio.gather(*acceptors, *bg, *tasks, return_exceptions=True)
+            self.changes.close()
 
     def close(self) -> None:
         self.db_thread.shutdown(wait=True)
         self.store.close()
+        self.credentials.close()
+
+
+class _TLSWriter:
+    """What the escrow handler needs of a StreamWriter, over an :class:`AsyncTLS`."""
+
+    def __init__(self, tls: AsyncTLS, timeout: float = 10.0) -> None:
+        self.tls = tls
+        self.timeout = timeout
+        self.buf = bytearray()
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.buf += data
+
+    async def drain(self) -> None:
+        data, self.buf = bytes(self.buf), bytearray()
+        if data:
+            await self.tls.send_all(data, self.tls.loop.time() + self.timeout)
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    async def wait_closed(self) -> None:
+        await self.drain()
+
+
+def tls_streams(tls: AsyncTLS, limit: int = 64 * 1024, max_total: int = 4 * 1024 * 1024
+                ) -> tuple[asyncio.StreamReader, _TLSWriter, asyncio.Task[None]]:
+    """A StreamReader fed from the TLS session by a pump task, and a writer.
+
+    Every byte GnuTLS has received (also what arrived with the handshake) is
+    read from the session itself, so nothing is lost at the switch.  A peer that
+    sends more than *max_total* bytes on one connection is cut off."""
+    reader = asyncio.StreamReader(limit=limit, loop=tls.loop)
+
+    async def pump() -> None:
+        total = 0
+        try:
+            while True:
+                data = await tls.recv(16384, None)
+                if not data:
+                    break
+                total += len(data)
+                if total > max_total:
+                    reader.set_exception(ConnectionResetError("peer sent too much"))
+                    return
+                reader.feed_data(data)
+        except (gnutls.GnuTLSError, OSError) as e:
+            reader.set_exception(ConnectionResetError(str(e)))
+            return
+        reader.feed_eof()
+
+    return reader, _TLSWriter(tls), tls.loop.create_task(pump())

@@ -39,7 +39,7 @@ from .askfile import (
 from .client import Server
 from .discovery import Discovery
 from .gpg import Decryptor, GpgError
-from .inotify import (
+from mandos_core.inotify import (
     IN_CLOSE_WRITE,
     IN_DELETE,
     IN_DELETE_SELF,

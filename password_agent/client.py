@@ -1,7 +1,7 @@
 """Fetching the encrypted secret from key servers (protocol 1), and ``mandos-client``.
 
 The client connects, sends the version line, then acts as the TLS *server*
-with its Ed25519 certificate.  It reads the OpenPGP message to EOF (bounded
+presenting its Ed25519 key as a raw public key (GnuTLS, :mod:`mandos_core.tls`).  It reads the OpenPGP message to EOF (bounded
 in size and time) and decrypts it locally.  Zero bytes means "refused": the
 server never says why.
 """
@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import logging
 import socket
-import ssl
 import threading
 import time
 from dataclasses import dataclass
 
 from mandos_core.address import Server, parse_server  # noqa: F401 - re-exported
+from mandos_core import gnutls, tls
 from mandos_core.protocol import MAX_SECRET_SIZE, VERSION_LINE
+from mandos_core.tls import ClientTLS, UnpinnedServer
 
 log = logging.getLogger("mandos-client")
 
@@ -35,7 +36,7 @@ class Refused(FetchError):
 
 def fetch(
     server: Server,
-    ctx: ssl.SSLContext,
+    ctx: ClientTLS,
     *,
     connect_timeout: float = 5.0,
     timeout: float = 10.0,
@@ -54,36 +55,40 @@ def fetch(
     except OSError as e:
         raise FetchError(server, e.strerror or str(e)) from None
     deadline = time.monotonic() + timeout
+    stop = cancel.is_set if cancel is not None else None
+    session: gnutls.Session | None = None
+    chunks: list[bytes] = []
     try:
         sock.settimeout(timeout)
         sock.sendall(VERSION_LINE)
-        with ctx.wrap_socket(sock, server_side=True) as tls:
-            chunks: list[bytes] = []
-            size = 0
-            while True:
-                left = deadline - time.monotonic()
-                if left <= 0 or (cancel is not None and cancel.is_set()):
-                    raise FetchError(server, "timed out waiting for the secret")
-                tls.settimeout(min(left, 0.5) if cancel is not None else left)
-                try:
-                    chunk = tls.recv(16384)
-                except TimeoutError:
-                    continue
-                except ssl.SSLZeroReturnError:
-                    break
-                if not chunk:
-                    break
-                size += len(chunk)
-                if size > MAX_SECRET_SIZE:
-                    raise FetchError(server, f"secret larger than {MAX_SECRET_SIZE} bytes")
-                chunks.append(chunk)
+        sock.setblocking(False)
+        fd = sock.fileno()
+        session = gnutls.Session(fd, server=True, credentials=ctx.credentials,
+                                 priority=ctx.priority, request_peer_key=bool(ctx.pins))
+        tls.drive(session, fd, session.handshake, deadline, stop)
+        ctx.check_server(session, str(server))
+        size = 0
+        while True:
+            chunk = tls.drive(session, fd, lambda: session.recv(16384), deadline, stop)  # type: ignore[union-attr]
+            if not chunk:
+                break
+            size += len(chunk)
+            if size > MAX_SECRET_SIZE:
+                raise FetchError(server, f"secret larger than {MAX_SECRET_SIZE} bytes")
+            chunks.append(chunk)
+    except tls.TLSTimeout:
+        raise FetchError(server, "timed out waiting for the secret") from None
     except TimeoutError:
         raise FetchError(server, "timed out") from None
-    except ssl.SSLError as e:
-        raise FetchError(server, f"TLS: {e.reason or e}") from None
+    except gnutls.GnuTLSError as e:
+        raise FetchError(server, f"TLS: {e}") from None
+    except UnpinnedServer as e:
+        raise FetchError(server, str(e)) from None
     except OSError as e:
         raise FetchError(server, e.strerror or str(e)) from None
     finally:
+        if session is not None:
+            session.close()
         sock.close()
     data = b"".join(chunks)
     if not data:
@@ -95,7 +100,7 @@ def fetch(
 
 def fetch_any(
     servers: list[Server],
-    ctx: ssl.SSLContext,
+    ctx: ClientTLS,
     *,
     connect_timeout: float = 5.0,
     timeout: float = 10.0,

@@ -23,7 +23,7 @@ from password_agent.askfile import (
     read_ask,
     skip_reason,
 )
-from password_agent.inotify import IN_CLOSE_WRITE, IN_DELETE, IN_MOVED_TO, Inotify
+from mandos_core.inotify import IN_CLOSE_WRITE, IN_DELETE, IN_MOVED_TO, Inotify
 
 # Exactly what systemd 252's systemd-ask-password writes.
 REAL = b"""[Ask]

@@ -18,8 +18,9 @@ import pytest
 from mandosd.state import SQLiteStore
 from password_agent.client import parse_server
 from mandos_core.protocol import VERSION_LINE
-from mandos_core.keyfiles import KeyFiles, server_context
+from mandos_core.keyfiles import KeyFiles
 from tests.conftest import PASSWORD
+from tests.tlspeers import exchange, legacy_fetch
 from tests.helpers import Mandosd, enroll, fetch, free_port, have, make_keys
 
 
@@ -135,15 +136,9 @@ def test_keygen_refuses_to_overwrite(tmp_path: Path) -> None:
 
 def raw_fetch(keydir: Path, address: str) -> bytes:
     """Do the client side by hand and return exactly the bytes the server sent."""
-    srv = parse_server(address)
-    ctx = server_context(KeyFiles.from_dir(keydir))
-    with socket.create_connection((srv.host, srv.port), timeout=5) as s:
-        s.sendall(VERSION_LINE)
-        with ctx.wrap_socket(s, server_side=True) as tls:
-            data = b""
-            while chunk := tls.recv(4096):
-                data += chunk
-            return data
+    r = exchange(keydir, address)
+    assert r.error is None, r.error
+    return r.data
 
 
 def test_refused_unknown_key(mandosd: Mandosd, tmp_path: Path, client_section: str) -> None:
@@ -252,22 +247,20 @@ def test_garbage_instead_of_tls(tmp_path: Path, client_keys: Path, client_sectio
 
 
 def test_tls12_peer_refused(tmp_path: Path, client_keys: Path, client_section: str) -> None:
-    keys = KeyFiles.from_dir(client_keys)
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(str(keys.tls_cert), str(keys.tls_privkey))
+    """A client machine that will only speak TLS 1.2 gets nothing; the audit says why."""
     with hostile_server(tmp_path, client_section) as srv:
-        s = socket.create_connection(("127.0.0.1", srv.port), timeout=5)
-        s.sendall(VERSION_LINE)
-        with pytest.raises((ssl.SSLError, ConnectionError)):
-            with ctx.wrap_socket(s, server_side=True) as tls:
-                tls.recv(10)
-        deadline = time.monotonic() + 5
-        while "MANDOS_REASON=tls-handshake" not in srv.log() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert "MANDOS_REASON=tls-handshake" in srv.log()
+        r = exchange(client_keys, srv.address,
+                     priority="SECURE128:+CTYPE-RAWPK:!CTYPE-X.509:-VERS-ALL:+VERS-TLS1.2")
+        assert r.data == b"" and r.error is not None
+        wait_for_log(srv, "MANDOS_REASON=tls-handshake")
         assert "sent secret" not in srv.log()
+
+
+def wait_for_log(srv: Mandosd, text: str, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in srv.log() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert text in srv.log()
 
 
 def test_stalling_peers_do_not_block_others(tmp_path: Path, client_keys: Path,
