@@ -303,18 +303,26 @@ def _volume_for_uuid(ctx: Context, uuid: str, path_hint: str) -> Volume:
 
 def cmd_sync(ctx: Context) -> Outcome:
     from mandos_core.address import parse_server
-    from mandos_core.keyfiles import KeyFiles, server_context
+    from mandos_core.keyfiles import KeyFiles, read_pins, server_context
+    from mandos_core.protocol import KeyIdError, normalize_key_id
 
     from .transport import TransportError, send
 
     servers_text = ctx.args.server
+    extra_pins: set[str] = set()
     if not servers_text:
         f = ctx.args.state_dir / "escrow-servers"
         try:
-            servers_text = [ln.strip() for ln in f.read_text().splitlines()
-                            if ln.strip() and not ln.startswith("#")]
+            lines = [ln.split("#", 1)[0].split() for ln in f.read_text().splitlines()]
         except OSError:
-            servers_text = []
+            lines = []
+        servers_text = [ln[0] for ln in lines if ln]
+        for ln in lines:  # "HOST:PORT [KEY_ID]": the server's pinned identity
+            if len(ln) > 1:
+                try:
+                    extra_pins.add(normalize_key_id(ln[1]))
+                except KeyIdError as e:
+                    raise FlowError(f"{f}: {ln[0]}: {e}") from None
     if not servers_text:
         raise FlowError("no escrow server: give --server HOST:PORT or list them in "
                         f"{ctx.args.state_dir / 'escrow-servers'}")
@@ -332,14 +340,17 @@ def cmd_sync(ctx: Context) -> Outcome:
     from mandos_core.keyfiles import KeyError_
 
     try:
-        tls = server_context(KeyFiles.from_dir(ctx.args.keydir))
+        keydir = ctx.args.keydir
+        pins = read_pins(keydir) | extra_pins
+        tls = server_context(KeyFiles.from_dir(keydir), pins=frozenset(pins))
     except KeyError_ as e:
         raise FlowError(str(e)) from None
     acks = {}
+    proved = False
     errors = []
     for server in servers:
         try:
-            acks = send(server, tls, queued)
+            acks, proved = send(server, tls, queued)
             break
         except TransportError as e:
             errors.append(str(e))
@@ -349,6 +360,14 @@ def cmd_sync(ctx: Context) -> Outcome:
     unconfirmed = 0
     for uuid, q in queued:
         ack = acks.get(uuid)
+        if ack is not None and ack.sha256 == q.sha256 and not proved:
+            unconfirmed += 1
+            messages.append(
+                f"{uuid}: stored on the escrow server, but its identity is not pinned, so the "
+                "old backup passphrase is kept (an unauthenticated acknowledgement could come "
+                "from a fake server).  Pin the key server: on it run `mandos-ctl identity`, "
+                f"then `mandos-keygen --dir {keydir} --pin KEY_ID` here, and sync again.")
+            continue
         if ack is None or ack.sha256 != q.sha256:
             unconfirmed += 1
             messages.append(f"{uuid}: the escrow server did not confirm the queued packet; "

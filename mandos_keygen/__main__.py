@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import os
 import sys
 from pathlib import Path
 
 from mandos_core import log as logsetup
 from mandos_core.run import CommandError
 from mandos_core.secret import Secret
-from mandos_core.keyfiles import DEFAULT_KEYDIR, KeyError_, KeyFiles
+from mandos_core.keyfiles import DEFAULT_KEYDIR, KeyError_, KeyFiles, read_pins
 
 from .keys import (
     DEFAULT_CHECKER,
@@ -53,8 +54,36 @@ def _parser() -> argparse.ArgumentParser:
                    "the section")
     p.add_argument("--checker", default=DEFAULT_CHECKER,
                    help="checker line for the section (default: %(default)s)")
+    g.add_argument("--pin", metavar="KEY_ID", action="append",
+                   help="trust the key server with this identity (the key_id `mandos-ctl "
+                   "identity` prints on it): added to DIR/server-pins.  A pinned client "
+                   "fetches secrets only from a server that proves a pinned key, and "
+                   "luks-passphrase destroys an old backup slot only on an escrow "
+                   "acknowledgement from one (repeatable)")
     p.add_argument("--debug", action="store_true", help="show each command run")
     return p
+
+
+def add_pins(keydir: Path, pins: list[str]) -> Path:
+    """Append *pins* to KEYDIR/server-pins (0600), keeping the ones already there."""
+    from mandos_core.keyfiles import PINS_FILE, read_pins
+    from mandos_core.protocol import KeyIdError, normalize_key_id
+
+    try:
+        new = [normalize_key_id(p) for p in pins]
+    except KeyIdError as e:
+        raise KeygenError(f"--pin: {e}") from None
+    if not keydir.is_dir():
+        raise KeygenError(f"{keydir}: directory not found")
+    have = read_pins(keydir)
+    path = keydir / PINS_FILE
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "a") as f:
+        for kid in new:
+            if kid not in have:
+                f.write(kid + "\n")
+    os.chmod(path, 0o600)
+    return path
 
 
 def _read_password(args: argparse.Namespace) -> Secret:
@@ -80,6 +109,11 @@ def main(argv: list[str] | None = None) -> int:
     logsetup.setup("mandos-keygen", args.debug)
     name = args.name or default_name()
     try:
+        if args.pin:
+            path = add_pins(args.dir, args.pin)
+            print(f"mandos-keygen: {path} pins {len(read_pins(args.dir))} key server(s)",
+                  file=sys.stderr)
+            return 0
         if not (args.password or args.passfile):
             generate(args.dir, name, force=args.force, key_type=args.key_type)
             keys = KeyFiles.from_dir(args.dir)

@@ -419,12 +419,36 @@ def _setup_logging(debug: bool) -> None:
         auditlog.propagate = debug
 
 
+def identity_main(argv: list[str]) -> int:
+    """``mandos-ctl identity``: print the key server's key_id, for ``mandos-keygen --pin``."""
+    from . import identity
+
+    p = argparse.ArgumentParser(
+        prog="mandos-ctl identity",
+        description="Print this key server's identity (the key_id of its own TLS key) for "
+        "client machines to pin with `mandos-keygen --pin KEY_ID`.  mandosd makes the key "
+        "in its state directory on first start.")
+    p.add_argument("--configdir", type=Path, default=None, help="config directory")
+    p.add_argument("--statedir", type=Path, default=None, help="state directory")
+    args = p.parse_args(argv)
+    try:
+        cfg = configmod.load_server_config(configmod.configdir_from(args.configdir) / "mandos.conf")
+        statedir = configmod.statedir_from(args.statedir, cfg)
+        print(identity.load(statedir).key_id)
+    except (identity.IdentityError, configmod.ConfigError) as e:
+        print(f"mandos-ctl: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None, *, clock: Callable[[], float] = time.time) -> int:
     args_in = sys.argv[1:] if argv is None else argv
     if args_in[:1] == ["escrow"]:  # the escrowed backup passphrases: list / export / secrets
         from . import escrow_cli
 
         return escrow_cli.main(args_in[1:])
+    if args_in[:1] == ["identity"]:  # the key_id client machines pin
+        return identity_main(args_in[1:])
     p = parser()
     args = p.parse_args(argv)
     if args.actions is None:

@@ -15,8 +15,9 @@ import asyncio
 import hashlib
 import re
 import shutil
-import ssl
+import socket
 import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,7 +29,6 @@ from luks_passphrase.flows import Tool
 from luks_passphrase.state import StateStore
 from mandosd import escrow_cli
 from mandosd.escrow import EscrowStore, handle_escrow
-from mandos_core.protocol import key_id, tls13_only
 from mandos_core.secret import Secret
 from tests.test_passphrase_flows import setup_volume
 from tests.test_passphrase_helpers import (
@@ -181,38 +181,52 @@ class EscrowServer:
 
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
-        self.server = self.loop.run_until_complete(
-            asyncio.start_server(self._conn, "127.0.0.1", 0))
-        self.port = self.server.sockets[0].getsockname()[1]
+        self._task = self.loop.create_task(self._serve())
+        try:
+            self.loop.run_until_complete(self._task)
+        except asyncio.CancelledError:
+            pass
+
+    async def _serve(self) -> None:
+        from mandos_core import gnutls
+        from mandosd import identity
+
+        self.identity = identity.load_or_create(self.store.path.parent)
+        self.cred = gnutls.Credentials()
+        self.cred.set_rawpk(self.identity.spki_pem, self.identity.key_pem)
+        lsock = socket.create_server(("127.0.0.1", 0))
+        lsock.setblocking(False)
+        self.port = lsock.getsockname()[1]
         self.ready.set()
-        self.loop.run_forever()
-
-    async def _conn(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        line = await asyncio.wait_for(reader.readline(), 5)
-        if line != b"escrow 1\r\n":
-            writer.close()
-            return
-        ctx = tls13_only(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-        # TLS client on a connection we accepted (protocol 1's inverted roles)
         loop = asyncio.get_running_loop()
-        reader = asyncio.StreamReader()
-        protocol = asyncio.StreamReaderProtocol(reader)
-        transport = await loop.start_tls(writer.transport, protocol, ctx, server_side=False,
-                                         ssl_handshake_timeout=10)
-        assert transport is not None
-        protocol.connection_made(transport)
-        writer = asyncio.StreamWriter(transport, protocol, reader, loop)
-        sslobj = writer.get_extra_info("ssl_object")
-        from cryptography import x509
-        from cryptography.hazmat.primitives import serialization
+        while True:
+            sock, _ = await loop.sock_accept(lsock)
+            loop.create_task(self._conn(sock))
 
-        cert = x509.load_der_x509_certificate(sslobj.getpeercert(binary_form=True))
-        kid = key_id(cert.public_key().public_bytes(
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo))
-        self.key_ids.append(kid)
-        await handle_escrow(reader, writer, client_name="client1", key_id=kid, store=self.store)
+    async def _conn(self, sock: socket.socket) -> None:
+        """The key server's side: `escrow 1` line, TLS client role, key_id, handle_escrow."""
+        from mandos_core import gnutls
+        from mandos_core.tls import AsyncTLS, effective_priority, peer_key
+        from mandosd.server import tls_streams
+
+        loop = asyncio.get_running_loop()
+        sock.setblocking(False)
+        with sock:
+            line = await asyncio.wait_for(loop.sock_recv(sock, 10), 5)
+            if line != b"escrow 1\r\n":
+                return
+            with gnutls.Session(sock.fileno(), server=False, credentials=self.cred,
+                                priority=effective_priority(None, server=True)) as session:
+                tls = AsyncTLS(loop, sock.fileno(), session)
+                await tls.handshake(loop.time() + 10)
+                kid = peer_key(session).key_id
+                self.key_ids.append(kid)
+                reader, writer, pump = tls_streams(tls)
+                try:
+                    await handle_escrow(reader, writer, client_name="client1",  # type: ignore[arg-type]
+                                        key_id=kid, store=self.store)
+                finally:
+                    pump.cancel()
 
     def __enter__(self) -> EscrowServer:
         self.thread.start()
@@ -220,7 +234,7 @@ class EscrowServer:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.loop.call_soon_threadsafe(self._task.cancel)
         self.thread.join(5)
 
 
@@ -240,6 +254,7 @@ def test_sync_escrows_and_promotes(tmp_path: Path, keys: EscrowKeys,
     assert st.queue is not None and st.pending_backup is not None
     sha, pending = st.queue.sha256, st.pending_backup.slot
     keydir = machine_keys(tmp_path / "keys")
+    pin(keydir, escrow_server.identity.key_id)
     proc = cli("--state-dir", str(store.dir), "sync", "--server",
                f"127.0.0.1:{escrow_server.port}", "--keydir", str(keydir))
     assert proc.returncode == 0, proc.stderr
@@ -311,6 +326,7 @@ def test_sync_not_confirmed_keeps_everything(tmp_path: Path, keys: EscrowKeys,
                                 escrow_packet.Metadata("x", uuid, "/dev/x", "crypt_LUKS", 7))
     escrow_server.store.store(key_id=KeyFiles.from_dir(keydir).key_id(), client_name="client1",
                               volume_uuid=uuid, created=2**40, packet=newer)
+    pin(keydir, escrow_server.identity.key_id)
     proc = cli("--state-dir", str(store.dir), "sync", "--server",
                f"127.0.0.1:{escrow_server.port}", "--keydir", str(keydir))
     assert proc.returncode == 5, proc.stderr
@@ -333,18 +349,62 @@ def test_sync_server_unreachable(tmp_path: Path, keys: EscrowKeys) -> None:
 
 def test_hostile_peer_is_bounded(tmp_path: Path, escrow_server: EscrowServer) -> None:
     """An oversized frame after the handshake ends the session; the server stays up."""
-    import socket
     import struct
 
-    from mandos_core.keyfiles import KeyFiles, server_context
+    from tests.tlspeers import exchange
 
-    ctx = server_context(KeyFiles.from_dir(machine_keys(tmp_path / "keys")))
-    with socket.create_connection(("127.0.0.1", escrow_server.port), timeout=5) as sock:
-        sock.sendall(b"escrow 1\r\n")
-        with ctx.wrap_socket(sock, server_side=True) as tls:
-            tls.sendall(struct.pack(">I", 10**9))
-            assert tls.recv(100) == b""  # closed on us
+    r = exchange(machine_keys(tmp_path / "keys"), f"127.0.0.1:{escrow_server.port}",
+                 line=b"escrow 1\r\n", send_after=struct.pack(">I", 10**9))
+    assert r.data == b""  # closed on us
     assert escrow_server.store.list() == []
+
+
+def pin(keydir: Path, key_id: str) -> None:
+    """Pin a key server's identity the way an admin does: the real mandos-keygen."""
+    p = subprocess.run([sys.executable, "-m", "mandos_keygen", "--dir", str(keydir),
+                        "--pin", key_id], capture_output=True)
+    assert p.returncode == 0, p.stderr
+    assert (keydir / "server-pins").stat().st_mode & 0o777 == 0o600
+
+
+def _recovered_volume(tmp_path: Path, keys: EscrowKeys) -> tuple[Path, StateStore, int]:
+    image, store = setup_volume(tmp_path / "m", "luks2", keys)
+    Tool(store, certificate=keys.cert_pem).change(str(image), Secret(BACKUP0),
+                                                  lambda: Secret(USER1))
+    return image, store, sorted(active_slots(image)).__len__()
+
+
+def test_attack_fake_escrow_server_without_pin_destroys_nothing(
+        tmp_path: Path, keys: EscrowKeys, escrow_server: EscrowServer) -> None:
+    """A host that answers as escrow server and acknowledges the packet's SHA-256 (it only
+    has to echo what the machine sent) must not make `sync` destroy the escrowed backup
+    slot when the machine never pinned a server identity."""
+    image, store, _ = _recovered_volume(tmp_path, keys)
+    slots = sorted(active_slots(image))
+    keydir = machine_keys(tmp_path / "keys")  # no server-pins
+    proc = cli("--state-dir", str(store.dir), "sync", "--server",
+               f"127.0.0.1:{escrow_server.port}", "--keydir", str(keydir))
+    assert proc.returncode == 5, proc.stderr
+    assert b"not pinned" in proc.stdout + proc.stderr
+    assert sorted(active_slots(image)) == slots
+    assert opens(image, BACKUP0, 1)
+    st = store.load(luks_uuid(image))
+    assert st.queue is not None and st.pending_backup is not None
+
+
+def test_attack_fake_escrow_server_with_another_identity(
+        tmp_path: Path, keys: EscrowKeys, escrow_server: EscrowServer) -> None:
+    """Pinned to the real key server; an impostor with its own key pair is not trusted."""
+    image, store, _ = _recovered_volume(tmp_path, keys)
+    slots = sorted(active_slots(image))
+    keydir = machine_keys(tmp_path / "keys")
+    pin(keydir, "AB" * 32)  # the real server's key_id, which the impostor cannot prove
+    proc = cli("--state-dir", str(store.dir), "sync", "--server",
+               f"127.0.0.1:{escrow_server.port}", "--keydir", str(keydir))
+    assert proc.returncode != 0
+    assert b"not a pinned escrow server" in proc.stderr
+    assert sorted(active_slots(image)) == slots and opens(image, BACKUP0, 1)
+    assert escrow_server.store.list() == []  # nothing was even sent
 
 
 def test_sync_with_the_real_mandosd(tmp_path: Path, keys: EscrowKeys, mandosd: object,
@@ -360,7 +420,12 @@ def test_sync_with_the_real_mandosd(tmp_path: Path, keys: EscrowKeys, mandosd: o
     st = store.load(uuid)
     assert st.queue is not None and st.pending_backup is not None
     sha, pending = st.queue.sha256, st.pending_backup.slot
-    (store.dir / "escrow-servers").write_text(f"# the key server\n{mandosd.address}\n")
+    ident = subprocess.run([sys.executable, "-m", "mandosd.ctl", "identity", "--configdir",
+                            str(mandosd.configdir), "--statedir", str(mandosd.statedir)],
+                           capture_output=True, text=True)
+    assert ident.returncode == 0, ident.stderr
+    kid = ident.stdout.strip()
+    (store.dir / "escrow-servers").write_text(f"# the key server\n{mandosd.address} {kid}\n")
     proc = cli("--state-dir", str(store.dir), "sync", "--keydir", str(client_keys))
     assert proc.returncode == 0, proc.stderr + mandosd.log().encode()
     assert not opens(image, BACKUP0)
