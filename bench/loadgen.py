@@ -19,8 +19,16 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from mandos_core.protocol import VERSION_LINE, key_id
 from mandos_keygen.certificate import self_signed_pem
-from mandos_core.protocol import VERSION_LINE, key_id, tls13_only
+
+
+def tls13_only(ctx: ssl.SSLContext) -> ssl.SSLContext:
+    """Restrict *ctx* to TLS 1.3 without session tickets (Python ssl peers)."""
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_3
+    ctx.options |= ssl.OP_NO_TICKET
+    return ctx
 
 
 @dataclass(frozen=True)

@@ -113,6 +113,15 @@ mandos_install_python() {
             inst_library "$lib"
         done < <(ldd "$so" 2> /dev/null | awk '$2 == "=>" && $3 ~ /^\// { print $3 }')
     done < <(mandos_python_files --shared-objects)
+    # libgnutls is loaded through ctypes (raw public keys, as Mandos 1.8): no
+    # executable links it, so name it, and dracut brings its libraries along.
+    inst_libdir_file "libgnutls.so.30*" || return 1
+    for so in "$initdir"/usr/lib/*/libgnutls.so.30 "$initdir"/lib/*/libgnutls.so.30; do
+        [[ -e $so ]] || continue
+        while read -r lib; do
+            inst_library "$lib"
+        done < <(ldd "$so" 2> /dev/null | awk '$2 == "=>" && $3 ~ /^\// { print $3 }')
+    done
     # Byte-compile what we installed, so that nothing is compiled at boot.
     if [[ ${mandos_python_sources:-no} == yes ]]; then
         "$py" -I -m compileall -q --invalidation-mode unchecked-hash \
@@ -130,19 +139,12 @@ mandos_install_keys() {
     keydir=$(mandos_keydir)
     inst_dir /etc/keys/mandos
     chmod 0700 "$initdir/etc/keys/mandos"
-    for f in tls-privkey.pem tls-pubkey.pem tls-cert.pem seckey.txt pubkey.txt; do
+    # The TLS key is presented as a raw public key (GnuTLS): no certificate needed.
+    for f in tls-privkey.pem tls-pubkey.pem seckey.txt pubkey.txt server-pins; do
         [[ -e $keydir/$f ]] || continue
         inst_simple "$keydir/$f" "/etc/keys/mandos/$f"
         chmod 0600 "$initdir/etc/keys/mandos/$f"
     done
-    if [[ ! -e $initdir/etc/keys/mandos/tls-cert.pem ]]; then
-        # Keys made by Debian's mandos-keygen have no certificate: make one now,
-        # so the initrd needs neither openssl nor python3-cryptography.
-        (umask 077 && openssl req -x509 -new -key "$keydir/tls-privkey.pem" \
-            -subj /CN=mandos-client -days 36500 \
-            -out "$initdir/etc/keys/mandos/tls-cert.pem") > /dev/null 2>&1 \
-            || dwarning "mandos-nbde: cannot make tls-cert.pem (openssl); the agent will try at boot"
-    fi
 }
 
 # The agent's settings in the initrd: the host's options file, then what

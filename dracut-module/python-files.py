@@ -60,6 +60,11 @@ def lazy_imports(mod: object, exclude: list[str]) -> list[str]:
     with open(path, "rb") as f:
         tree = ast.parse(f.read(), path)
     pkg = getattr(mod, "__package__", "") or ""
+    # "if TYPE_CHECKING:" blocks are for the type checker; they never run
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.If) and isinstance(node.test, ast.Name)
+                and node.test.id == "TYPE_CHECKING"):
+            node.body = []
     names = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):

@@ -14,10 +14,10 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from mandos_core import escrow_packet
 from mandos_core import log as plog
 from mandos_core.run import CommandError
 
-from mandos_core import escrow_packet
 from .backend import open_volume
 from .flows import FlowError, Outcome, Refused, Tool
 from .libcryptsetup import LuksError, WrongPassphrase
@@ -306,7 +306,7 @@ def cmd_sync(ctx: Context) -> Outcome:
     from mandos_core.keyfiles import KeyFiles, read_pins, server_context
     from mandos_core.protocol import KeyIdError, normalize_key_id
 
-    from .transport import TransportError, send
+    from .transport import Ack, TransportError, send
 
     servers_text = ctx.args.server
     extra_pins: set[str] = set()
@@ -345,7 +345,7 @@ def cmd_sync(ctx: Context) -> Outcome:
         tls = server_context(KeyFiles.from_dir(keydir), pins=frozenset(pins))
     except KeyError_ as e:
         raise FlowError(str(e)) from None
-    acks = {}
+    acks: dict[str, Ack] = {}
     proved = False
     errors = []
     for server in servers:

@@ -40,10 +40,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mandos_core import escrow_packet
 from mandos_core.log import event
 from mandos_core.secret import Secret
 
-from mandos_core import escrow_packet
 from .backend import Luks, open_volume
 from .state import Queued, SlotRef, StateStore, VolumeState
 

@@ -15,14 +15,13 @@ import logging
 import socket
 import time
 from dataclasses import dataclass
+from functools import partial
 
 from mandos_core import gnutls, tls
 from mandos_core.address import Server
-
 from mandos_core.escrow_wire import (
     ESCROW_LINE,
     MAX_JSON,
-    READ_TIMEOUT,
     WireError,
     frame,
     frame_length,
@@ -63,8 +62,9 @@ class _Conn:
     def recv_exact(self, n: int) -> bytes:
         buf = bytearray()
         while len(buf) < n:
-            chunk = tls.drive(self.session, self.fd,
-                              lambda: self.session.recv(min(16384, n - len(buf))), self.deadline)
+            want = min(16384, n - len(buf))
+            chunk = tls.drive(self.session, self.fd, partial(self.session.recv, want),
+                              self.deadline)
             if not chunk:
                 raise TransportError("the escrow server closed the connection")
             buf += chunk

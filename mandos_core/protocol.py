@@ -1,9 +1,10 @@
 """Protocol 1 of the Mandos wire protocol, as both sides need it.
 
 1. The client (agent) opens TCP and sends ``1\\r\\n``.
-2. TLS 1.3 with inverted roles: the client is the TLS *server* and presents a
-   self-signed X.509 certificate around its Ed25519 key; the key server is the
-   TLS *client*.
+2. TLS 1.3 with inverted roles: the client is the TLS *server* and presents
+   its Ed25519 key as an RFC 7250 raw public key (or, for clients enrolled
+   before raw keys, inside a self-signed X.509 certificate); the key server is
+   the TLS *client* (:mod:`mandos_core.tls`).
 3. The key server identifies the client by :func:`key_id` of its public key.
 4. If allowed, the server writes the raw binary OpenPGP message and closes;
    every refusal is the same: a complete handshake, then zero bytes.
@@ -16,10 +17,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import re
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    import ssl
 
 PROTOCOL_VERSION = "1"
 VERSION_LINE = b"1\r\n"
@@ -67,18 +64,6 @@ def pem_to_der(pem: str | bytes, label: str) -> bytes:
     if not m:
         raise ValueError(f"no PEM block '{label}' found")
     return base64.b64decode("".join(m.group(1).split()), validate=True)
-
-
-def tls13_only(ctx: ssl.SSLContext) -> ssl.SSLContext:
-    """Restrict *ctx* to TLS 1.3 without session tickets or resumption."""
-    import ssl
-
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-    ctx.maximum_version = ssl.TLSVersion.TLSv1_3
-    ctx.options |= ssl.OP_NO_TICKET
-    if hasattr(ssl, "OP_NO_COMPRESSION"):
-        ctx.options |= ssl.OP_NO_COMPRESSION
-    return ctx
 
 
 class DERError(ValueError):

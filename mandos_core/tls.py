@@ -26,6 +26,7 @@ import select
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, TypeVar
 
 from . import gnutls
@@ -179,7 +180,7 @@ def drive(session: gnutls.Session, fd: int, op: Callable[[], T], deadline: float
 def send_all(session: gnutls.Session, fd: int, data: bytes, deadline: float) -> None:
     view = memoryview(data)
     while view:
-        n = drive(session, fd, lambda: session.send(bytes(view[:16384])), deadline)
+        n = drive(session, fd, partial(session.send, bytes(view[:16384])), deadline)
         view = view[n:]
 
 
@@ -236,7 +237,7 @@ class AsyncTLS:
         view = memoryview(data)
         while view:
             chunk = bytes(view[:16384])
-            n = await self.run(lambda: self.session.send(chunk), deadline)
+            n = await self.run(partial(self.session.send, chunk), deadline)
             view = view[n:]
 
     async def recv(self, size: int, deadline: float | None) -> bytes:

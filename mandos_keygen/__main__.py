@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 
 from mandos_core import log as logsetup
+from mandos_core.keyfiles import DEFAULT_KEYDIR, KeyError_, KeyFiles, read_pins
 from mandos_core.run import CommandError
 from mandos_core.secret import Secret
-from mandos_core.keyfiles import DEFAULT_KEYDIR, KeyError_, KeyFiles, read_pins
 
 from .keys import (
     DEFAULT_CHECKER,

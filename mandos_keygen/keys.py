@@ -14,11 +14,11 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from mandos_keygen.certificate import self_signed_pem
+from mandos_core.keyfiles import KeyFiles
 from mandos_core.protocol import key_id
 from mandos_core.run import CommandError, run
 from mandos_core.secret import Secret
-from mandos_core.keyfiles import KeyFiles
+from mandos_keygen.certificate import self_signed_pem
 
 KEY_FILES = ("tls-privkey.pem", "tls-pubkey.pem", "tls-cert.pem", "seckey.txt", "pubkey.txt")
 DEFAULT_CHECKER = "fping -q -- %%(host)s"

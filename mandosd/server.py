@@ -314,7 +314,7 @@ class KeyServer:
         while True:
             left = wait_until - self.clock()
             readable: asyncio.Future[None] = loop.create_future()
-            loop.add_reader(tls.fd, lambda: readable.done() or readable.set_result(None))
+            loop.add_reader(tls.fd, _resolve, readable)
             waits: set[asyncio.Future[Any]] = {readable}
             if self.changes is not None:
                 waits.add(self.changes.next())
@@ -405,6 +405,11 @@ class KeyServer:
         self.db_thread.shutdown(wait=True)
         self.store.close()
         self.credentials.close()
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 class _TLSWriter:

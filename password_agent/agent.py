@@ -19,26 +19,12 @@ import os
 import queue
 import selectors
 import signal
-import ssl
 import sys
 import threading
 import time
 from collections.abc import Callable
 
 from mandos_core import log as logsetup
-from .agentconf import AgentConfig, ConfigError, build_parser, load
-from .askfile import (
-    AskFileError,
-    Question,
-    is_ask_name,
-    monotonic_us,
-    pid_alive,
-    read_ask,
-    skip_reason,
-)
-from .client import Server
-from .discovery import Discovery
-from .gpg import Decryptor, GpgError
 from mandos_core.inotify import (
     IN_CLOSE_WRITE,
     IN_DELETE,
@@ -52,10 +38,25 @@ from mandos_core.inotify import (
     Inotify,
     InotifyError,
 )
-from .job import Job, MessageId, elapsed_ms
+from mandos_core.keyfiles import KeyError_, KeyFiles, server_context
 from mandos_core.log import event
 from mandos_core.secret import Secret
-from mandos_core.keyfiles import KeyError_, KeyFiles, server_context
+from mandos_core.tls import ClientTLS
+
+from .agentconf import AgentConfig, ConfigError, build_parser, load
+from .askfile import (
+    AskFileError,
+    Question,
+    is_ask_name,
+    monotonic_us,
+    pid_alive,
+    read_ask,
+    skip_reason,
+)
+from .client import Server
+from .discovery import Discovery
+from .gpg import Decryptor, GpgError
+from .job import Job, MessageId, elapsed_ms
 
 log = logging.getLogger("mandos-password-agent")
 
@@ -76,7 +77,7 @@ class Agent:
     def __init__(self, cfg: AgentConfig) -> None:
         self.cfg = cfg
         self.ask_dir = str(cfg.ask_dir)
-        self.ctx: ssl.SSLContext | None = None
+        self.ctx: ClientTLS | None = None
         self.decryptor: Decryptor | None = None
         self._decrypt_lock = threading.Lock()
         self.discovery: Discovery | None = None

@@ -12,10 +12,9 @@ import logging
 import socket
 import threading
 import time
-from dataclasses import dataclass
 
-from mandos_core.address import Server, parse_server  # noqa: F401 - re-exported
 from mandos_core import gnutls, tls
+from mandos_core.address import Server, parse_server  # noqa: F401 - re-exported
 from mandos_core.protocol import MAX_SECRET_SIZE, VERSION_LINE
 from mandos_core.tls import ClientTLS, UnpinnedServer
 

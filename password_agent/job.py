@@ -17,18 +17,19 @@ import logging
 import os
 import queue
 import socket
-import ssl
 import threading
 import time
 from dataclasses import dataclass
 from typing import Protocol
 
+from mandos_core.log import event
+from mandos_core.secret import Secret
+from mandos_core.tls import ClientTLS
+
 from .agentconf import AgentConfig
 from .askfile import Question, monotonic_us, pid_alive
 from .client import FetchError, Refused, Server, fetch
 from .gpg import GpgError
-from mandos_core.log import event
-from mandos_core.secret import Secret
 
 log = logging.getLogger("mandos-password-agent")
 
@@ -42,7 +43,7 @@ class Host(Protocol):
     """What a job needs from the agent."""
 
     cfg: AgentConfig
-    ctx: ssl.SSLContext | None
+    ctx: ClientTLS | None
     pidfd_fallback: bool
 
     def known_servers(self) -> list[Server]: ...

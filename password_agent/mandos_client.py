@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from mandos_core.keyfiles import DEFAULT_KEYDIR
+
 from .gpg import Decryptor, GpgError
 
 EXIT_OK = 0
@@ -68,8 +69,9 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(e, EXIT_KEYS)
     try:
         from mandos_core import log as logsetup
-        from .client import FetchError, fetch_any, parse_server
         from mandos_core.keyfiles import KeyError_, KeyFiles, server_context
+
+        from .client import FetchError, fetch_any, parse_server
 
         keys = KeyFiles.from_dir(args.keydir, pubkey=args.pubkey, seckey=args.seckey,
                                  tls_pubkey=args.tls_pubkey, tls_privkey=args.tls_privkey)

@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mandos_core.inotify import IN_CLOSE_WRITE, IN_DELETE, IN_MOVED_TO, Inotify
 from password_agent.askfile import (
     MAX_ASK_FILE_SIZE,
     AskFileError,
@@ -23,7 +24,6 @@ from password_agent.askfile import (
     read_ask,
     skip_reason,
 )
-from mandos_core.inotify import IN_CLOSE_WRITE, IN_DELETE, IN_MOVED_TO, Inotify
 
 # Exactly what systemd 252's systemd-ask-password writes.
 REAL = b"""[Ask]

@@ -6,7 +6,6 @@ import base64
 import os
 import shutil
 import socket
-import ssl
 import subprocess
 import sys
 import threading
@@ -15,13 +14,12 @@ from pathlib import Path
 
 import pytest
 
+from mandos_core.keyfiles import KeyFiles
 from mandosd.state import SQLiteStore
 from password_agent.client import parse_server
-from mandos_core.protocol import VERSION_LINE
-from mandos_core.keyfiles import KeyFiles
 from tests.conftest import PASSWORD
-from tests.tlspeers import exchange, legacy_fetch
 from tests.helpers import Mandosd, enroll, fetch, free_port, have, make_keys
+from tests.tlspeers import exchange
 
 
 def secret_forms(section: str) -> list[str]:

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from mandos_core import escrow_packet
 from luks_passphrase.flows import Refused, Tool, random_backup_passphrase
 from luks_passphrase.libcryptsetup import LuksVolume, WrongPassphrase
 from luks_passphrase.state import StateStore
+from mandos_core import escrow_packet
 from mandos_core.secret import Secret
 from tests.test_passphrase_helpers import (
     BACKUP0,

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from mandosd.state import SQLiteStore
 from mandos_core.protocol import VERSION_LINE
+from mandosd.state import SQLiteStore
 from tests.conftest import PASSWORD
 from tests.helpers import Mandosd, enroll, fetch, make_keys, tool
 from tests.test_fetch import raw_fetch, secret_forms

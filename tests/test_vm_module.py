@@ -23,7 +23,8 @@ needs_python = pytest.mark.skipif(not Path(PY).exists(), reason="no Debian /usr/
 def python_files(*extra: str) -> dict[str, str]:
     out = subprocess.run(
         [PY, "-I", str(MODULE / "python-files.py"), "--path", str(vmlib.ROOT),
-         "--package", "password_agent", "--exclude", "mandos_keygen.certificate",
+         "--package", "password_agent", "--package", "mandos_core",
+         "--exclude", "mandos_core.escrow_packet", "--exclude", "mandos_core.escrow_wire",
          "--exclude", "zeroconf", *extra],
         capture_output=True, check=True, text=True).stdout
     return dict(line.split("\t") for line in out.splitlines())
@@ -39,16 +40,21 @@ def test_python_files_cover_the_agent_and_lazy_imports() -> None:
     # imported lazily at run time: a plain import trace misses these
     assert "idna.py" in names          # socket.create_connection()
     assert "runpy.py" in names         # python3 -m
-    assert "ssl.py" in names
-    assert any(n.startswith("_ssl.") and n.endswith(".so") for n in names)
-    # never: the server, the certificate maker (python3-cryptography), zeroconf unasked
+    # TLS is GnuTLS through ctypes: no ssl module, no libssl
+    assert "/usr/lib/python3/dist-packages/mandos_core/gnutls.py" in dests
+    assert any(n.startswith("_ctypes.") and n.endswith(".so") for n in names)
+    assert "ssl.py" not in names
+    assert not any(n.startswith("_ssl.") for n in names)
+    # never: the server, the certificate maker (python3-cryptography), zeroconf unasked,
+    # the escrow formats (the passphrase tool's, not the agent's)
     assert not any("/mandosd/" in d for d in dests)
+    assert not any("escrow" in d for d in dests)
     assert not any("certificate" in d or "/cryptography/" in d for d in dests)
     assert not any("zeroconf" in d for d in dests)
     # the standard library keeps its paths; our package goes to dist-packages
     for src, dest in files.items():
         if src.startswith(str(vmlib.ROOT)):
-            assert dest.startswith(pkg + "/")
+            assert dest.startswith((pkg + "/", "/usr/lib/python3/dist-packages/mandos_core/"))
         else:
             assert src == dest
 
@@ -57,7 +63,8 @@ def test_python_files_cover_the_agent_and_lazy_imports() -> None:
 def test_python_files_lists_extension_modules_for_ldd() -> None:
     out = subprocess.run(
         [PY, "-I", str(MODULE / "python-files.py"), "--path", str(vmlib.ROOT),
-         "--package", "password_agent", "--exclude", "mandos_keygen.certificate",
+         "--package", "password_agent", "--package", "mandos_core",
+         "--exclude", "mandos_core.escrow_packet", "--exclude", "mandos_core.escrow_wire",
          "--exclude", "zeroconf", "--shared-objects"],
         capture_output=True, check=True, text=True).stdout.split()
     assert out and all(p.endswith(".so") and Path(p).exists() for p in out)

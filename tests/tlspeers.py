@@ -20,8 +20,16 @@ from pathlib import Path
 
 from mandos_core import gnutls, tls
 from mandos_core.address import parse_server
-from mandos_core.protocol import VERSION_LINE, tls13_only
+from mandos_core.protocol import VERSION_LINE
 from mandos_core.tls import PeerKey
+
+
+def tls13_only(ctx: ssl.SSLContext) -> ssl.SSLContext:
+    """Restrict *ctx* to TLS 1.3 without session tickets (Python ssl peers)."""
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_3
+    ctx.options |= ssl.OP_NO_TICKET
+    return ctx
 
 
 @dataclass
