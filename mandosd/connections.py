@@ -179,13 +179,12 @@ async def accept_loop(lsock: socket.socket, table: ConnectionTable,
             on_refused(conn, "too-many-connections")
             sock.close()
             continue
-        conn.task = loop.create_task(_run(conn, table, handle))
+        conn.task = loop.create_task(handle(conn))
+        # a done-callback, not a finally: a task cancelled before it ever ran (evicted
+        # in a burst of accepts) never enters its body, yet its socket must be closed
+        conn.task.add_done_callback(lambda _t, c=conn: _closed(c, table))
 
 
-async def _run(conn: Conn, table: ConnectionTable,
-               handle: Callable[[Conn], Awaitable[None]]) -> None:
-    try:
-        await handle(conn)
-    finally:
-        table.remove(conn)
-        conn.sock.close()
+def _closed(conn: Conn, table: ConnectionTable) -> None:
+    table.remove(conn)
+    conn.sock.close()
