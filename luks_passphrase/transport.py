@@ -16,7 +16,6 @@ import time
 from dataclasses import dataclass
 
 from mandos_core.address import Server
-
 from mandos_core.escrow_wire import (
     ESCROW_LINE,
     MAX_JSON,
@@ -27,6 +26,7 @@ from mandos_core.escrow_wire import (
     json_frame,
     parse_json,
 )
+
 from .state import Queued
 
 log = logging.getLogger("luks_passphrase.transport")
