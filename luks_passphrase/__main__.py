@@ -71,6 +71,11 @@ safety:
   change (and removed when it is complete); every step is journaled, and
   the next run on the volume finishes or rolls back an interrupted one.
 
+pkexec:
+  Started through pkexec (the GUI's polkit action), the tool accepts only
+  `change VOLUME`, VOLUME from /etc/crypttab or an active dm-crypt mapping,
+  no option; the state directory must be root's alone (mode 0700).
+
 exit status:
   {EXIT_OK} success, {EXIT_ERROR} error, {EXIT_USAGE} usage,
   {EXIT_WRONG_PASSPHRASE} wrong passphrase, {EXIT_REFUSED} refused (nothing changed),

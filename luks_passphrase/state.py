@@ -219,8 +219,8 @@ class StateStore:
             return False
         p = Path(path)
         m = _HEADER_BACKUP.fullmatch(p.name)
-        return (p.parent == self.header_backup_dir and m is not None
-                and m["uuid"] == uuid.lower())
+        return (m is not None and m["uuid"] == uuid.lower()
+                and os.path.realpath(p.parent) == os.path.realpath(self.header_backup_dir))
 
 
 def _check_private_dir(d: Path, st: os.stat_result, strict: bool) -> None:
