@@ -125,7 +125,7 @@ class Polkit:
 def polkit() -> Iterator[Polkit]:
     _require()
     # pkexec checks the program's path as the calling user: not under pytest's 0700 tmp
-    base = Path(tempfile.mkdtemp(prefix="pkexec-test."))
+    base = Path(tempfile.mkdtemp(prefix="pkexec-test.", dir="/tmp"))
     try:
         yield Polkit(base)
     finally:
