@@ -9,15 +9,15 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from mandos_core import escrow_packet
 from mandos_core import log as plog
 from mandos_core.run import CommandError
 
+from . import pkexec
 from .backend import open_volume
 from .flows import FlowError, Outcome, Refused, Tool
 from .libcryptsetup import LuksError, WrongPassphrase
@@ -71,6 +71,11 @@ safety:
   change (and removed when it is complete); every step is journaled, and
   the next run on the volume finishes or rolls back an interrupted one.
 
+pkexec:
+  Started through pkexec (the GUI's polkit action), the tool accepts only
+  `change VOLUME`, VOLUME from /etc/crypttab or an active dm-crypt mapping,
+  no option; the state directory must be root's alone (mode 0700).
+
 exit status:
   {EXIT_OK} success, {EXIT_ERROR} error, {EXIT_USAGE} usage,
   {EXIT_WRONG_PASSPHRASE} wrong passphrase, {EXIT_REFUSED} refused (nothing changed),
@@ -123,8 +128,31 @@ polkit action).""",
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """The command line; started by pkexec, only ``change VOLUME`` (see :mod:`.pkexec`).
+
+    The check runs on the raw arguments, before argparse (which would accept
+    abbreviations such as ``--state`` and act on ``--help``), and sets
+    ``args.pkexec``, which makes the state directory strict and the volume one
+    the machine lists.
+    """
+
+    def parse_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
+                   namespace: argparse.Namespace | None = None) -> argparse.Namespace:
+        argv = list(sys.argv[1:] if args is None else args)
+        restricted = pkexec.started_by_pkexec(os.environ, os.getuid(), os.geteuid())
+        if restricted:
+            try:
+                argv = ["change", pkexec.allowed_volume(argv)]
+            except pkexec.NotAllowed as e:
+                self.exit(EXIT_USAGE, f"luks-passphrase: {e}\n")
+        ns = super().parse_args(argv, namespace)
+        ns.pkexec = restricted
+        return ns
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="luks-passphrase", description=DESCRIPTION, epilog=EPILOG,
+    p = _Parser(prog="luks-passphrase", description=DESCRIPTION, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR, metavar="DIR",
                    help=f"root-only state directory (default {DEFAULT_STATE_DIR})")
@@ -171,24 +199,14 @@ def _parser() -> argparse.ArgumentParser:
 
 #: Where installers (anaconda) leave their escrow packets.
 INSTALLER_PACKETS = "/root/*-escrow-backup-passphrase"
-KILL_AT_ENV = "LUKS_PASSPHRASE_TEST_KILL_AT"
-
-
-def _kill_hook(point: str) -> Callable[[str], None]:
-    """Fault injection for the tests: SIGKILL ourselves after the named step."""
-
-    def hook(name: str) -> None:
-        if point and name == point:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    return hook
-
-
 class Context:
     def __init__(self, args: argparse.Namespace, prompter: Prompter) -> None:
         self.args = args
         self.prompter = prompter
-        self.store = StateStore(args.state_dir)
+        self.pkexec: bool = args.pkexec
+        self.store = StateStore(args.state_dir, strict=self.pkexec)
+        if self.pkexec:
+            self.store.ensure()  # refuse a state directory that is not root's alone, first
         cert_path = args.certificate or args.state_dir / "escrow-cert.pem"
         try:
             cert = cert_path.read_bytes()
@@ -201,8 +219,7 @@ class Context:
             raise StateError(f"{cert_path}: {e.strerror}") from None
         self.tool = Tool(self.store, certificate=cert,
                          keep_header_backups=args.keep_header_backups,
-                         progress=lambda m: print(m, file=sys.stderr),
-                         crash=_kill_hook(os.environ.get(KILL_AT_ENV, "")))
+                         progress=lambda m: print(m, file=sys.stderr))
 
     def volumes(self) -> list[Volume]:
         return list_volumes(self.args.crypttab, self.args.dmsetup_table)
@@ -210,7 +227,12 @@ class Context:
     def volume(self, arg: str | None) -> Volume:
         vols = self.volumes()
         if arg:
-            return find(arg, vols)
+            vol = find(arg, vols)
+            if self.pkexec and vol.source == "path":
+                raise UnknownVolume(f"{pkexec.shown(arg)}: not a volume of this machine; under "
+                                    f"pkexec only volumes in {DEFAULT_CRYPTTAB} or active "
+                                    "dm-crypt mappings can be changed")
+            return vol
         if not vols:
             raise UnknownVolume(f"no encrypted volumes in {self.args.crypttab} or dmsetup; "
                                 "name one")

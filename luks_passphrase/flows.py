@@ -22,8 +22,15 @@ random backup passphrase in another slot with its escrow packet, recorded as
 pending and queued.  :meth:`Tool.promote` finishes it after the escrow
 server's confirmation: the old backup slot is destroyed, pending becomes current.
 
-Crash points: :attr:`Tool.crash` is called with a name after every step;
-tests make it raise or kill the process.
+Steps: after every step the flow announces it by name (``change:added``,
+``recover:cleared-2``, ...): a debug log line, then :attr:`Tool.step` and the
+callables in :data:`step_hooks`.  Production code sets neither and reads no
+switch from the environment; the tests make a step raise (in-process) or kill
+the process (``tests/crashpoint_runner.py``, a test-only entry point).
+
+A journal is validated before it is acted on (known operation, slot numbers in
+range, salts as strings, a header backup path inside the state directory's
+``header-backups``); a malformed one stops the run with nothing changed.
 """
 
 from __future__ import annotations
@@ -37,7 +44,6 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from mandos_core import escrow_packet
@@ -100,8 +106,13 @@ class Outcome:
     header_backup: str | None = None
 
 
-def _no_crash(_point: str) -> None:
-    return None
+#: Test-only: called with each step's name.  Empty in production (nothing reads the
+#: environment for it); tests/crashpoint_runner.py appends a hook that kills the process.
+step_hooks: list[Callable[[str], None]] = []
+
+_JOURNAL_SLOTS = ("old_slot", "target", "new_slot", "backup_slot", "user_slot")
+_JOURNAL_SALTS = ("old_salt", "new_salt", "backup_salt", "user_salt")
+_JOURNAL_OPS = ("change", "recover", "backup", "promote")
 
 
 class Tool:
@@ -112,17 +123,25 @@ class Tool:
         store: StateStore,
         *,
         certificate: bytes | None = None,
-        crash: Callable[[str], None] = _no_crash,
+        step: Callable[[str], None] | None = None,
         progress: Callable[[str], None] | None = None,
         hostname: str | None = None,
         keep_header_backups: bool = False,
     ) -> None:
         self.store = store
         self.certificate = certificate
-        self.crash = crash
+        self.step = step
         self.progress = progress or (lambda msg: log.info("%s", msg))
         self.hostname = hostname or socket.gethostname()
         self.keep_header_backups = keep_header_backups
+
+    def _step(self, name: str) -> None:
+        """Announce that the step *name* is done (tests stop the run here)."""
+        log.debug("step %s", name)
+        if self.step is not None:
+            self.step(name)
+        for hook in step_hooks:
+            hook(name)
 
     # -- the commands --------------------------------------------------------
 
@@ -227,14 +246,14 @@ class Tool:
         journal["header_backup"] = str(dest)
         st.journal = journal
         self.store.save(st)
-        self.crash(f"{journal['op']}:begun")
+        self._step(f"{journal['op']}:begun")
         return str(dest)
 
     def _end(self, st: VolumeState) -> None:
         backup = (st.journal or {}).get("header_backup")
         st.journal = None
         self.store.save(st)
-        if backup and not self.keep_header_backups:
+        if backup and not self.keep_header_backups and self.store.is_header_backup(backup, st.uuid):
             try:
                 os.unlink(backup)
             except FileNotFoundError:
@@ -264,19 +283,19 @@ class Tool:
             "op": "change", "phase": "add", "old_slot": old, "old_salt": vol.salt(old),
             "target": target, "before": vol.active_slots()})
         vol.add(current, new, target, unlock_slot=old)
-        self.crash("change:added")
+        self._step("change:added")
         assert st.journal is not None
         st.journal.update(phase="added", new_slot=target, new_salt=vol.salt(target))
         self.store.save(st)
-        self.crash("change:recorded")
+        self._step("change:recorded")
         vol.open_slot(new, target)
         st.journal["phase"] = "verified"
         self.store.save(st)
-        self.crash("change:verified")
+        self._step("change:verified")
         self._destroy(vol, old, st.journal["old_salt"], "old passphrase")
-        self.crash("change:old-destroyed")
+        self._step("change:old-destroyed")
         self._end(st)
-        self.crash("change:done")
+        self._step("change:done")
         event(log, logging.INFO, f"passphrase changed: key slot {old} -> {target}",
               LUKS_UUID=st.uuid, LUKS_SLOT=target)
         return Outcome("changed", f"Passphrase changed (key slot {old} replaced by key slot "
@@ -294,16 +313,16 @@ class Tool:
         target = next(s for s in vol.free_slots() if s != bslot)
         st.journal.update(phase="add-user", target=target)
         self.store.save(st)
-        self.crash("recover:add-user")
+        self._step("recover:add-user")
         vol.add(backup_pw, new, target, unlock_slot=bslot)
-        self.crash("recover:user-added")
+        self._step("recover:user-added")
         st.journal.update(phase="user-added", user_slot=target, user_salt=vol.salt(target))
         self.store.save(st)
-        self.crash("recover:user-recorded")
+        self._step("recover:user-recorded")
         vol.open_slot(new, target)
         st.backup_needed = True
         self._end(st)
-        self.crash("recover:user-verified")
+        self._step("recover:user-verified")
         event(log, logging.INFO, f"backup passphrase used: user passphrase now in key slot {target}",
               LUKS_UUID=st.uuid, LUKS_SLOT=target)
         pending = self._make_backup(vol, st, new, path, target)
@@ -323,12 +342,12 @@ class Tool:
         for s in vol.active_slots():
             if s != bslot:
                 self._destroy(vol, s, None, "recovery: every slot but the backup slot")
-                self.crash(f"recover:cleared-{s}")
+                self._step(f"recover:cleared-{s}")
         st.pending_backup = None
         st.queue = None
         j["phase"] = "cleared"
         self.store.save(st)
-        self.crash("recover:cleared")
+        self._step("recover:cleared")
 
     def _make_backup(self, vol: Luks, st: VolumeState, unlock: Secret, path: str,
                      unlock_slot: int) -> int:
@@ -350,9 +369,9 @@ class Tool:
             vol.add(unlock, pw, target, unlock_slot=unlock_slot)
         finally:
             pw.wipe()
-        self.crash("backup:added")
+        self._step("backup:added")
         self._backup_added(vol, st)
-        self.crash("backup:done")
+        self._step("backup:done")
         return target
 
     def _backup_added(self, vol: Luks, st: VolumeState) -> None:
@@ -394,12 +413,12 @@ class Tool:
         if j["old_slot"] is not None and j["old_slot"] != j["new_slot"]:
             self._destroy(vol, j["old_slot"], j["old_salt"], "old backup passphrase, escrowed "
                           "replacement confirmed")
-        self.crash("promote:old-destroyed")
+        self._step("promote:old-destroyed")
         st.current_backup = SlotRef(j["new_slot"], j["new_salt"])
         st.pending_backup = None
         st.queue = None
         self._end(st)
-        self.crash("promote:done")
+        self._step("promote:done")
         event(log, logging.INFO, f"backup passphrase in key slot {j['new_slot']} is now current",
               LUKS_UUID=st.uuid, LUKS_SLOT=j["new_slot"])
         return Outcome("promoted", f"The escrow server holds the new backup passphrase (key slot "
@@ -435,6 +454,7 @@ class Tool:
         j = st.journal
         if not j:
             return ""
+        self._check_journal(vol, st, j)
         op, phase = j.get("op"), j.get("phase")
         event(log, logging.WARNING, f"found an interrupted operation ({op}, {phase}); resuming",
               LUKS_UUID=st.uuid)
@@ -474,6 +494,30 @@ class Tool:
             return self._promote_finish(vol, st).message
         raise FlowError(f"unknown operation {op!r} in the state file")
 
+    def _check_journal(self, vol: Luks, st: VolumeState, j: dict[str, Any]) -> None:
+        """Refuse a journal this tool could not have written (nothing is changed)."""
+        def bad(why: str) -> FlowError:
+            return FlowError(f"{self.store.path(st.uuid)}: the journal is malformed ({why}); "
+                             "nothing was changed: inspect the file, restore the header from "
+                             "header-backups if needed, and remove the journal by hand")
+
+        if j.get("op") not in _JOURNAL_OPS:
+            return  # an unknown operation is refused below, before anything is done
+        for key in _JOURNAL_SLOTS:
+            v = j.get(key)
+            if v is not None and (type(v) is not int or not 0 <= v < vol.keyslot_max):
+                raise bad(f"{key}={v!r}")
+        for key in _JOURNAL_SALTS:
+            if not isinstance(j.get(key, ""), (str, type(None))):
+                raise bad(f"{key} is not a salt")
+        before = j.get("before")
+        if before is not None and not (isinstance(before, list)
+                                       and all(type(s) is int for s in before)):
+            raise bad("before is not a list of key slots")
+        hb = j.get("header_backup")
+        if hb is not None and not self.store.is_header_backup(hb, st.uuid):
+            raise bad(f"header_backup {str(hb)[:200]!r} is not in {self.store.header_backup_dir}")
+
     def _rollback_new(self, vol: Luks, j: dict[str, Any], key: str, salt: str | None,
                       keep: int, before: list[int] | None) -> None:
         slot = j.get(key)
@@ -483,6 +527,3 @@ class Tool:
             raise FlowError(f"key slot {keep} is gone; not rolling back key slot {slot}")
         self._destroy(vol, slot, salt, "rolling back an unverified new passphrase")
 
-
-def header_backup_dir(store: StateStore) -> Path:
-    return store.dir / "header-backups"

@@ -16,15 +16,25 @@ or nothing and a crash leaves either the old or the new state.  It holds:
 A slot's salt changes whenever the slot is rewritten, so a recorded slot that
 was reused behind our back is noticed.  Everything for one volume happens
 under an exclusive ``flock`` on ``UUID.lock``.
+
+The directory is trusted only if it is ours: a real directory (not a symbolic
+link) owned by the effective user, never anyone else's (its journal tells the
+tool which key slots to destroy and which files to remove).  Group or other
+access is tightened to 0700 for an ordinary run, and refused when *strict*
+(under pkexec, where the message names the ``chmod`` that fixes it).  State
+files, lock files and header backups are opened with ``O_NOFOLLOW``: a symbolic
+link planted in the directory is refused, never followed.
 """
 
 from __future__ import annotations
 
 import base64
+import errno
 import fcntl
 import json
 import os
 import re
+import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,6 +44,8 @@ from typing import Any
 
 DEFAULT_STATE_DIR = Path("/etc/luks-passphrase")
 _UUID = re.compile(r"[0-9a-fA-F-]{8,64}")
+_HEADER_BACKUP = re.compile(r"(?P<uuid>[0-9a-f-]{8,64})-[0-9]{8}T[0-9]{6}\.[0-9]{6}Z\.img")
+MAX_STATE_FILE = 4 * 1024 * 1024
 
 
 class StateError(Exception):
@@ -125,17 +137,18 @@ class VolumeState:
 class StateStore:
     """The state directory: one file per volume, root-only, atomic writes."""
 
-    def __init__(self, directory: Path = DEFAULT_STATE_DIR) -> None:
+    def __init__(self, directory: Path = DEFAULT_STATE_DIR, *, strict: bool = False) -> None:
         self.dir = Path(directory)
+        self.strict = strict
 
     def ensure(self) -> None:
+        """Create the directory if missing; refuse one that is not ours alone."""
         try:
-            self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-            st = self.dir.stat()
-            if st.st_mode & 0o077:
-                os.chmod(self.dir, 0o700)
+            self.dir.mkdir(mode=0o700, parents=not self.strict, exist_ok=True)
+            st = os.lstat(self.dir)
         except OSError as e:
             raise StateError(f"{self.dir}: {e.strerror}") from None
+        _check_private_dir(self.dir, st, self.strict)
 
     def path(self, uuid: str) -> Path:
         if not _UUID.fullmatch(uuid):
@@ -145,13 +158,18 @@ class StateStore:
     def load(self, uuid: str) -> VolumeState:
         p = self.path(uuid)
         try:
-            text = p.read_text()
+            fd = _open_nofollow(p, os.O_RDONLY)
         except FileNotFoundError:
             return VolumeState(uuid=uuid.lower())
+        try:
+            with os.fdopen(fd, "rb") as f:
+                raw = f.read(MAX_STATE_FILE + 1)
         except OSError as e:
             raise StateError(f"{p}: {e.strerror}") from None
+        if len(raw) > MAX_STATE_FILE:
+            raise StateError(f"{p}: larger than {MAX_STATE_FILE} bytes")
         try:
-            data = json.loads(text)
+            data = json.loads(raw)
             if not isinstance(data, dict):
                 raise ValueError("not an object")
             return VolumeState.from_json(uuid.lower(), data)
@@ -173,17 +191,74 @@ class StateStore:
         """Hold the volume's lock (blocks while another run works on it)."""
         self.ensure()
         lock = self.path(uuid).with_suffix(".lock")
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = _open_nofollow(lock, os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
         finally:
             os.close(fd)
 
+    @property
+    def header_backup_dir(self) -> Path:
+        return self.dir / "header-backups"
+
     def header_backup_path(self, uuid: str, stamp: str) -> Path:
-        d = self.dir / "header-backups"
-        d.mkdir(mode=0o700, parents=True, exist_ok=True)
+        d = self.header_backup_dir
+        try:
+            d.mkdir(mode=0o700, exist_ok=True)
+            st = os.lstat(d)
+        except OSError as e:
+            raise StateError(f"{d}: {e.strerror}") from None
+        _check_private_dir(d, st, self.strict)
         return d / f"{uuid.lower()}-{stamp}.img"
+
+    def is_header_backup(self, path: object, uuid: str) -> bool:
+        """Is *path* (from a journal) one of our header backups for *uuid*?  Only those
+        are ever removed."""
+        if not isinstance(path, str):
+            return False
+        p = Path(path)
+        m = _HEADER_BACKUP.fullmatch(p.name)
+        return (m is not None and m["uuid"] == uuid.lower()
+                and os.path.realpath(p.parent) == os.path.realpath(self.header_backup_dir))
+
+
+def _check_private_dir(d: Path, st: os.stat_result, strict: bool) -> None:
+    if stat.S_ISLNK(st.st_mode):
+        raise StateError(f"{d}: is a symbolic link; the state directory must be a real "
+                         "directory (remove the link)")
+    if not stat.S_ISDIR(st.st_mode):
+        raise StateError(f"{d}: not a directory")
+    euid = os.geteuid()
+    if st.st_uid != euid:
+        owner = "root:root" if euid == 0 else str(euid)
+        raise StateError(f"{d}: owned by uid {st.st_uid}, not by uid {euid}; its files would "
+                         f"decide which key slots to destroy: check them, then chown {owner} {d}")
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o077:
+        if strict:
+            raise StateError(f"{d}: mode {mode:04o} lets others in; the state directory must be "
+                             f"root's alone: chmod 0700 {d}")
+        os.chmod(d, 0o700)
+
+
+def _open_nofollow(path: Path, flags: int) -> int:
+    """Open a regular file of ours, never through a symbolic link."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY, 0o600)
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise StateError(f"{path}: is a symbolic link; refusing to follow it "
+                             "(remove it)") from None
+        raise StateError(f"{path}: {e.strerror}") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_nlink != 1:
+        os.close(fd)
+        raise StateError(f"{path}: not a regular file of ours (owner uid {st.st_uid}, "
+                         f"{st.st_nlink} links); remove it")
+    return fd
 
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:

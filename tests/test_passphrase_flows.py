@@ -1,16 +1,23 @@
 """The passphrase tool's flows on real LUKS1 and LUKS2 images, refusals, and crash safety.
 
-Fault injection: every flow is run once to list its steps; then, for each
-step, on a fresh image, the run is made to die right after it (an exception
-that nothing catches, or SIGKILL of the real CLI process).  After each one:
-the volume still opens with the old or the new passphrase, the backup
-passphrase is not lost, and the next run finishes or rolls back, after which
-the flow completes normally.
+Fault injection: every flow is run once to list the steps it announces; then,
+for each step, on a fresh image, the run is made to die right after it (an
+exception that nothing catches, or SIGKILL of the real CLI process started
+through the test-only ``tests/crashpoint_runner.py``; the program itself has
+no such switch).  After each one: the volume still opens with the old or the
+new passphrase, the backup passphrase is not lost (both checked with
+libcryptsetup and with the ``cryptsetup`` program, whose ``luksDump`` must show
+the same key slots), and the next run finishes or rolls back, after which the
+flow completes normally.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,11 +29,13 @@ from mandos_core import escrow_packet
 from mandos_core.secret import Secret
 from tests.test_passphrase_helpers import (
     BACKUP0,
+    ROOT,
     USER0,
     EscrowKeys,
     active_slots,
     add_key,
     cli,
+    dump_slots,
     luks_uuid,
     make_escrow_keys,
     make_image,
@@ -38,6 +47,21 @@ KINDS = ["luks1", "luks2"]
 USER1 = b"user passphrase one!"
 OTHER = b"another user passphrase"
 CRASH_POINTS_COVERED: dict[str, int] = {}
+CHANGE_POINTS = ["change:begun", "change:added", "change:recorded", "change:verified",
+                 "change:old-destroyed", "change:done"]
+RECOVERY_POINTS = ["recover:begun", "recover:cleared-0", "recover:cleared-2", "recover:cleared",
+                   "recover:add-user", "recover:user-added", "recover:user-recorded",
+                   "recover:user-verified", "backup:begun", "backup:added", "backup:done",
+                   "promote:begun", "promote:old-destroyed", "promote:done"]
+#: the real program, killed at every step of a recovery (promotion needs a server: not here)
+SIGKILL_POINTS = [p for p in RECOVERY_POINTS if not p.startswith("promote:")]
+#: what each crash test covers, and so the figure the docs give
+EXPECTED_COVERAGE = {
+    **{f"change-{k}": len(CHANGE_POINTS) for k in KINDS},
+    **{f"recovery+promotion-{k}": len(RECOVERY_POINTS) for k in KINDS},
+    **{f"change-{k}-cryptsetup-program": len(CHANGE_POINTS) for k in KINDS},
+    "sigkill-cli-luks2": len(SIGKILL_POINTS),
+}
 
 
 class Crash(BaseException):
@@ -72,7 +96,7 @@ def tool(store: StateStore, keys: EscrowKeys, crash_at: str | None = None,
         if name == crash_at:
             raise Crash(name)
 
-    return Tool(store, certificate=keys.cert_pem, crash=hook, hostname="testhost",
+    return Tool(store, certificate=keys.cert_pem, step=hook, hostname="testhost",
                 progress=lambda m: None)
 
 
@@ -236,10 +260,16 @@ def _points(run: object) -> list[str]:
 
 def _check_invariants(image: Path, store: StateStore, keys: EscrowKeys, uuid: str,
                       users: tuple[bytes, ...], backups: tuple[bytes, ...]) -> None:
-    assert any(opens_fast(image, u) for u in users), "no user passphrase opens"
+    """A user passphrase and a backup passphrase open: libcryptsetup and the program agree."""
+    user = next((u for u in users if opens_fast(image, u)), None)
+    assert user is not None, "no user passphrase opens"
+    assert opens(image, user), "the cryptsetup program does not open with the user passphrase"
     queued = queued_passphrase(store, uuid, keys)
-    assert any(opens_fast(image, b) for b in backups) or (queued and opens_fast(image, queued)), \
-        "the backup passphrase was lost"
+    candidates = (*backups, *((queued,) if queued else ()))
+    backup = next((b for b in candidates if opens_fast(image, b)), None)
+    assert backup is not None, "the backup passphrase was lost"
+    assert opens(image, backup), "the cryptsetup program does not open with the backup passphrase"
+    assert dump_slots(image) == active_slots(image), "luksDump shows other key slots"
 
 
 def _resume(store: StateStore, keys: EscrowKeys, image: Path, users: tuple[bytes, ...]) -> None:
@@ -261,8 +291,7 @@ def test_crash_during_change(tmp_path: Path, kind: str, keys: EscrowKeys) -> Non
         return image
 
     points = _points(run)
-    assert points == ["change:begun", "change:added", "change:recorded", "change:verified",
-                      "change:old-destroyed", "change:done"]
+    assert points == CHANGE_POINTS
     for i, point in enumerate(points):
         base = tmp_path / f"p{i}"
         image, store = setup_volume(base, kind, keys)
@@ -289,8 +318,7 @@ def test_crash_during_recovery_and_promotion(tmp_path: Path, kind: str, keys: Es
         t.promote(str(image), store.load(luks_uuid(image)).queue.sha256)  # type: ignore[union-attr]
 
     points = _points(run)
-    assert points[0] == "recover:begun" and points[-1] == "promote:done"
-    assert "recover:cleared-0" in points and "recover:cleared-2" in points
+    assert points == RECOVERY_POINTS
     for i, point in enumerate(points):
         base = tmp_path / f"p{i}"
         image, store = setup_volume(base, kind, keys, extra_user=True)
@@ -329,23 +357,25 @@ def test_crash_during_recovery_and_promotion(tmp_path: Path, kind: str, keys: Es
     CRASH_POINTS_COVERED[f"recovery+promotion-{kind}"] = len(points)
 
 
+def crash_cli(point: str, *args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
+    """The real program's main() under tests/crashpoint_runner.py, SIGKILLed after *point*."""
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C.UTF-8"}
+    return subprocess.run([sys.executable, str(ROOT / "tests" / "crashpoint_runner.py"), point,
+                           *args], input=stdin, capture_output=True, env=env, timeout=60,
+                          cwd=ROOT)
+
+
 @pytest.mark.parametrize("kind", ["luks2"])
 def test_sigkill_at_every_step_of_the_cli(tmp_path: Path, kind: str, keys: EscrowKeys) -> None:
     """The real program killed with SIGKILL after each step of a recovery; rerun finishes."""
-    def run_cli(base: Path, point: str) -> tuple[Path, StateStore, int]:
-        image, store = setup_volume(base, kind, keys, extra_user=True)
-        proc = cli("--state-dir", str(store.dir), "--certificate", str(keys.cert),
-                   "change", str(image), stdin=BACKUP0 + b"\n" + USER1 + b"\n" + USER1 + b"\n",
-                   env={"LUKS_PASSPHRASE_TEST_KILL_AT": point})
-        return image, store, proc.returncode
-
-    points = ["recover:begun", "recover:cleared-0", "recover:cleared-2", "recover:cleared",
-              "recover:add-user", "recover:user-added", "recover:user-recorded",
-              "recover:user-verified", "backup:begun", "backup:added", "backup:done"]
-    for i, point in enumerate(points):
-        image, store, rc = run_cli(tmp_path / f"k{i}", point)
-        assert rc == -9, point
+    for i, point in enumerate(SIGKILL_POINTS):
+        image, store = setup_volume(tmp_path / f"k{i}", kind, keys, extra_user=True)
+        proc = crash_cli(point, "--state-dir", str(store.dir), "--certificate", str(keys.cert),
+                         "change", str(image),
+                         stdin=BACKUP0 + b"\n" + USER1 + b"\n" + USER1 + b"\n")
+        assert proc.returncode == -9, (point, proc.returncode, proc.stderr)
         uuid = luks_uuid(image)
+        _check_invariants(image, store, keys, uuid, (USER0, OTHER, USER1, BACKUP0), (BACKUP0,))
         assert opens(image, BACKUP0, 1)
         # the next run: `resume`, with a passphrase on stdin if it needs one
         proc = cli("--state-dir", str(store.dir), "--certificate", str(keys.cert), "resume",
@@ -360,7 +390,16 @@ def test_sigkill_at_every_step_of_the_cli(tmp_path: Path, kind: str, keys: Escro
         st = store.load(uuid)
         assert opens(image, USER1) and opens(image, BACKUP0, 1) and st.pending_backup is not None
         assert json.loads((store.dir / f"{uuid}.json").read_text())["journal"] is None
-    CRASH_POINTS_COVERED[f"sigkill-cli-{kind}"] = len(points)
+        assert dump_slots(image) == active_slots(image)
+    CRASH_POINTS_COVERED[f"sigkill-cli-{kind}"] = len(SIGKILL_POINTS)
+
+
+def test_crashpoint_runner_needs_the_step_to_be_reached(tmp_path: Path, keys: EscrowKeys) -> None:
+    """A step that is never announced is reported (99), not mistaken for a clean run."""
+    image, store = setup_volume(tmp_path, "luks2", keys)
+    proc = crash_cli("no-such-step", "--state-dir", str(store.dir), "change", str(image),
+                     stdin=USER0 + b"\n" + USER1 + b"\n" + USER1 + b"\n")
+    assert proc.returncode == 99, proc.stderr
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -384,6 +423,17 @@ def test_cryptsetup_program_backend(tmp_path: Path, kind: str, keys: EscrowKeys,
 
 
 def test_report_crash_points() -> None:
-    """Printed with -s; the sum of every crash point exercised above."""
-    total = sum(CRASH_POINTS_COVERED.values())
-    print(f"\ncrash points covered: {total} {CRASH_POINTS_COVERED}")
+    """The figure the docs give is the number of crash points the tests above kill at.
+
+    Each crash test asserts the steps it found are exactly its list; with -s this
+    prints the figure and, when the crash tests ran in this session, checks that
+    each covered every step of its list.
+    """
+    figure = sum(EXPECTED_COVERAGE.values())
+    assert figure == 63
+    assert f"**{figure} crash points**" in (ROOT / "docs" / "passphrase-tool.md").read_text()
+    assert re.search(rf"\b{figure} crash points are tested", (ROOT / "README.md").read_text())
+    for name, covered in CRASH_POINTS_COVERED.items():
+        assert covered == EXPECTED_COVERAGE[name], name
+    print(f"\ncrash points covered: {sum(CRASH_POINTS_COVERED.values())} of {figure} "
+          f"{CRASH_POINTS_COVERED}")

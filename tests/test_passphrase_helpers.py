@@ -78,6 +78,20 @@ def active_slots(image: Path) -> list[int]:
         return v.active_slots()
 
 
+def dump_slots(image: Path) -> list[int]:
+    """Active key slots as the ``cryptsetup`` program's ``luksDump`` shows them."""
+    import json
+    import re
+
+    dump = subprocess.run(["cryptsetup", "luksDump", str(image)], capture_output=True,
+                          check=True).stdout.decode()
+    if dump.startswith("LUKS header information for"):  # LUKS1: "Key Slot 0: ENABLED"
+        return [int(n) for n in re.findall(r"^Key Slot (\d+): ENABLED$", dump, re.M)]
+    meta = subprocess.run(["cryptsetup", "luksDump", "--dump-json-metadata", str(image)],
+                          capture_output=True, check=True).stdout
+    return sorted(int(n) for n in json.loads(meta)["keyslots"])
+
+
 def luks_uuid(image: Path) -> str:
     return subprocess.run(["cryptsetup", "luksUUID", str(image)], check=True,
                           capture_output=True).stdout.decode().strip()
