@@ -21,8 +21,10 @@ import resource
 import socket
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
 
 log = logging.getLogger("mandosd.connections")
 
@@ -142,7 +144,7 @@ _OUT_OF_FDS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
 async def accept_loop(lsock: socket.socket, table: ConnectionTable,
-                      handle: Callable[[Conn], Awaitable[None]],
+                      handle: Callable[[Conn], Coroutine[Any, Any, None]],
                       on_refused: Callable[[Conn, str], None],
                       errors: RateLimitedLog) -> None:
     """Accept on *lsock* for ever, handing each admitted connection to *handle*."""
@@ -182,9 +184,9 @@ async def accept_loop(lsock: socket.socket, table: ConnectionTable,
         conn.task = loop.create_task(handle(conn))
         # a done-callback, not a finally: a task cancelled before it ever ran (evicted
         # in a burst of accepts) never enters its body, yet its socket must be closed
-        conn.task.add_done_callback(lambda _t, c=conn: _closed(c, table))
+        conn.task.add_done_callback(partial(_closed, conn, table))
 
 
-def _closed(conn: Conn, table: ConnectionTable) -> None:
+def _closed(conn: Conn, table: ConnectionTable, _task: object) -> None:
     table.remove(conn)
     conn.sock.close()
