@@ -108,3 +108,41 @@ def spki_from_certificate(cert_der: bytes) -> bytes:
         raise DERError("certificate has no SubjectPublicKeyInfo")
     _, s, e = fields[5]
     return cert_der[s:e]
+
+
+#: Key algorithms a client may identify itself with (Mandos 1.8 makes Ed25519).
+KEY_ALGORITHMS = {
+    bytes.fromhex("2b6570"): "ed25519",  # 1.3.101.112
+    bytes.fromhex("2b6571"): "ed448",  # 1.3.101.113
+}
+
+
+def spki_algorithm(spki_der: bytes) -> str:
+    """The key algorithm of a DER SubjectPublicKeyInfo: ``ed25519``, ``ed448``, or the
+    dotted OID of anything else.  Raises :class:`DERError` on malformed input."""
+    tag, start, end = _der_element(spki_der, 0)
+    if tag != 0x30 or end != len(spki_der):
+        raise DERError("not a SubjectPublicKeyInfo")
+    tag, astart, aend = _der_element(spki_der, start)  # AlgorithmIdentifier
+    if tag != 0x30:
+        raise DERError("not a SubjectPublicKeyInfo")
+    tag, ostart, oend = _der_element(spki_der, astart)
+    if tag != 0x06:
+        raise DERError("no algorithm identifier")
+    oid = spki_der[ostart:oend]
+    if oid in KEY_ALGORITHMS:
+        return KEY_ALGORITHMS[oid]
+    return _dotted(oid)
+
+
+def _dotted(oid: bytes) -> str:
+    if not oid:
+        return "?"
+    parts = [oid[0] // 40, oid[0] % 40]
+    n = 0
+    for b in oid[1:]:
+        n = (n << 7) | (b & 0x7F)
+        if not b & 0x80:
+            parts.append(n)
+            n = 0
+    return ".".join(map(str, parts))

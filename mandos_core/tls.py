@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from . import gnutls
 from .gnutls import GnuTLSError, WouldBlock
-from .protocol import DERError, key_id, spki_from_certificate
+from .protocol import KEY_ALGORITHMS, DERError, key_id, spki_algorithm, spki_from_certificate
 
 if TYPE_CHECKING:
     import asyncio
@@ -57,6 +57,21 @@ def effective_priority(configured: str | None, *, server: bool) -> str:
     text = (configured or "").strip() or (SERVER_PRIORITY if server else MANDOS_PRIORITY)
     text = text.replace("CTYPE-OPENPGP", "CTYPE-RAWPK")
     return text + TLS13_ONLY
+
+
+def allows_x509(priority: str) -> bool:
+    """Whether *priority* leaves X.509 certificates allowed for the client machine's key.
+
+    GnuTLS falls back to X.509 when a peer ignores the certificate-type extension
+    (OpenSSL does), so a string that removes X.509 (Mandos's default) must be
+    enforced after the handshake: the last CTYPE keyword about it wins."""
+    allowed = True
+    for word in priority.replace(";", ":").split(":"):
+        w = word.strip().upper()
+        if w[1:] in ("CTYPE-X.509", "CTYPE-X509", "CTYPE-SRV-X509", "CTYPE-SRV-X.509",
+                     "CTYPE-ALL", "CTYPE-SRV-ALL"):
+            allowed = w[0] == "+" or (w[0] not in "!-" and allowed)
+    return allowed
 
 
 def check_priority(text: str) -> None:
@@ -90,8 +105,10 @@ class PeerKeyError(Exception):
         self.reason = reason
 
 
-def peer_key(session: gnutls.Session) -> PeerKey:
-    """The peer's key, after a completed handshake (TLS 1.3 is checked here too)."""
+def peer_key(session: gnutls.Session, *, x509: bool = True) -> PeerKey:
+    """The peer's key, after a completed handshake (TLS 1.3 is checked here too).
+
+    With *x509* false, a key inside an X.509 certificate is refused."""
     if not session.version_is_tls13():
         raise PeerKeyError("not-tls13", "the peer did not negotiate TLS 1.3")
     ctype = session.peer_certificate_type()
@@ -101,12 +118,22 @@ def peer_key(session: gnutls.Session) -> PeerKey:
     if ctype == gnutls.CRT_RAWPK:
         spki = der
     elif ctype == gnutls.CRT_X509:
+        if not x509:
+            raise PeerKeyError("certificate-type-not-allowed",
+                               "an X.509 certificate, which the priority string excludes")
         try:
             spki = spki_from_certificate(der)
         except DERError as e:
             raise PeerKeyError("bad-certificate", f"unusable certificate: {e}") from None
     else:
         raise PeerKeyError("unsupported-certificate-type", f"certificate type {ctype}")
+    try:
+        algorithm = spki_algorithm(spki)
+    except DERError as e:
+        raise PeerKeyError("bad-certificate", f"unusable public key: {e}") from None
+    if algorithm not in KEY_ALGORITHMS.values():
+        raise PeerKeyError("unsupported-key-type",
+                           f"a {algorithm} key; only Ed25519 and Ed448 identify clients")
     return PeerKey(key_id(spki), CERT_TYPES[ctype], spki)
 
 

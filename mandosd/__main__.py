@@ -125,12 +125,24 @@ def _run_checkers(args: argparse.Namespace, configdir: Path, statedir: Path,
     return 0
 
 
+def _check_priority(configdir: Path, cfg: configmod.Config) -> None:
+    """mandos.conf's ``priority =`` is a GnuTLS priority string: GnuTLS must accept it."""
+    from mandos_core import gnutls, tls
+
+    try:
+        tls.check_priority(cfg.server.priority)
+    except gnutls.PriorityError as e:
+        raise configmod.ConfigError(f"{configdir / 'mandos.conf'}: [DEFAULT] "
+                                    f"priority={cfg.server.priority}: {e}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logsetup.setup("mandosd", args.debug)
     configdir = configmod.configdir_from(args.configdir)
     try:
         cfg = configmod.load(configdir)
+        _check_priority(configdir, cfg)
         if args.check_config:
             print(f"mandosd: {configdir}: configuration is valid "
                   f"({len(cfg.clients)} clients)")

@@ -23,7 +23,14 @@ from typing import Any, TypeVar
 
 from mandos_core import gnutls
 from mandos_core.protocol import EMPTY_KEY_ID, ESCROW_LINE, MAX_VERSION_LINE, VERSION_LINE
-from mandos_core.tls import AsyncTLS, PeerKey, PeerKeyError, effective_priority, peer_key
+from mandos_core.tls import (
+    AsyncTLS,
+    PeerKey,
+    PeerKeyError,
+    allows_x509,
+    effective_priority,
+    peer_key,
+)
 
 from . import config as configmod
 from . import identity as identitymod
@@ -87,6 +94,7 @@ class KeyServer:
         self.served = 0
         self.identity = identitymod.load_or_create(statedir)
         self.priority = effective_priority(self.config.server.priority, server=True)
+        self.accept_x509 = allows_x509(self.priority)
         self.credentials = gnutls.Credentials()
         self.credentials.set_rawpk(self.identity.spki_pem, self.identity.key_pem)
         self.conns = ConnectionTable(limits.per_address, limits.total)
@@ -182,7 +190,7 @@ class KeyServer:
                       peer=peername, reason="tls-handshake", tls_error="connection-error")
                 return
             try:
-                peer = peer_key(session)
+                peer = peer_key(session, x509=self.accept_x509)
             except PeerKeyError as e:
                 audit(Kind.PROTOCOL_ERROR, f"{peername}: {e}", peer=peername,
                       reason=e.reason)
