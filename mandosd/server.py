@@ -326,29 +326,19 @@ class KeyServer:
                 return decision
 
     async def _escrow(self, transport: Any, peer: _Peer, kid: str, peername: str) -> None:
-        try:
-            from . import escrow
-        except ImportError:
-            audit(Kind.PROTOCOL_ERROR, f"{peername}: escrow not available", peer=peername,
-                  key_id=kid, reason="escrow-unavailable")
-            return
-        client, _ = await self._db(self._lookup, kid)
-        if client is None:
-            audit(Kind.REFUSED_UNKNOWN, f"escrow from unknown key {kid}", key_id=kid,
-                  peer=peername, reason="no client has this key_id")
-            return
+        from . import escrow
+
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader(limit=64 * 1024, loop=loop)
         proto = asyncio.StreamReaderProtocol(reader, loop=loop)
         transport.set_protocol(proto)
         proto.connection_made(transport)
         writer = asyncio.StreamWriter(transport, proto, reader, loop)
-        store = await self._db(escrow.EscrowStore, self.statedir)
-        try:
-            await escrow.handle_escrow(reader, writer, client_name=client.name, key_id=kid,
-                                       store=store)
-        finally:
-            await self._db(store.close)
+        # known/enabled/timeout, quota, rate and disk reserve: mandosd/escrow_policy.py
+        await escrow.handle_escrow(reader, writer, key_id=kid, peer=peername,
+                                   lookup=lambda: self._db(self._lookup, kid),
+                                   statedir=self.statedir,
+                                   reserve=self.config.server.escrow_reserve, clock=self.clock)
 
     async def serve(self, socks: list[socket.socket], *, idle_timeout: float | None = None,
                     on_ready: Callable[[], None] | None = None,
