@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import logging
 import os
 import re
 import sqlite3
@@ -55,8 +54,6 @@ from .audit import Kind, audit
 from .config import Client
 from .escrow_policy import EscrowDecision, EscrowVerdict, Kept, Upload, Usage
 from .state import ClientState, StateError, connect
-
-log = logging.getLogger("mandosd.escrow")
 
 DB_NAME = "escrow.sqlite"
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
@@ -340,7 +337,8 @@ async def handle_escrow(reader: asyncio.StreamReader, writer: asyncio.StreamWrit
         s.audit(Kind.PROTOCOL_ERROR, f"escrow session with {s.name or key_id}: {e}",
                 reason="escrow-protocol")
     except (StateError, EscrowError) as e:
-        log.error("escrow: %s", e)
+        s.audit(Kind.ESCROW_FAILED, f"escrow session with {s.name or key_id}: {e}",
+                reason=str(e))
     finally:
         if s.store is not None:
             await asyncio.to_thread(s.store.close)
