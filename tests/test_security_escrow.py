@@ -473,3 +473,21 @@ def test_policy_created_never_after_receipt() -> None:
     assert decide(upload=up(created=int(T0) - 5)).created == int(T0) - 5
     small_skew = decide(upload=up(created=int(T0) + 30))
     assert small_skew.created == int(T0) and "future" not in small_skew.reason
+
+
+def test_escrow_settings_parse(tmp_path: Path, client_section: str) -> None:
+    from mandosd import config as configmod
+
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    (conf / "clients.conf").write_text("[DEFAULT]\nescrow_max_bytes = 512K\n\n" + client_section
+                                       + "escrow_max_packets = 4\n")
+    (conf / "mandos.conf").write_text("[DEFAULT]\nescrow_reserve = 1G\n")
+    cfg = configmod.load(conf)
+    c = cfg.clients["client1"]
+    assert (c.escrow_max_packets, c.escrow_max_bytes, c.escrow_uploads_per_hour) == \
+        (4, 512 << 10, 32)
+    assert cfg.server.escrow_reserve == 1 << 30
+    (conf / "clients.conf").write_text("[DEFAULT]\nescrow_max_bytes = lots\n\n" + client_section)
+    with pytest.raises(configmod.ConfigError, match=r"\[client1\] escrow_max_bytes=lots"):
+        configmod.load(conf)
