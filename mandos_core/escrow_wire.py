@@ -12,12 +12,16 @@ machine → server, per packet:
 server → machine, for each request:
   ``{"ok": true, "volume_uuid": U, "sha256": H, "created": T, "sequence": N,
   "received": R}`` describing the packet the server now holds for that
-  volume (the newest), or ``{"ok": false, "error": "..."}``.
+  volume (the one it received last; T never later than R), or
+  ``{"ok": false, "error": "..."}`` (malformed, quota, rate, disk reserve);
+  a machine that may not escrow at all (unknown, disabled, removed, timed
+  out) gets no reply: the server closes the connection.
 A zero-length frame (or EOF) ends the session.
 
 The machine treats a packet as escrowed only when the reply names the same
 SHA-256 as its queued packet.  Limits: JSON frames 4 KiB, packets 64 KiB, 16
-requests per connection; both sides drop a peer that stalls.
+requests per connection (then the end marker); both sides drop a peer that
+stalls.
 """
 
 from __future__ import annotations

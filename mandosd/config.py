@@ -58,6 +58,24 @@ def _duration(v: str) -> float:
         raise ValueError(str(e)) from None
 
 
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+def _size(v: str) -> int:
+    """A byte count: ``1048576``, ``512K``, ``64M``, ``1G`` (also ``KiB``, ``MB``: powers of 2)."""
+    m = re.fullmatch(r"\s*(\d+)\s*([KMG]?)(?:i?B)?\s*", v, re.IGNORECASE)
+    if not m:
+        raise ValueError("not a size (use bytes, or a number with K, M or G)")
+    return int(m.group(1)) * _SIZE_UNITS[m.group(2).upper()]
+
+
+def _count(v: str) -> int:
+    n = int(v)
+    if n < 0:
+        raise ValueError("must not be negative")
+    return n
+
+
 def _str(v: str) -> str:
     return v.strip()
 
@@ -89,6 +107,8 @@ SERVER_SETTINGS = (
     Setting("socket", _optstr, ""),
     Setting("zeroconf", _bool, "True"),
     Setting("debuglevel", _str, ""),
+    # not Mandos's: escrow is refused while the state file system has less free space
+    Setting("escrow_reserve", _size, "64M"),
 )
 
 #: clients.conf; the defaults of Mandos 1.8.
@@ -102,6 +122,10 @@ CLIENT_SETTINGS = (
     Setting("approval_duration", _duration, "PT1S"),
     Setting("enabled", _bool, "True"),
     Setting("host", _str, ""),
+    # not Mandos's: what one client may keep on the escrow endpoint (mandosd/escrow_policy.py)
+    Setting("escrow_max_packets", _count, "16"),
+    Setting("escrow_max_bytes", _size, "1M"),
+    Setting("escrow_uploads_per_hour", _count, "32"),
 )
 #: Keys that are read specially, or that Mandos knows and we accept silently.
 CLIENT_SPECIAL = {"key_id", "fingerprint", "secret", "secfile"}
@@ -123,6 +147,7 @@ class ServerConfig:
     socket: str | None = None
     zeroconf: bool = True
     debuglevel: str = ""
+    escrow_reserve: int = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -140,6 +165,9 @@ class Client:
     approval_duration: float
     approved_by_default: bool
     enabled: bool
+    escrow_max_packets: int = 16
+    escrow_max_bytes: int = 1 << 20
+    escrow_uploads_per_hour: int = 32
     #: every key=value of the section (after interpolation), for %(name)s in checkers
     attributes: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from mandos_core import log as logsetup
+from mandos_core.text import printable
 
 from . import config as configmod
 from . import policy
@@ -255,7 +256,7 @@ def _cell(value: Any, key: str) -> str:
         return "Yes" if value else "No"
     if key in DURATIONS:
         return _ms_to_string(value)
-    return str(value)
+    return printable(value)  # names and hosts may come from a section made on the client
 
 
 def table(rows: Sequence[Mapping[str, Any]], keywords: tuple[str, ...]) -> str:

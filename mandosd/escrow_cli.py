@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from mandos_core import escrow_packet
+from mandos_core.text import printable
 
 from .config import DEFAULT_STATEDIR
 from .escrow import EscrowError, EscrowStore
@@ -48,6 +49,17 @@ def _when(ts: float) -> str:
     return datetime.datetime.fromtimestamp(ts, datetime.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
+def _write_passphrase(raw: bytes) -> None:
+    """The passphrase as it is when printable; escaped (and said so) when it is not."""
+    text = raw.decode("utf-8", "surrogateescape")
+    if text.isprintable():
+        sys.stdout.buffer.write(b"Passphrase:\t" + raw + b"\n")
+        return
+    sys.stdout.write(f"Passphrase:\t{printable(text)}\n")
+    print("mandos-ctl escrow: the passphrase holds non-printable characters, shown "
+          "escaped (\\xNN, \\\\ for a backslash)", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -55,10 +67,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             pkt = escrow_packet.parse(args.packet.read_bytes())
             secret = escrow_packet.unwrap(pkt, args.key.read_bytes())
             m = pkt.metadata
-            print(f"Volume UUID:\t{m.volume_uuid}\nHost name:\t{m.host_name}\n"
-                  f"Passphrase slot:\t{m.passphrase_slot}")
+            print(f"Volume UUID:\t{printable(m.volume_uuid)}\nHost name:\t"
+                  f"{printable(m.host_name)}\nPassphrase slot:\t{m.passphrase_slot}")
             sys.stdout.flush()
-            sys.stdout.buffer.write(b"Passphrase:\t" + secret.reveal() + b"\n")
+            _write_passphrase(secret.reveal())
             secret.wipe()
             return 0
         store = EscrowStore(args.statedir)
@@ -67,9 +79,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{'SEQ':>4}  {'CLIENT':<16} {'VOLUME UUID':<36}  SLOT  RECEIVED"
                   "              HOST")
             for r in rows:
-                print(f"{r.sequence:>4}  {r.client_name:<16} {r.volume_uuid:<36}  "
+                # every field but the numbers and times came from a machine: escaped
+                print(f"{r.sequence:>4}  {printable(r.client_name):<16} "
+                      f"{printable(r.volume_uuid):<36}  "
                       f"{r.slot if r.slot is not None else '-':>4}  {_when(r.received)}  "
-                      f"{r.host_name}")
+                      f"{printable(r.host_name)}")
             return 0
         if args.sequence is not None:
             found = store.get(args.sequence)

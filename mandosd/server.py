@@ -356,21 +356,18 @@ class KeyServer:
         from . import escrow
 
         kid = peer.key_id
-        client, _ = await self._db(self._lookup, kid)
-        if client is None:
-            audit(Kind.REFUSED_UNKNOWN, f"escrow from unknown key {kid}", key_id=kid,
-                  peer=peername, reason="no client has this key_id")
-            return
         reader, writer, pump = tls_streams(tls)
-        store = await self._db(escrow.EscrowStore, self.statedir)
         try:
-            await escrow.handle_escrow(reader, writer, client_name=client.name,  # type: ignore[arg-type]
-                                       key_id=kid, store=store)
+            # known/enabled/timeout, quota, rate and disk reserve: mandosd/escrow_policy.py
+            await escrow.handle_escrow(reader, writer, key_id=kid,  # type: ignore[arg-type]
+                                       peer=peername, lookup=lambda: self._db(self._lookup, kid),
+                                       statedir=self.statedir,
+                                       reserve=self.config.server.escrow_reserve,
+                                       clock=self.clock)
         finally:
             pump.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await pump
-            await self._db(store.close)
 
     def _refused_connection(self, conn: Conn, why: str) -> None:
         self.errors.log(logging.WARNING, f"{why} {conn.address}",

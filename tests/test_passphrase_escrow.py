@@ -29,7 +29,9 @@ from luks_passphrase.state import StateStore
 from mandos_core import escrow_packet
 from mandos_core.secret import Secret
 from mandosd import escrow_cli
+from mandosd.config import Client
 from mandosd.escrow import EscrowStore, handle_escrow
+from mandosd.state import ClientState
 from tests.test_passphrase_flows import setup_volume
 from tests.test_passphrase_helpers import (
     BACKUP0,
@@ -169,11 +171,24 @@ def machine_keys(directory: Path) -> Path:
     return directory
 
 
+def standin_client(**kw: object) -> tuple[Client, ClientState]:
+    """A known, enabled client1 (as mandosd's lookup would return it)."""
+    base: dict[str, object] = dict(
+        name="client1", key_id=None, fingerprint="", secret=b"pgp", host="client1",
+        checker="true", timeout=300.0, interval=120.0, extended_timeout=900.0,
+        approval_delay=0.0, approval_duration=1.0, approved_by_default=True, enabled=True)
+    base.update(kw)
+    return Client(**base), ClientState(name="client1", key_id=None, enabled=True,  # type: ignore[arg-type]
+                                          deadline=None)
+
+
 class EscrowServer:
     """The key server's side: `escrow 1` line, TLS client role, key_id, handle_escrow."""
 
     def __init__(self, statedir: Path) -> None:
+        self.statedir = statedir
         self.store = EscrowStore(statedir, durable=False)
+        self.client = standin_client()
         self.loop = asyncio.new_event_loop()
         self.ready = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -223,8 +238,12 @@ class EscrowServer:
                 self.key_ids.append(kid)
                 reader, writer, pump = tls_streams(tls)
                 try:
-                    await handle_escrow(reader, writer, client_name="client1",  # type: ignore[arg-type]
-                                        key_id=kid, store=self.store)
+                    async def lookup() -> tuple[Client, ClientState]:
+                        return self.client
+
+                    await handle_escrow(reader, writer, key_id=kid,  # type: ignore[arg-type]
+                                        peer="127.0.0.1", lookup=lookup,
+                                        statedir=self.statedir, reserve=0)
                 finally:
                     pump.cancel()
 
@@ -294,13 +313,13 @@ def test_escrow_cli_list_and_secrets(tmp_path: Path, keys: EscrowKeys,
                                                      "/dev/sda2", "crypt_LUKS", 2))
     store.store(key_id="A" * 64, client_name="web1",
                 volume_uuid="12345678-1234-1234-1234-123456789abc", created=10, packet=pkt)
-    # an older packet arriving later does not replace the newer one
-    old = escrow_packet.build(keys.cert_pem, Secret(b"older-older-older-older"),
-                              escrow_packet.Metadata("web1", "12345678-1234-1234-1234-123456789abc",
-                                                     "/dev/sda2", "crypt_LUKS", 1))
+    # the packet received last is current, whatever the machine's created time says
+    later = escrow_packet.build(keys.cert_pem, Secret(b"later-later-later-later"),
+                                escrow_packet.Metadata("web1", "12345678-1234-1234-1234-123456789abc",
+                                                       "/dev/sda2", "crypt_LUKS", 1))
     cur = store.store(key_id="A" * 64, client_name="web1",
-                      volume_uuid="12345678-1234-1234-1234-123456789abc", created=5, packet=old)
-    assert cur.slot == 2
+                      volume_uuid="12345678-1234-1234-1234-123456789abc", created=5, packet=later)
+    assert cur.slot == 1
     assert escrow_cli.main(["--statedir", str(tmp_path / "srv"), "list"]) == 0
     listing = capsys.readouterr().out
     assert "web1" in listing and "12345678-1234-1234-1234-123456789abc" in listing
@@ -318,21 +337,18 @@ def test_sync_not_confirmed_keeps_everything(tmp_path: Path, keys: EscrowKeys,
     uuid = luks_uuid(image)
     Tool(store, certificate=keys.cert_pem).change(str(image), Secret(BACKUP0),
                                                   lambda: Secret(USER1))
-    # the server already holds a newer packet for this volume: ours is not confirmed
+    # the server refuses to keep it (no room in this client's quota): not confirmed
+    escrow_server.client = standin_client(escrow_max_packets=0)
     keydir = machine_keys(tmp_path / "keys")
-    from mandos_core.keyfiles import KeyFiles
-
-    newer = escrow_packet.build(keys.cert_pem, Secret(b"newer-newer-newer-newer"),
-                                escrow_packet.Metadata("x", uuid, "/dev/x", "crypt_LUKS", 7))
-    escrow_server.store.store(key_id=KeyFiles.from_dir(keydir).key_id(), client_name="client1",
-                              volume_uuid=uuid, created=2**40, packet=newer)
     pin(keydir, escrow_server.identity.key_id)
     proc = cli("--state-dir", str(store.dir), "sync", "--server",
                f"127.0.0.1:{escrow_server.port}", "--keydir", str(keydir))
     assert proc.returncode == 5, proc.stderr
+    assert b"quota" in proc.stderr, proc.stderr
     assert opens(image, BACKUP0, 1)
     st = store.load(uuid)
     assert st.queue is not None and st.pending_backup is not None
+    assert escrow_server.store.list() == []
 
 
 def test_sync_server_unreachable(tmp_path: Path, keys: EscrowKeys) -> None:

@@ -115,3 +115,49 @@ def legacy_fetch(keydir: Path, address: str, timeout: float = 10.0) -> bytes:
                     break
                 data += chunk
             return data
+
+
+class Session:
+    """A blocking session as the client machine, for tests that talk the protocol by hand:
+    ``sendall`` and ``recv`` (``b""`` once the server closed or aborted)."""
+
+    def __init__(self, keydir: Path, address: str, line: bytes, timeout: float = 20) -> None:
+        srv = parse_server(address)
+        self.cred = gnutls.Credentials()
+        self.cred.set_rawpk((keydir / "tls-pubkey.pem").read_bytes(),
+                            (keydir / "tls-privkey.pem").read_bytes())
+        self.sock = socket.create_connection((srv.host, srv.port), timeout=timeout)
+        self.sock.sendall(line)
+        self.sock.setblocking(False)
+        self.fd = self.sock.fileno()
+        self.deadline = time.monotonic() + timeout
+        self.session = gnutls.Session(self.fd, server=True, credentials=self.cred,
+                                      priority=tls.effective_priority(None, server=False),
+                                      request_peer_key=True)
+        tls.drive(self.session, self.fd, self.session.handshake, self.deadline)
+
+    def sendall(self, data: bytes) -> None:
+        tls.send_all(self.session, self.fd, data, self.deadline)
+
+    def recv(self, n: int) -> bytes:
+        try:
+            return tls.drive(self.session, self.fd, lambda: self.session.recv(n), self.deadline)
+        except (gnutls.GnuTLSError, OSError):
+            return b""
+
+    def server_key(self) -> PeerKey | None:
+        try:
+            return tls.peer_key(self.session)
+        except tls.PeerKeyError:
+            return None
+
+    def close(self) -> None:
+        self.session.close()
+        self.sock.close()
+        self.cred.close()
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
