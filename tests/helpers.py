@@ -200,3 +200,32 @@ def no_fifo_reader(fifo: Path) -> bool:
         raise
     os.close(fd)
     return False
+
+
+@contextlib.contextmanager
+def veth_netns(prefix: str = "mck") -> Iterator[tuple[str, str]]:
+    """A network namespace joined to this one by a veth pair: (its name, its address).
+
+    Needs root and iproute2; its loopback is up, so programs inside it reach
+    ``localhost``.  Removed on exit.
+    """
+    tag = os.urandom(3).hex()
+    ns, veth0, veth1 = f"{prefix}{tag}", f"{prefix}{tag}a", f"{prefix}{tag}b"
+    octet = int(tag[:2], 16) % 250 + 1
+    host_ip, ns_ip = f"10.231.{octet}.1", f"10.231.{octet}.2"
+
+    def ip(*a: str) -> None:
+        subprocess.run(["ip", *a], check=True, capture_output=True)
+
+    ip("netns", "add", ns)
+    try:
+        ip("link", "add", veth0, "type", "veth", "peer", "name", veth1, "netns", ns)
+        ip("addr", "add", f"{host_ip}/30", "dev", veth0)
+        ip("link", "set", veth0, "up")
+        ip("-n", ns, "addr", "add", f"{ns_ip}/30", "dev", veth1)
+        ip("-n", ns, "link", "set", veth1, "up")
+        ip("-n", ns, "link", "set", "lo", "up")
+        yield ns, ns_ip
+    finally:
+        subprocess.run(["ip", "link", "del", veth0], capture_output=True)
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)

@@ -12,7 +12,6 @@ import json
 import os
 import subprocess
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from mandosd import checker
 from mandosd.checker import CheckerError, Limits, checker_argv, run_pass
 from mandosd.config import load_clients
 from mandosd.state import SQLiteStore
-from tests.helpers import group_gone, have, no_fifo_reader, shared_dir
+from tests.helpers import group_gone, have, no_fifo_reader, shared_dir, veth_netns
 
 KEY = "%064X"
 
@@ -138,28 +137,8 @@ def netns_host() -> Iterator[tuple[str, str]]:
     """A host in a network namespace: (netns name, its address)."""
     if os.geteuid() != 0 or not have("ip"):
         pytest.skip("needs root and iproute2 for a network namespace")
-    tag = uuid.uuid4().hex[:6]
-    ns, veth0, veth1 = f"mck{tag}", f"mck{tag}a", f"mck{tag}b"
-    octet = int(tag[:2], 16) % 250 + 1
-    host_ip, ns_ip = f"10.231.{octet}.1", f"10.231.{octet}.2"
-
-    def ip(*a: str) -> None:
-        subprocess.run(["ip", *a], check=True, capture_output=True)
-
-    try:
-        ip("netns", "add", ns)
-    except subprocess.CalledProcessError as e:
-        pytest.skip(f"cannot create a network namespace: {e.stderr.decode().strip()}")
-    try:
-        ip("link", "add", veth0, "type", "veth", "peer", "name", veth1, "netns", ns)
-        ip("addr", "add", f"{host_ip}/30", "dev", veth0)
-        ip("link", "set", veth0, "up")
-        ip("-n", ns, "addr", "add", f"{ns_ip}/30", "dev", veth1)
-        ip("-n", ns, "link", "set", veth1, "up")
-        yield ns, ns_ip
-    finally:
-        subprocess.run(["ip", "link", "del", veth0], capture_output=True)
-        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+    with veth_netns() as (ns, addr):
+        yield ns, addr
 
 
 @pytest.mark.skipif(not have("fping"), reason="fping not installed")
