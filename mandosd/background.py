@@ -33,6 +33,7 @@ def standalone_jobs(server: KeyServer, *, socket_activated: bool) -> list[Callab
 async def checker_schedule(server: KeyServer) -> None:
     """Run checker passes for as long as the server runs."""
     from .checker import CheckerPass
+    from .checker_run import adopting_escapees
     from .state import SQLiteStore, StateError
 
     # its own connection: the server's store belongs to the server's database thread
@@ -41,8 +42,9 @@ async def checker_schedule(server: KeyServer) -> None:
         while True:
             try:
                 config = await server.current_config()
-                report = await CheckerPass(store, config.clients, server.configdir,
-                                           clock=server.clock).run()
+                with adopting_escapees():
+                    report = await CheckerPass(store, config.clients, server.configdir,
+                                               clock=server.clock).run()
                 if report.checked or report.disabled:
                     log.info("checker pass: %s", report.summary())
                 now = server.clock()

@@ -33,7 +33,14 @@ from pathlib import Path
 
 from . import checker_shell, policy
 from .audit import Kind, audit
-from .checker_run import KILLED, NOT_EXECUTABLE, NOT_FOUND, Outcome, run_bounded
+from .checker_run import (
+    KILLED,
+    NOT_EXECUTABLE,
+    NOT_FOUND,
+    Outcome,
+    adopting_escapees,
+    run_bounded,
+)
 from .config import Client
 from .durations import format_duration
 from .state import CheckRecord, ClientState, SQLiteStore, known_clients
@@ -503,5 +510,6 @@ def run_pass(store: SQLiteStore, clients: Mapping[str, Client], configdir: Path,
              clock: Callable[[], float] = time.time, limits: Limits = Limits(),
              only: Iterable[str] | None = None, force: bool = False) -> PassReport:
     """Synchronous entry point (``mandosd --run-checkers``, ``mandos-ctl --start-checker``)."""
-    return asyncio.run(CheckerPass(store, clients, configdir, clock=clock,
-                                   limits=limits).run(only=only, force=force))
+    with adopting_escapees():
+        return asyncio.run(CheckerPass(store, clients, configdir, clock=clock,
+                                       limits=limits).run(only=only, force=force))

@@ -10,8 +10,8 @@
   checker is still an unreaped zombie (its exit is seen through a pidfd, the
   zombie reaped only afterwards), so the group id cannot have been reused by
   then.  A descendant that escaped into a session of its own is beyond a
-  process group; under systemd the unit's cgroup (``KillMode=control-group``)
-  ends it with the pass.
+  process group: :func:`adopting_escapees` makes the pass adopt and kill it,
+  and under systemd the unit's cgroup (``KillMode=control-group``) ends it too.
 
 This module never decides what a result means; :mod:`mandosd.checker` does.
 """
@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import os
 import shlex
 import signal
 import subprocess
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from mandos_core.run import minimal_env
@@ -205,3 +206,71 @@ async def run_bounded(argv: Sequence[str], limit: float, *, out_limit: int = 0,
     if len(readers) > 1 and not readers[1].cancelled():
         out = readers[1].result()
     return Outcome(KILLED if killed else rc, out=out, err=err)
+
+
+PR_SET_CHILD_SUBREAPER = 36
+PR_GET_CHILD_SUBREAPER = 37
+
+
+def _prctl(option: int, arg: int | ctypes.c_int) -> int:
+    libc = ctypes.CDLL(None, use_errno=True)
+    value = ctypes.byref(arg) if isinstance(arg, ctypes.c_int) else ctypes.c_ulong(arg)
+    return int(libc.prctl(option, value, 0, 0, 0))
+
+
+def _checker_children(uid: int) -> list[int]:
+    """This process's children that run as *uid* (adopted descendants of checkers)."""
+    me = os.getpid()
+    found = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/status", encoding="ascii", errors="replace") as f:
+                fields = dict(line.split(":", 1) for line in f if ":" in line)
+        except OSError:
+            continue
+        if (int(fields.get("PPid", "0")) == me
+                and int(fields.get("Uid", "-1 ").split()[0]) == uid):
+            found.append(int(d))
+    return found
+
+
+@contextlib.contextmanager
+def adopting_escapees() -> Iterator[None]:
+    """Adopt checker descendants that left their process group; kill them at the end.
+
+    A checker's child that starts a session of its own (``setsid``, a daemon's
+    double fork) is out of reach of the group kill.  For the length of a pass this
+    process is a child subreaper, so such orphans become its children instead of
+    init's; when the pass ends, those running as the checker user are killed and
+    reaped.  Only when checkers run as their own user (the pass is root): that uid
+    says which children are checkers'.  Under systemd the unit's cgroup does the same.
+    """
+    try:
+        who = checker_user.identity()
+    except checker_user.NoIdentity:
+        who = None
+    if who is None:
+        yield
+        return
+    was = ctypes.c_int(0)
+    _prctl(PR_GET_CHILD_SUBREAPER, was)
+    _prctl(PR_SET_CHILD_SUBREAPER, 1)
+    try:
+        yield
+    finally:
+        for _ in range(16):  # a killed escapee's own children are adopted in turn
+            pids = _checker_children(who.uid)
+            if not pids:
+                break
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+            for pid in pids:
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, 0)
+            log.info("killed %d checker processes that had left their checker's group",
+                     len(pids))
+        if not was.value:
+            _prctl(PR_SET_CHILD_SUBREAPER, 0)

@@ -103,6 +103,31 @@ def test_background_child_neither_stalls_the_pass_nor_outlives_the_checker(
 
 
 @needs_root
+def test_child_that_escapes_into_its_own_session_dies_with_the_pass(
+        tmp_path: Path, shared: Path) -> None:
+    fifo, ready, marker = (shared / n for n in ("fifo", "ready", "marker"))
+    os.mkfifo(fifo)
+    fifo.chmod(0o666)
+    # setsid: out of the checker's process group, as a daemon would leave it
+    script = (f'setsid sh -c "exec 3<>{fifo}; touch {ready}; read x <&3; touch {marker}" & '
+              f"while [ ! -e {ready} ]; do sleep 0.01; done; exit 0")
+    conf, store, clients = setup(tmp_path, {"esc": {"checker": f"sh -c '{script}'",
+                                                    "interval": "2s"}})
+    try:
+        run_pass(store, clients, conf)
+        st = store.get("esc")
+        assert st is not None and st.last_checker_status == 0
+        assert ready.exists()
+        assert no_fifo_reader(fifo), "a checker's escaped child outlived the pass"
+        assert not marker.exists()
+    finally:
+        if not no_fifo_reader(fifo):  # release it so that it ends
+            with open(fifo, "w") as f:
+                f.write("go\n")
+        store.close()
+
+
+@needs_root
 def test_checker_cannot_rewrite_the_state_or_read_clients_conf(shared: Path) -> None:
     base = shared / "site"
     base.mkdir()
