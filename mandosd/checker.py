@@ -9,8 +9,13 @@ Mandos's semantics, run as one pass (by ``mandosd --run-checkers`` from
 * a client whose deadline has passed is disabled (and audited) until an
   administrator enables it again;
 * the command is an argv list: the string is split like a shell would
-  (:func:`shlex.split`), then each word gets ``%(attr)s`` substitution of the
-  client's attributes, so every value stays one argument.  No shell, ever.
+  (:mod:`mandosd.checker_shell`), then each word gets ``%(attr)s`` substitution
+  of the client's attributes, so every value stays one argument.  No shell,
+  ever: Mandos's ``ssh-keyscan ... | grep ...`` line runs as ssh-keyscan plus a
+  match in Python; other shell syntax is reported once and not run;
+* each command runs unprivileged, bounded by its interval, pipes included, and
+  its descendants die with it (:mod:`mandosd.checker_run`); only this pass, as
+  root, writes results to the state store.
 
 Clients on the default ``fping -q -- %(host)s`` are checked in batches: one
 ``fping`` process for many hosts.  Other checkers run with bounded concurrency.
@@ -414,6 +419,9 @@ class CheckerPass:
         outcome = await run_bounded(argv, limit, out_limit=FPING_OUTPUT, err_limit=FPING_OUTPUT,
                                     err_head=True, on_start=on_start)
         status = NOT_FOUND if outcome.start_error else outcome.status
+        if status in (NOT_FOUND, NOT_EXECUTABLE) and not outcome.start_error:
+            _, why = command_result(outcome, argv, limit)
+            outcome = Outcome(NOT_FOUND, start_error=why)
         out, err = outcome.out.decode(errors="replace"), outcome.err.decode(errors="replace")
         alive, down, errors = parse_fping(out, err)
         for j in jobs:
