@@ -23,6 +23,7 @@ Parsing only: nothing here runs a process.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shlex
@@ -30,6 +31,9 @@ from dataclasses import dataclass
 
 #: a placeholder in checker templates (``%(name)s``), kept whole while tokenizing
 _PLACEHOLDER = re.compile(r"%\([^)]*\)[#0 +-]*[0-9]*(?:\.[0-9]+)?[a-zA-Z]|%%")
+#: runs of characters with no meaning to sh, unquoted and inside double quotes
+_PLAIN = re.compile(r"[^\s'\"\\$`|&;<>()%]+")
+_DQ_PLAIN = re.compile(r'[^"\\$`%]+')
 _OPERATORS = ("&&", "||", ";;", ">>", "<<", ">&", "<&", ">|", "&", "|", ";", "<", ">",
               "(", ")")
 
@@ -86,7 +90,7 @@ def tokenize(line: str) -> list[_Tok]:
 
     while i < n:
         c = line[i]
-        m = _PLACEHOLDER.match(line, i)
+        m = _PLAIN.match(line, i) or (_PLACEHOLDER.match(line, i) if c == "%" else None)
         if m:
             word.append(m.group())
             in_word = True
@@ -107,7 +111,8 @@ def tokenize(line: str) -> list[_Tok]:
                 if i >= n:
                     raise ValueError("no closing quotation")
                 c = line[i]
-                m = _PLACEHOLDER.match(line, i)
+                m = _DQ_PLAIN.match(line, i) or (
+                    _PLACEHOLDER.match(line, i) if c == "%" else None)
                 if m:
                     word.append(m.group())
                     i = m.end()
@@ -226,6 +231,7 @@ REWRITE = ("put the pipeline in a script that takes the host as its argument, an
            "checker = /usr/local/lib/mandos/checkers/SCRIPT %%(host)s")
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def plan(checker: str) -> Plan:
     """What running *checker* (a clients.conf value after interpolation) means here."""
     try:
