@@ -132,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = configmod.load(configdir)
         if args.check_config:
+            from .checker import report_unsupported
+
+            report_unsupported(cfg.clients.values(), None)  # checkers that would not run
             print(f"mandosd: {configdir}: configuration is valid "
                   f"({len(cfg.clients)} clients)")
             return 0

@@ -8,6 +8,8 @@ syntax that is never run but reported once, with the rewrite to use.
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from mandosd.checker import run_pass
 from mandosd.checker_shell import Command, KeyScan, Unsupported, matches, plan
 from mandosd.config import load_clients
 from mandosd.state import SQLiteStore
+from tests.helpers import ROOT
 
 FP = "ecdsa-sha2-nistp256 AAAAE2VjZHNhLXNoYTItbmlzdHAyNTYAAAAIbmlzdHAyNTYAAABBBMfX="
 GREP = "grep --fixed-strings --line-regexp --quiet"
@@ -107,3 +110,13 @@ def test_unsupported_checker_is_reported_once_with_its_rewrite(
     st = store.get("web1")
     assert st is not None and st.last_checker_status == 127
     store.close()
+
+
+def test_check_config_names_checkers_that_would_not_run(tmp_path: Path) -> None:
+    (tmp_path / "clients.conf").write_text(
+        f"[web1]\nkey_id = {1:064X}\nsecret = cGdw\nchecker = ping -c1 %%(host)s; true\n"
+        f"[web2]\nkey_id = {2:064X}\nsecret = cGdw\n")
+    p = subprocess.run([sys.executable, "-m", "mandosd", "--check-config", "--configdir",
+                        str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
+    assert p.returncode == 0, p.stderr
+    assert "[web1]" in p.stderr and "Rewrite:" in p.stderr and "[web2]" not in p.stderr
