@@ -13,7 +13,6 @@ the result is compared with what Mandos gets: the same line run through
 
 from __future__ import annotations
 
-import configparser
 import os
 import shlex
 import subprocess
@@ -159,8 +158,6 @@ def test_unreachable_host_fails_like_mandos(tmp_path: Path, sshd: Sshd) -> None:
     sshd.stop()
     confdir = tmp_path / "conf"
     confdir.mkdir()
-    parser = configparser.ConfigParser(interpolation=None)
-    parser.read_string(section)
     (confdir / "clients.conf").write_text(section)
     (confdir / "clients.conf").chmod(0o600)
     clients = load_clients(confdir / "clients.conf", confdir)
