@@ -144,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = configmod.load(configdir)
         _check_priority(configdir, cfg)
         if args.check_config:
+            from .checker import report_unsupported
+
+            report_unsupported(cfg.clients.values(), None)  # checkers that would not run
             print(f"mandosd: {configdir}: configuration is valid "
                   f"({len(cfg.clients)} clients)")
             return 0

@@ -12,7 +12,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .server import KeyServer
 
 log = logging.getLogger("mandosd.background")
 
@@ -20,16 +23,17 @@ MIN_SLEEP = 0.5
 MAX_SLEEP = 30.0
 
 
-def standalone_jobs(server: Any, *, socket_activated: bool) -> list[Callable[[], Any]]:
+def standalone_jobs(server: KeyServer, *, socket_activated: bool) -> list[Callable[[], Any]]:
     """Coroutine factories to run beside the server (the checker schedule when standalone)."""
     if socket_activated:
         return []
     return [lambda: checker_schedule(server)]
 
 
-async def checker_schedule(server: Any) -> None:
+async def checker_schedule(server: KeyServer) -> None:
     """Run checker passes for as long as the server runs."""
     from .checker import CheckerPass
+    from .checker_run import adopting_escapees
     from .state import SQLiteStore, StateError
 
     # its own connection: the server's store belongs to the server's database thread
@@ -37,9 +41,10 @@ async def checker_schedule(server: Any) -> None:
     try:
         while True:
             try:
-                await server._db(server._reload_if_changed)
-                report = await CheckerPass(store, server.config.clients, server.configdir,
-                                           clock=server.clock).run()
+                config = await server.current_config()
+                with adopting_escapees():
+                    report = await CheckerPass(store, config.clients, server.configdir,
+                                               clock=server.clock).run()
                 if report.checked or report.disabled:
                     log.info("checker pass: %s", report.summary())
                 now = server.clock()

@@ -9,8 +9,13 @@ Mandos's semantics, run as one pass (by ``mandosd --run-checkers`` from
 * a client whose deadline has passed is disabled (and audited) until an
   administrator enables it again;
 * the command is an argv list: the string is split like a shell would
-  (:func:`shlex.split`), then each word gets ``%(attr)s`` substitution of the
-  client's attributes, so every value stays one argument.  No shell, ever.
+  (:mod:`mandosd.checker_shell`), then each word gets ``%(attr)s`` substitution
+  of the client's attributes, so every value stays one argument.  No shell,
+  ever: Mandos's ``ssh-keyscan ... | grep ...`` line runs as ssh-keyscan plus a
+  match in Python; other shell syntax is reported once and not run;
+* each command runs unprivileged, bounded by its interval, pipes included, and
+  its descendants die with it (:mod:`mandosd.checker_run`); only this pass, as
+  root, writes results to the state store.
 
 Clients on the default ``fping -q -- %(host)s`` are checked in batches: one
 ``fping`` process for many hosts.  Other checkers run with bounded concurrency.
@@ -22,19 +27,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import hashlib
 import logging
 import os
 import shlex
-import signal
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mandos_core.run import minimal_env
-
-from . import policy
+from . import checker_shell, policy
 from .audit import Kind, audit
+from .checker_run import (
+    KILLED,
+    NOT_EXECUTABLE,
+    NOT_FOUND,
+    Outcome,
+    adopting_escapees,
+    run_bounded,
+)
 from .config import Client
 from .durations import format_duration
 from .state import CheckRecord, ClientState, SQLiteStore, known_clients
@@ -44,11 +55,7 @@ log = logging.getLogger("mandosd.checker")
 #: The default checker after clients.conf interpolation (``%%(host)s`` there).
 DEFAULT_CHECKER = "fping -q -- %(host)s"
 FPING_TEMPLATE = ("fping", "-q", "--", "%(host)s")
-#: status values as Mandos reports LastCheckerStatus
-KILLED = -1
-NEVER = -2
-NOT_FOUND = 127
-NOT_EXECUTABLE = 126
+__all__ = ["KILLED", "NOT_EXECUTABLE", "NOT_FOUND", "CheckerPass", "Limits", "run_pass"]
 
 
 class CheckerError(Exception):
@@ -111,18 +118,8 @@ def runtime_attributes(client: Client, state: ClientState | None) -> dict[str, s
     return attrs
 
 
-def checker_argv(command: str, attributes: Mapping[str, str]) -> list[str]:
-    """Split *command* into words, then substitute ``%(attr)s`` in each word.
-
-    A substituted value never splits or joins arguments, whatever spaces or
-    quotes it holds.  ``%%`` is a literal ``%``.
-    """
-    try:
-        words = shlex.split(command, comments=False, posix=True)
-    except ValueError as e:
-        raise CheckerError(f"checker {command!r}: {e}") from None
-    if not words:
-        raise CheckerError("checker is empty")
+def substitute(words: Sequence[str], attributes: Mapping[str, str], command: str) -> list[str]:
+    """``%(attr)s`` substitution in each word: a value never splits or joins arguments."""
     out = []
     for w in words:
         try:
@@ -137,14 +134,64 @@ def checker_argv(command: str, attributes: Mapping[str, str]) -> list[str]:
     return out
 
 
+def checker_argv(command: str, attributes: Mapping[str, str]) -> list[str]:
+    """Split *command* into words like a shell would, then substitute ``%(attr)s`` in each.
+
+    A substituted value never splits or joins arguments, whatever spaces or
+    quotes it holds.  ``%%`` is a literal ``%``.  Shell syntax (a pipeline,
+    ``$(...)``) is refused: see :mod:`mandosd.checker_shell`.
+    """
+    p = checker_shell.plan(command)
+    if not isinstance(p, checker_shell.Command):
+        what = p.reason if isinstance(p, checker_shell.Unsupported) else "is a pipeline"
+        raise CheckerError(f"checker {command!r} {what}")
+    return substitute(p.words, attributes, command)
+
+
 def fping_batchable(client: Client) -> bool:
     """On the default fping checker, with a host fping can report on by name."""
-    try:
-        words = shlex.split(client.checker)
-    except ValueError:
-        return False
+    p = checker_shell.plan(client.checker)
     host = client.host
-    return (tuple(words) == FPING_TEMPLATE and bool(host) and not any(c.isspace() for c in host))
+    return (isinstance(p, checker_shell.Command) and p.words == FPING_TEMPLATE and bool(host)
+            and not any(c.isspace() for c in host))
+
+
+def unsupported_notice(client: Client) -> str | None:
+    """The load-time warning for a checker that mandosd will not run, with its rewrite."""
+    p = checker_shell.plan(client.checker)
+    if not isinstance(p, checker_shell.Unsupported):
+        return None
+    return (f"[{client.name}] checker {client.checker!r} {p.reason}; it is not run and the "
+            f"client will time out. Rewrite: {p.rewrite}")
+
+
+NOTICES = "checker-notices"
+
+
+def report_unsupported(clients: Iterable[Client], statedir: Path | None) -> list[str]:
+    """Warn once about each checker that is not run: remembered in *statedir* across passes."""
+    seen: set[str] = set()
+    path = statedir / NOTICES if statedir is not None else None
+    if path is not None:
+        with contextlib.suppress(OSError):
+            seen = set(path.read_text(encoding="ascii").split())
+    current: set[str] = set()
+    warned = []
+    for c in clients:
+        notice = unsupported_notice(c)
+        if notice is None:
+            continue
+        tag = hashlib.sha256(f"{c.name}\0{c.checker}".encode()).hexdigest()[:32]
+        current.add(tag)
+        if tag not in seen:
+            log.warning("%s", notice)
+            warned.append(notice)
+    if path is not None and current != seen:
+        with contextlib.suppress(OSError):
+            tmp = path.with_name(NOTICES + ".tmp")
+            tmp.write_text("".join(t + "\n" for t in sorted(current)), encoding="ascii")
+            os.replace(tmp, path)
+    return warned
 
 
 @dataclass
@@ -205,6 +252,7 @@ class CheckerPass:
         states = await asyncio.to_thread(self.store.all)
         by_name = {s.name: s for s in states}
         clients = known_clients(self.configured, states, self.configdir)
+        await asyncio.to_thread(report_unsupported, clients.values(), self.store.path.parent)
         wanted = set(only) if only is not None else None
         candidates: dict[str, float] = {}
         for st in states:
@@ -310,16 +358,32 @@ class CheckerPass:
     async def _run_one(self, job: _Job) -> None:
         c = job.client
         started = self.clock()
+        plan = checker_shell.plan(c.checker)
+        attrs = runtime_attributes(c, job.state)
         try:
-            argv = checker_argv(c.checker, runtime_attributes(c, job.state))
+            if isinstance(plan, checker_shell.Unsupported):
+                raise CheckerError(f"checker {plan.reason}; not run (rewrite: {plan.rewrite})")
+            words = plan.words if isinstance(plan, checker_shell.Command) else plan.scan
+            argv = substitute(words, attrs, c.checker)
+            patterns = (tuple(substitute(plan.patterns, attrs, c.checker))
+                        if isinstance(plan, checker_shell.KeyScan) else ())
         except CheckerError as e:
             self._finish(job, started, NOT_FOUND, str(e), [c.checker])
             return
         self.report.other_processes += 1
-        status, reason = await run_checker(
-            argv, c.interval, tail=self.limits.stderr_tail,
+        outcome = await run_bounded(
+            argv, c.interval, err_limit=self.limits.stderr_tail,
+            out_limit=KEYSCAN_OUTPUT if isinstance(plan, checker_shell.KeyScan) else 0,
             on_start=lambda kill: self._started(job, argv, started, kill))
-        self._finish(job, started, status, reason, argv)
+        if isinstance(plan, checker_shell.KeyScan):
+            status, reason = keyscan_result(outcome, patterns, plan.whole_line, c.interval)
+            shown = [*argv, "|", "grep", "--fixed-strings",
+                     *(["--line-regexp"] if plan.whole_line else []), "--quiet",
+                     *(f"--regexp={p}" for p in patterns)]
+        else:
+            status, reason = command_result(outcome, argv, c.interval)
+            shown = argv
+        self._finish(job, started, status, reason, shown)
 
     # -- batched fping ------------------------------------------------------
 
@@ -352,7 +416,13 @@ class CheckerPass:
                 one = ["fping", "-q", "--", j.client.host]
                 self._started(j, one, started, lambda: None)
 
-        status, out, err = await _run_capture(argv, limit, on_start)
+        outcome = await run_bounded(argv, limit, out_limit=FPING_OUTPUT, err_limit=FPING_OUTPUT,
+                                    err_head=True, on_start=on_start)
+        status = NOT_FOUND if outcome.start_error else outcome.status
+        if status in (NOT_FOUND, NOT_EXECUTABLE) and not outcome.start_error:
+            _, why = command_result(outcome, argv, limit)
+            outcome = Outcome(NOT_FOUND, start_error=why)
+        out, err = outcome.out.decode(errors="replace"), outcome.err.decode(errors="replace")
         alive, down, errors = parse_fping(out, err)
         for j in jobs:
             h = j.client.host
@@ -367,7 +437,8 @@ class CheckerPass:
                 self._finish(j, started, KILLED, f"still running after its interval "
                              f"({format_duration(limit)}); killed", one)
             elif status == NOT_FOUND:
-                self._finish(j, started, NOT_FOUND, "fping: not installed", one)
+                self._finish(j, started, NOT_FOUND,
+                             outcome.start_error or "fping: not installed", one)
             else:
                 self._finish(j, started, 2, f"fping gave no answer for this host "
                              f"(exit status {status})", one)
@@ -393,93 +464,60 @@ def parse_fping(out: str, err: str) -> tuple[set[str], set[str], dict[str, str]]
     return alive, down - alive, {h: e for h, e in errors.items() if h not in alive}
 
 
-def _killer(proc: asyncio.subprocess.Process) -> Callable[[], None]:
-    def kill() -> None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-    return kill
+#: bytes of stdout kept from ssh-keyscan (a host's keys are a few kB) and from a batch fping
+KEYSCAN_OUTPUT = 1 << 20
+FPING_OUTPUT = 4 << 20
 
 
-async def _spawn(argv: Sequence[str], stdout: int) -> asyncio.subprocess.Process:
-    log.debug("+ %s", shlex.join(argv))
-    return await asyncio.create_subprocess_exec(
-        *argv, stdin=asyncio.subprocess.DEVNULL, stdout=stdout,
-        stderr=asyncio.subprocess.PIPE, env=minimal_env(), start_new_session=True)
+def _interval_reason(interval: float) -> str:
+    return f"still running after its interval ({format_duration(interval)}); killed"
 
 
-async def _read_tail(stream: asyncio.StreamReader | None, keep: int) -> bytes:
-    """Drain *stream* (so the checker never blocks on a full pipe), keep the last bytes."""
-    tail = b""
-    if stream is None:
-        return tail
-    while chunk := await stream.read(65536):
-        tail = (tail + chunk)[-keep:] if keep else b""
-    return tail
-
-
-async def run_checker(argv: Sequence[str], interval: float, *, tail: int = 512,
-                      on_start: Callable[[Callable[[], None]], None] | None = None
-                      ) -> tuple[int, str]:
-    """Run one checker; return (status, reason).  Killed after *interval* seconds."""
-    try:
-        proc = await _spawn(argv, asyncio.subprocess.DEVNULL)
-    except FileNotFoundError:
-        return NOT_FOUND, f"{argv[0]}: not found"
-    except PermissionError:
-        return NOT_EXECUTABLE, f"{argv[0]}: not executable"
-    kill = _killer(proc)
-    if on_start:
-        on_start(kill)
-    reader = asyncio.create_task(_read_tail(proc.stderr, tail))
-    try:
-        await asyncio.wait_for(proc.wait(), interval)
-    except TimeoutError:
-        kill()
-        await proc.wait()
-        reader.cancel()
-        return KILLED, f"still running after its interval ({format_duration(interval)}); killed"
-    except asyncio.CancelledError:
-        kill()
-        await proc.wait()
-        raise
-    err = (await reader).decode(errors="replace").strip()
+def command_result(o: Outcome, argv: Sequence[str], interval: float) -> tuple[int, str]:
+    """(status, reason) of a plain checker command, as Mandos reports them."""
+    if o.start_error:
+        return o.status, o.start_error
+    if o.status == KILLED:
+        return KILLED, _interval_reason(interval)
+    err = o.err.decode(errors="replace").strip()
     last = err.splitlines()[-1] if err else ""
-    rc = proc.returncode if proc.returncode is not None else KILLED
-    if rc < 0:
-        return KILLED, f"killed by signal {-rc}"
-    if rc == 0:
+    if o.status < 0:
+        return KILLED, f"killed by signal {-o.status}"
+    if o.status == 0:
         return 0, "exit status 0"
-    return rc, f"exit status {rc}" + (f": {last}" if last else "")
+    if o.status in (NOT_FOUND, NOT_EXECUTABLE) and last.startswith("setpriv: failed to execute"):
+        what = "not found" if o.status == NOT_FOUND else "not executable"
+        return o.status, f"{argv[0]}: {what}"
+    return o.status, f"exit status {o.status}" + (f": {last}" if last else "")
 
 
-async def _run_capture(argv: Sequence[str], limit: float,
-                       on_start: Callable[[Callable[[], None]], None]
-                       ) -> tuple[int, str, str]:
-    """Run a batch fping, collecting stdout and stderr; killed after *limit* seconds."""
-    try:
-        proc = await _spawn(argv, asyncio.subprocess.PIPE)
-    except FileNotFoundError:
-        return NOT_FOUND, "", ""
-    kill = _killer(proc)
-    on_start(kill)
-    comm = asyncio.ensure_future(proc.communicate())
-    try:
-        out, err = await asyncio.wait_for(asyncio.shield(comm), limit)
-        status = proc.returncode if proc.returncode is not None else KILLED
-    except TimeoutError:
-        kill()
-        out, err = await comm
-        status = KILLED
-    except asyncio.CancelledError:
-        kill()
-        await comm
-        raise
-    return status, out.decode(errors="replace"), err.decode(errors="replace")
+def keyscan_result(o: Outcome, patterns: Sequence[str], whole_line: bool,
+                   interval: float) -> tuple[int, str]:
+    """(status, reason) of Mandos's ``ssh-keyscan ... | grep -Fxq LINE``: grep's status.
+
+    0 when ssh-keyscan printed the expected line; else 1, whatever went wrong
+    before (ssh-keyscan missing, the host down, another host key), as the
+    shell pipeline reports it.  Killed at its interval, it counts as killed.
+    """
+    if o.status == KILLED:
+        return KILLED, _interval_reason(interval)
+    if checker_shell.matches(o.out, tuple(patterns), whole_line):
+        return 0, "host key matches ssh_fingerprint"
+    if o.start_error:
+        return 1, o.start_error
+    err = o.err.decode(errors="replace").strip()
+    last = err.splitlines()[-1] if err else ""
+    if o.status in (NOT_FOUND, NOT_EXECUTABLE) and last.startswith("setpriv: failed to execute"):
+        return 1, "ssh-keyscan: not found"
+    if not o.out.strip():
+        return 1, "ssh-keyscan got no host key" + (f" ({last})" if last else "")
+    return 1, "host key differs from ssh_fingerprint"
 
 
 def run_pass(store: SQLiteStore, clients: Mapping[str, Client], configdir: Path, *,
              clock: Callable[[], float] = time.time, limits: Limits = Limits(),
              only: Iterable[str] | None = None, force: bool = False) -> PassReport:
     """Synchronous entry point (``mandosd --run-checkers``, ``mandos-ctl --start-checker``)."""
-    return asyncio.run(CheckerPass(store, clients, configdir, clock=clock,
-                                   limits=limits).run(only=only, force=force))
+    with adopting_escapees():
+        return asyncio.run(CheckerPass(store, clients, configdir, clock=clock,
+                                       limits=limits).run(only=only, force=force))

@@ -121,6 +121,15 @@ class KeyServer:
         audit(Kind.CONFIG_LOADED, f"reloaded {len(cfg.clients)} clients from {self.configdir}",
               clients=len(cfg.clients))
 
+    async def current_config(self) -> Config:
+        """The configuration, re-read first if clients.conf changed (on the database thread).
+
+        For work beside the exchange (the standalone checker schedule), so that it
+        sees the same clients as the next request does.
+        """
+        await self._db(self._reload_if_changed)
+        return self.config
+
     def _lookup(self, kid: str) -> tuple[Client | None, ClientState | None]:
         """Runs on the database thread: re-read config if changed, then the client's state."""
         self._reload_if_changed()

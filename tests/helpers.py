@@ -6,13 +6,17 @@ on 127.0.0.1/::1, the venv's console scripts.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -154,3 +158,74 @@ def parse_journal_datagram(datagram: bytes) -> dict[str, str]:
             fields[line.decode()] = datagram[nl + 9:nl + 9 + size].decode(errors="replace")
             i = nl + 9 + size + 1
     return fields
+
+
+@contextlib.contextmanager
+def shared_dir() -> Iterator[Path]:
+    """A fresh directory under /tmp that every user can reach and write (mode 1777).
+
+    Checker commands run as an unprivileged user: what they read or write in a
+    test must live where that user can get at it (pytest's tmp_path is 0700 root).
+    """
+    d = Path(tempfile.mkdtemp(prefix="mandos-shared-", dir="/tmp"))
+    d.chmod(0o1777)
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def group_gone(pgid: int) -> bool:
+    """No live process in process group *pgid* (a zombie waiting for init is dead)."""
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat_line = (d / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat_line[stat_line.rindex(")") + 2:].split()
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return False
+    return True
+
+
+def no_fifo_reader(fifo: Path) -> bool:
+    """True when no process holds *fifo* open for reading (a child blocked on it is dead)."""
+    try:
+        fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+    except OSError as e:
+        if e.errno == errno.ENXIO:
+            return True
+        raise
+    os.close(fd)
+    return False
+
+
+@contextlib.contextmanager
+def veth_netns(prefix: str = "mck") -> Iterator[tuple[str, str]]:
+    """A network namespace joined to this one by a veth pair: (its name, its address).
+
+    Needs root and iproute2; its loopback is up, so programs inside it reach
+    ``localhost``.  Removed on exit.
+    """
+    tag = os.urandom(3).hex()
+    ns, veth0, veth1 = f"{prefix}{tag}", f"{prefix}{tag}a", f"{prefix}{tag}b"
+    octet = int(tag[:2], 16) % 250 + 1
+    host_ip, ns_ip = f"10.231.{octet}.1", f"10.231.{octet}.2"
+
+    def ip(*a: str) -> None:
+        subprocess.run(["ip", *a], check=True, capture_output=True)
+
+    ip("netns", "add", ns)
+    try:
+        ip("link", "add", veth0, "type", "veth", "peer", "name", veth1, "netns", ns)
+        ip("addr", "add", f"{host_ip}/30", "dev", veth0)
+        ip("link", "set", veth0, "up")
+        ip("-n", ns, "addr", "add", f"{ns_ip}/30", "dev", veth1)
+        ip("-n", ns, "link", "set", veth1, "up")
+        ip("-n", ns, "link", "set", "lo", "up")
+        yield ns, ns_ip
+    finally:
+        subprocess.run(["ip", "link", "del", veth0], capture_output=True)
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)

@@ -11,9 +11,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,7 +21,7 @@ from mandosd import checker
 from mandosd.checker import CheckerError, Limits, checker_argv, run_pass
 from mandosd.config import load_clients
 from mandosd.state import SQLiteStore
-from tests.helpers import have
+from tests.helpers import group_gone, have, no_fifo_reader, shared_dir, veth_netns
 
 KEY = "%064X"
 
@@ -81,32 +79,40 @@ def test_true_false_and_missing(tmp_path: Path) -> None:
 
 
 def test_hanging_checker_is_killed_at_its_interval(tmp_path: Path) -> None:
-    marker = tmp_path / "child-alive"
-    # the checker forks a grandchild: the whole process group must go
-    script = f"sleep 30 & sleep 30; touch {marker}"
-    t0 = time.monotonic()
-    report, store = pass_(tmp_path, {"hang": {"checker": f"sh -c '{script}'",
-                                              "interval": "1s"}})
-    elapsed = time.monotonic() - t0
-    assert report.killed == 1 and 0.9 < elapsed < 5
-    st = store.get("hang")
-    assert st is not None and st.last_checker_status == checker.KILLED
-    out = subprocess.run(["pgrep", "-f", script], capture_output=True, text=True).stdout
-    assert out.strip() == ""
-    store.close()
+    with shared_dir() as d:
+        fifo, ready, marker, pgid_file = (d / n for n in ("fifo", "ready", "marker", "pgid"))
+        os.mkfifo(fifo)
+        fifo.chmod(0o666)
+        # The checker forks a child that holds a FIFO open and blocks on it, then hangs
+        # itself: at the interval its whole process group must go, the child included.
+        script = (f"echo $$ > {pgid_file}; "
+                  f"( exec 3<>{fifo}; touch {ready}; read x <&3; touch {marker} ) & "
+                  f"while [ ! -e {ready} ]; do sleep 0.01; done; sleep 30; touch {marker}")
+        report, store = pass_(tmp_path, {"hang": {"checker": f"sh -c '{script}'",
+                                                  "interval": "1s"}})
+        assert report.killed == 1, report.summary()
+        st = store.get("hang")
+        assert st is not None and st.last_checker_status == checker.KILLED
+        assert ready.exists()  # the child did start, and could write here
+        assert group_gone(int(pgid_file.read_text())), "part of the checker outlived it"
+        assert no_fifo_reader(fifo), "the checker's child outlived it"
+        assert not marker.exists()
+        store.close()
 
 
 def test_host_with_spaces_and_quotes_is_one_argument(tmp_path: Path) -> None:
     host = """a "b c" 'd; $(touch /tmp/pwned) `id` | x"""
-    probe = tmp_path / "probe.py"
-    out = tmp_path / "argv.json"
-    probe.write_text("import json, sys\n"
-                     f"open({str(out)!r}, 'w').write(json.dumps(sys.argv[1:]))\n")
-    report, store = pass_(tmp_path, {"odd": {
-        "host": host, "checker": f"{sys.executable} {probe} --host=%%(host)s %%(host)s"}})
-    st = store.get("odd")
-    assert st is not None and st.last_checker_status == 0, report.summary()
-    assert json.loads(out.read_text()) == [f"--host={host}", host]
+    with shared_dir() as d:
+        probe = d / "probe.py"
+        out = d / "argv.json"
+        probe.write_text("import json, sys\n"
+                         f"open({str(out)!r}, 'w').write(json.dumps(sys.argv[1:]))\n")
+        probe.chmod(0o644)
+        report, store = pass_(tmp_path, {"odd": {
+            "host": host, "checker": f"/usr/bin/python3 {probe} --host=%%(host)s %%(host)s"}})
+        st = store.get("odd")
+        assert st is not None and st.last_checker_status == 0, report.summary()
+        assert json.loads(out.read_text()) == [f"--host={host}", host]
     assert not Path("/tmp/pwned").exists()
     store.close()
 
@@ -131,28 +137,8 @@ def netns_host() -> Iterator[tuple[str, str]]:
     """A host in a network namespace: (netns name, its address)."""
     if os.geteuid() != 0 or not have("ip"):
         pytest.skip("needs root and iproute2 for a network namespace")
-    tag = uuid.uuid4().hex[:6]
-    ns, veth0, veth1 = f"mck{tag}", f"mck{tag}a", f"mck{tag}b"
-    octet = int(tag[:2], 16) % 250 + 1
-    host_ip, ns_ip = f"10.231.{octet}.1", f"10.231.{octet}.2"
-
-    def ip(*a: str) -> None:
-        subprocess.run(["ip", *a], check=True, capture_output=True)
-
-    try:
-        ip("netns", "add", ns)
-    except subprocess.CalledProcessError as e:
-        pytest.skip(f"cannot create a network namespace: {e.stderr.decode().strip()}")
-    try:
-        ip("link", "add", veth0, "type", "veth", "peer", "name", veth1, "netns", ns)
-        ip("addr", "add", f"{host_ip}/30", "dev", veth0)
-        ip("link", "set", veth0, "up")
-        ip("-n", ns, "addr", "add", f"{ns_ip}/30", "dev", veth1)
-        ip("-n", ns, "link", "set", veth1, "up")
-        yield ns, ns_ip
-    finally:
-        subprocess.run(["ip", "link", "del", veth0], capture_output=True)
-        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+    with veth_netns() as (ns, addr):
+        yield ns, addr
 
 
 @pytest.mark.skipif(not have("fping"), reason="fping not installed")
@@ -197,12 +183,15 @@ def test_expired_client_is_disabled_by_the_pass(tmp_path: Path) -> None:
 
 
 def test_concurrency_is_bounded(tmp_path: Path) -> None:
-    log = tmp_path / "running"
-    log.mkdir()
-    script = f"touch {log}/$$; n=$(ls {log} | wc -l); sleep 0.2; rm {log}/$$; echo $n >> {log}.max"
-    sections = {f"c{i}": {"checker": f"sh -c '{script}'"} for i in range(12)}
-    report, store = pass_(tmp_path, sections, limits=Limits(concurrency=3))
-    assert report.succeeded == 12
-    peak = max(int(x) for x in (tmp_path / "running.max").read_text().split())
-    assert peak <= 3
-    store.close()
+    with shared_dir() as d:
+        log = d / "running"
+        log.mkdir(mode=0o777)
+        log.chmod(0o777)
+        script = (f"touch {log}/$$; n=$(ls {log} | wc -l); sleep 0.2; rm {log}/$$; "
+                  f"echo $n >> {log}.max")
+        sections = {f"c{i}": {"checker": f"sh -c '{script}'"} for i in range(12)}
+        report, store = pass_(tmp_path, sections, limits=Limits(concurrency=3))
+        assert report.succeeded == 12, report.summary()
+        peak = max(int(x) for x in (d / "running.max").read_text().split())
+        assert peak <= 3
+        store.close()

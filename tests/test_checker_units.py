@@ -46,3 +46,14 @@ def test_one_pass_help_is_documented() -> None:
     out = subprocess.run([sys.executable, "-m", "mandosd", "--help"], capture_output=True,
                          text=True, cwd=ROOT).stdout
     assert "--run-checkers" in out
+
+
+def test_checker_unit_makes_the_checker_user_and_keeps_no_new_privileges() -> None:
+    from mandosd.checker_user import CHECKER_USER
+
+    svc = read("mandosd-checker.service")["Service"]
+    assert svc["ExecStartPre"].startswith("+") and f"u {CHECKER_USER} " in svc["ExecStartPre"]
+    assert svc["NoNewPrivileges"] == "yes"
+    assert "User" not in svc and "DynamicUser" not in svc  # the pass is root; its commands not
+    caps = set(svc["CapabilityBoundingSet"].split())
+    assert caps == {"CAP_NET_RAW", "CAP_SETUID", "CAP_SETGID", "CAP_SETPCAP", "CAP_KILL"}
