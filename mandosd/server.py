@@ -333,8 +333,9 @@ class KeyServer:
             readable: asyncio.Future[None] = loop.create_future()
             loop.add_reader(tls.fd, _resolve, readable)
             waits: set[asyncio.Future[Any]] = {readable}
-            if self.changes is not None:
-                waits.add(self.changes.next())
+            changed = self.changes.next() if self.changes is not None else None
+            if changed is not None:
+                waits.add(changed)
             try:
                 await asyncio.wait(waits, timeout=max(0.0, min(left, self.limits.approval_recheck)),
                                    return_when=asyncio.FIRST_COMPLETED)
@@ -347,6 +348,10 @@ class KeyServer:
                       "for approval", client=client.name, key_id=kid, peer=peername,
                       reason="disconnected-waiting")
                 return None
+            log.debug("%s: approval state re-read (%s)", client.name,
+                      "the state changed" if changed is not None and changed.done()
+                      else "the peer sent data" if readable.done() and not readable.cancelled()
+                      else "timer")
             try:
                 fresh, state = await self._db(self._lookup, kid)
             except StateError as e:
