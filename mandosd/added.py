@@ -139,9 +139,11 @@ def parse(text: str, defaults: Mapping[str, str], label: str) -> tuple[str, dict
         if key == "checker" and _same_checker(value, defaults):
             continue  # mandos-keygen prints the default checker; the admin's applies
         if key not in ALLOWED:
+            hint = ("; after adding, set it with mandos-ctl --checker" if key == "checker"
+                    else "")
             raise AddError(f"{label}: [{name}] key '{key}' is not accepted from a client's "
                            "section (only key_id, fingerprint, host, secret; the rest comes "
-                           "from clients.conf [DEFAULT])")
+                           f"from clients.conf [DEFAULT]{hint})")
         values[key] = value
     if "key_id" not in values:
         raise AddError(f"{label}: [{name}]: no key_id (mandos-keygen --password prints it)")

@@ -90,7 +90,7 @@ def _new_row(c: Client, now: float) -> dict[str, Any]:
 def _changes(c: Client, st: ClientState, now: float) -> tuple[dict[str, Any], list[Event]]:
     """Column changes and events for a stored client whose config is *c* now."""
     old, new = st.config, config_values(c)
-    changes: dict[str, Any] = {"config": new}
+    changes: dict[str, Any] = {} if old == new else {"config": new}
     events: list[Event] = []
 
     def event(kind: Kind, message: str, **fields: Any) -> None:
@@ -181,7 +181,8 @@ def plan(clients: Iterable[Client], stored: Iterable[ClientState], now: float) -
             events.insert(0, Event(Kind.CLIENT_RETURNED, f"{c.name}{named} is in clients.conf "
                                    f"again{was}; its stored state is kept: {state}",
                                    c.name, c.key_id, {"enabled": state == "enabled"}))
-        out.updates.append((st.name, changes))
+        if changes:
+            out.updates.append((st.name, changes))
         out.events += events
     for st in rows.values():
         if (st.name in configured or st.name in adopted

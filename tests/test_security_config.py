@@ -10,16 +10,23 @@ secret files readable by everyone, a changed secfile never noticed.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import os
 import re
 import sqlite3
 import subprocess
 import sys
+import time
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from mandosd import added, merge
+from mandosd.audit import Kind
+from mandosd.config import Client
+from mandosd.state import ClientState, SQLiteStore
 from tests.conftest import PASSWORD
 from tests.helpers import Mandosd, enroll, fetch, make_keys, tool
 
@@ -329,3 +336,88 @@ def test_python_m_mandosd_check_config_counts(tmp_path: Path, client_section: st
     p = subprocess.run([sys.executable, "-m", "mandosd", "--configdir", str(srv.configdir),
                         "--check-config"], capture_output=True, text=True)
     assert p.returncode == 0 and "(1 clients)" in p.stdout, p.stderr
+
+
+def test_a_section_added_before_the_fix_cannot_name_a_secfile(
+        server: Mandosd, section2: tuple[Path, str], tmp_path: Path) -> None:
+    """A state store from before: a client-made section that names the server's file."""
+    keys, section = section2
+    loot = tmp_path / "root-only"
+    loot.write_bytes(secret_of(section))
+    os.chmod(loot, 0o600)
+    store = SQLiteStore(server.statedir)
+    kid = re.search(r"^key_id = (\S+)", section, re.M)
+    assert kid
+    store.add_client("client2", kid.group(1), without_secret(section)
+                     + f"secfile = {loot}\n", time.time(), 300.0)
+    store.close()
+    assert fetch(keys, server.address).stdout == b""
+    assert "key 'secfile' is not accepted" in server.log()
+
+
+# -- the merge itself, as a pure function -------------------------------------------
+
+def _client(**kw: object) -> Client:
+    values: dict[str, object] = dict(
+        name="web1", key_id="A" * 64, fingerprint="", secret=b"\x85pgp", host="web1",
+        checker="true", timeout=300.0, interval=120.0, extended_timeout=900.0,
+        approval_delay=0.0, approval_duration=1.0, approved_by_default=True, enabled=True)
+    values.update(kw)
+    return Client(**values)  # type: ignore[arg-type]
+
+
+def _stored(c: Client, now: float) -> ClientState:
+    return merge.plan([c], [], now).apply([])[0]
+
+
+def test_merge_shortened_timeout_that_has_passed_disables() -> None:
+    st = _stored(_client(timeout=3600.0), 0.0)            # deadline 3600
+    p = merge.plan([_client(timeout=60.0)], [st], 100.0)  # deadline 3600 - 3540 = 60 < 100
+    (after,) = p.apply([st])
+    assert not after.enabled
+    assert [e.kind for e in p.events] == [Kind.CONFIG_CHANGED, Kind.CLIENT_TIMED_OUT]
+
+
+def test_merge_unchanged_writes_nothing_and_old_stores_learn_only_a_disable() -> None:
+    c = _client()
+    st = _stored(c, 0.0)
+    p = merge.plan([c], [st], 10.0)
+    assert not p.updates and not p.inserts and not p.events
+    legacy = dataclasses.replace(st, config=None, overrides={"timeout": 60.0})
+    p = merge.plan([_client(timeout=600.0)], [legacy], 10.0)
+    (after,) = p.apply([legacy])
+    assert after.enabled and after.overrides == {"timeout": 60.0} and not p.events
+    p = merge.plan([_client(enabled=False)], [legacy], 10.0)
+    assert not p.apply([legacy])[0].enabled and p.events[0].kind is Kind.CONFIG_CHANGED
+
+
+def test_merge_secret_change_is_audited_without_the_secret() -> None:
+    st = dataclasses.replace(_stored(_client(), 0.0), overrides={"secret": "eA=="})
+    p = merge.plan([_client(secret=b"\x85new")], [st], 10.0)
+    (after,) = p.apply([st])
+    assert "secret" not in after.overrides
+    assert [e.fields for e in p.events] == [{"change": "secret"}]
+    assert "new" not in p.events[0].message
+
+
+def _compressed(inner: bytes) -> bytes:
+    body = b"\x02" + zlib.compress(inner)   # algorithm 2: ZLIB
+    return bytes([0xC8, len(body)]) + body
+
+
+@pytest.mark.parametrize("data,ok", [
+    (b"\x85\x01\x0c" + b"\x00" * 20, True),          # old-format PKESK (Debian's keygen)
+    (b"\xc1\x0c" + b"\x00" * 12, True),              # new-format PKESK
+    (b"\xd2\x05\x01abcd", True),                     # SEIPD
+    (b"\xac\x05b\x00\x00\x00\x00", False),           # literal data
+    (_compressed(b"\xac\x05b\x00\x00\x00\x00"), False),  # literal data, compressed
+    (_compressed(b"\x85\x01\x0c" + b"\x00" * 20), True),   # PKESK, compressed
+    (b"hello", False),
+    (b"", False),
+])
+def test_secret_must_be_an_encrypted_openpgp_message(data: bytes, ok: bool) -> None:
+    if ok:
+        added.check_encrypted(data)
+    else:
+        with pytest.raises(added.AddError):
+            added.check_encrypted(data)
