@@ -347,11 +347,15 @@ class SQLiteStore:
                 " WHERE name=?", rows)
 
     def disable_expired(self, now: float) -> list[ClientState]:
-        """Disable every enabled client whose deadline has passed; return them."""
+        """Disable every enabled client whose deadline has passed; return them.
+
+        Tombstones (clients gone from clients.conf) are left as they are: if one comes
+        back after its deadline, it is disabled then, when it is a client again.
+        """
         with self._tx():
             rows = self.db.execute(
                 "UPDATE clients SET enabled=0 WHERE enabled=1 AND deadline IS NOT NULL"
-                " AND deadline<? RETURNING *", (now,)).fetchall()
+                " AND deadline<? AND source!='gone' RETURNING *", (now,)).fetchall()
         return [_row_to_state(r) for r in rows]
 
     def stop_requested(self, names: Iterable[str], since: float) -> set[str]:
