@@ -242,6 +242,10 @@ def test_add_refuses_an_unencrypted_literal_packet(
     assert p.returncode == 1 and "literal data" in p.stderr, p.stderr
     p = ctl(server, "--add", "-", input=(without_secret(section) + "secret = aGVsbG8=\n").encode())
     assert p.returncode == 1 and "not an OpenPGP message" in p.stderr, p.stderr
+    blob = tmp_path / "literal.pgp"
+    blob.write_bytes(literal)
+    p = ctl(server, "--secret", str(blob), "client1")    # nor as a replacement secret
+    assert p.returncode == 1 and "literal data" in p.stderr, p.stderr
 
 
 def test_added_client_gets_the_admins_defaults_and_no_temp_file(
