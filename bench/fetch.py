@@ -75,6 +75,7 @@ def main() -> int:
                 self_signed_pem((okeys / "tls-privkey.pem").read_bytes()))
             section += "\n" + dsection
         (conf / "clients.conf").write_text(section)
+        (conf / "clients.conf").chmod(0o600)  # mandosd refuses one others can read
         srv = start_mandosd(conf, base / "state", "::1", port)
         systems["ours (ECC keys)"] = (our_client_argv(keys, port), srv)
         ctx = None

@@ -53,6 +53,7 @@ def start_mandosd(base: Path, sections: list[str], port: int) -> subprocess.Pope
         shutil.rmtree(conf)
     conf.mkdir()
     (conf / "clients.conf").write_text("\n".join(sections))
+    (conf / "clients.conf").chmod(0o600)  # mandosd refuses one others can read
     state = base / "state"
     shutil.rmtree(state, ignore_errors=True)
     return start_socket_activated(conf, state, "127.0.0.1", port)

@@ -37,6 +37,14 @@ class Kind(enum.Enum):
     APPROVAL_GIVEN = "c65783f43287471fb6a87a5be8cd8529"
     APPROVAL_DENIED = "4ba3cbb62e5141dbad4d3f9551353781"
     CONFIG_LOADED = "0e80bbc19c5a49d386f4d720a5c41112"
+    #: a value changed in clients.conf since the last load, applied over stored state
+    CONFIG_CHANGED = "1477dead091645c8899db22a3eba2184"
+    #: clients.conf changed but could not be loaded; the previous one stays in use
+    CONFIG_REJECTED = "628fb5316b6748d5afb1c5b5a7b7645c"
+    #: a client left clients.conf; its state is kept (a tombstone), refused as unknown
+    CLIENT_GONE = "044c1c41a2284982aa1a2ddfda9641b1"
+    #: a client is back in clients.conf (or added again); its stored state came back
+    CLIENT_RETURNED = "f606db207117435887c42b3466e25a98"
     SERVER_STARTED = "87bf32a587014fe099c5856dc70f6755"
     ESCROW_STORED = "8e493893f64349468ece22efaebd21d1"
     ESCROW_DUPLICATE = "9c6cefb0050a4fc28c09d1f4460b8aa8"
@@ -61,6 +69,7 @@ _LEVEL = {
     Kind.CHECKER_STARTED: logging.INFO,
     Kind.CHECKER_SUCCEEDED: logging.INFO,
     Kind.CONFIG_LOADED: logging.INFO,
+    Kind.CONFIG_REJECTED: logging.ERROR,
     Kind.SERVER_STARTED: logging.INFO,
     Kind.ESCROW_REFUSED_UNKNOWN: logging.WARNING,
     Kind.ESCROW_REFUSED_DISABLED: logging.WARNING,

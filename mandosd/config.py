@@ -13,7 +13,9 @@ import configparser
 import logging
 import os
 import re
-from collections.abc import Callable, Mapping
+import shlex
+import stat
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -175,11 +177,19 @@ class Client:
         return Secret(self.secret)
 
 
+#: A file's identity and version, as :func:`config_stamp` compares them.
+Stamp = tuple[int, int, int, int] | None
+
+
 @dataclass(frozen=True)
 class Config:
     server: ServerConfig
     clients: Mapping[str, Client]
     by_key_id: Mapping[str, Client]
+    #: clients.conf's [DEFAULT] (raw, with Mandos's defaults): what an added client gets
+    defaults: Mapping[str, str] = field(default_factory=dict, compare=False)
+    #: the secret files read (secfile=), whose changes a running server must notice
+    secfiles: tuple[Path, ...] = ()
 
 
 def _line_numbers(path: Path) -> dict[tuple[str, str], int]:
@@ -201,13 +211,48 @@ def _line_numbers(path: Path) -> dict[tuple[str, str], int]:
     return lines
 
 
-def _read(path: Path, defaults: Mapping[str, str]) -> configparser.ConfigParser:
+def check_private(path: Path, st: os.stat_result, label: str | None = None) -> None:
+    """A file that holds secrets must be root's (or ours) and nobody else's to read.
+
+    Raises :class:`ConfigError`: one line naming the file and the command that fixes it.
+    """
+    q = shlex.quote(str(path))
+    label = str(path) if label is None else label
+    if st.st_uid not in (0, os.geteuid()):
+        raise ConfigError(f"{label}: owned by uid {st.st_uid}, not root: chown root: {q}")
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        raise ConfigError(f"{label}: readable by group or others (mode "
+                          f"{stat.S_IMODE(st.st_mode):04o}); it holds secrets: chmod 600 {q}")
+
+
+def _oserror(label: str | Path, e: OSError) -> ConfigError:
+    hint = " (run as root)" if isinstance(e, PermissionError) and os.geteuid() != 0 else ""
+    return ConfigError(f"{label}: {e.strerror}{hint}")
+
+
+def read_private(path: Path, label: str | None = None) -> bytes:
+    """Read a secret-bearing file, refusing one that others can read or that is not root's."""
+    label = str(path) if label is None else label
+    try:
+        with path.open("rb") as f:
+            check_private(path, os.fstat(f.fileno()), label)
+            return f.read()
+    except OSError as e:
+        raise _oserror(label, e) from None
+
+
+def _read(path: Path, defaults: Mapping[str, str], *,
+          private: bool = False) -> configparser.ConfigParser:
     parser = configparser.ConfigParser(defaults=dict(defaults), strict=True)
     try:
         with path.open(encoding="utf-8") as f:
+            if private:
+                check_private(path, os.fstat(f.fileno()))
             parser.read_file(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: not found (wrong --configdir?)") from None
     except OSError as e:
-        raise ConfigError(f"{path}: {e.strerror}") from None
+        raise _oserror(path, e) from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text") from None
     except configparser.Error as e:
@@ -256,7 +301,8 @@ def load_server_config(path: Path) -> ServerConfig:
     return ServerConfig(**values)
 
 
-def _secret(path: Path, configdir: Path, parser: configparser.ConfigParser, name: str) -> bytes:
+def _secret(path: Path | str, configdir: Path, parser: configparser.ConfigParser, name: str,
+            secfiles: list[Path]) -> bytes:
     sec = parser._sections[name]  # type: ignore[attr-defined]
     if "secret" in sec:
         raw = parser.get(name, "secret", raw=True)
@@ -265,13 +311,11 @@ def _secret(path: Path, configdir: Path, parser: configparser.ConfigParser, name
         except (binascii.Error, ValueError):
             raise ConfigError(f"{path}: [{name}] secret=…: not valid base64") from None
     elif "secfile" in sec:
-        secfile = Path(_value(path, parser, name, "secfile")).expanduser()
+        secfile = Path(_value(Path(path), parser, name, "secfile")).expanduser()
         if not secfile.is_absolute():
             secfile = configdir / secfile
-        try:
-            data = secfile.read_bytes()
-        except OSError as e:
-            raise ConfigError(f"{path}: [{name}] secfile={secfile}: {e.strerror}") from None
+        secfiles.append(secfile)
+        data = read_private(secfile, f"{path}: [{name}] secfile={secfile}")
     else:
         raise ConfigError(f"{path}: [{name}]: missing secret (or secfile)")
     if not data:
@@ -279,49 +323,59 @@ def _secret(path: Path, configdir: Path, parser: configparser.ConfigParser, name
     return data
 
 
-def load_clients(path: Path, configdir: Path) -> dict[str, Client]:
-    if not path.exists():
-        log.warning("%s: not found; no clients are configured", path)
-        return {}
-    defaults = {s.key: s.default for s in CLIENT_SETTINGS}
-    parser = _read(path, defaults)
+def _client(label: str, parser: configparser.ConfigParser, name: str, configdir: Path,
+            secfiles: list[Path]) -> Client:
+    """One section of *parser* as a :class:`Client`; *label* names its origin in errors."""
+    path = Path(label)
+    # every option interpolated once; checkers get them all as %(name)s
+    attributes: dict[str, str] = {}
+    broken: set[str] = set()
+    for key in parser.options(name):
+        if key == "secret":
+            continue
+        try:
+            attributes[key] = parser.get(name, key)
+        except configparser.InterpolationError:
+            attributes[key] = parser.get(name, key, raw=True)
+            broken.add(key)
+    values = {s.key: _parse_setting(path, name, s, _value(path, parser, name, s.key)
+                                    if s.key in broken else attributes[s.key])
+              for s in CLIENT_SETTINGS}
+    if not values["host"]:
+        values["host"] = name
+    if "key_id" not in attributes:
+        raise ConfigError(f"{label}: [{name}]: no key_id (the client's key, 64 hex digits, "
+                          "as mandos-keygen prints it); without it the client can never "
+                          "be identified")
+    raw = parser.get(name, "key_id", raw=True)
+    try:
+        kid = normalize_key_id(raw)
+    except KeyIdError as e:
+        raise ConfigError(f"{label}: [{name}] key_id={raw.strip()}: {e}") from None
+    fpr = "".join(parser.get(name, "fingerprint", raw=True, fallback="").split()).upper()
+    attributes["name"] = name
+    attributes["host"] = values["host"]
+    return Client(name=name, key_id=kid, fingerprint=fpr,
+                  secret=_secret(label, configdir, parser, name, secfiles),
+                  attributes=attributes, **values)
+
+
+def client_defaults() -> dict[str, str]:
+    """Mandos's defaults for a client, as clients.conf [DEFAULT] text values."""
+    return {s.key: s.default for s in CLIENT_SETTINGS}
+
+
+def _load_clients(path: Path, configdir: Path
+                  ) -> tuple[dict[str, Client], dict[str, str], list[Path]]:
+    defaults = client_defaults()
+    parser = _read(path, defaults, private=True)
     known = set(defaults) | CLIENT_SPECIAL
     clients: dict[str, Client] = {}
     known |= set(parser.defaults())
+    secfiles: list[Path] = []
     for name in parser.sections():
         _warn_unknown(path, parser, name, known, defaults)
-        # every option interpolated once; checkers get them all as %(name)s
-        attributes: dict[str, str] = {}
-        broken: set[str] = set()
-        for key in parser.options(name):
-            if key == "secret":
-                continue
-            try:
-                attributes[key] = parser.get(name, key)
-            except configparser.InterpolationError:
-                attributes[key] = parser.get(name, key, raw=True)
-                broken.add(key)
-        values = {s.key: _parse_setting(path, name, s, _value(path, parser, name, s.key)
-                                        if s.key in broken else attributes[s.key])
-                  for s in CLIENT_SETTINGS}
-        if not values["host"]:
-            values["host"] = name
-        kid: str | None = None
-        if "key_id" in attributes:
-            raw = parser.get(name, "key_id", raw=True)
-            try:
-                kid = normalize_key_id(raw)
-            except KeyIdError as e:
-                raise ConfigError(f"{path}: [{name}] key_id={raw.strip()}: {e}") from None
-        else:
-            log.warning("%s: [%s] has no key_id; this client cannot be identified "
-                        "over TLS 1.3 and will never get its secret", path, name)
-        fpr = "".join(parser.get(name, "fingerprint", raw=True, fallback="").split()).upper()
-        attributes["name"] = name
-        attributes["host"] = values["host"]
-        clients[name] = Client(
-            name=name, key_id=kid, fingerprint=fpr,
-            secret=_secret(path, configdir, parser, name), attributes=attributes, **values)
+        clients[name] = _client(str(path), parser, name, configdir, secfiles)
     seen: dict[str, str] = {}
     for c in clients.values():
         if c.key_id is None:
@@ -330,14 +384,39 @@ def load_clients(path: Path, configdir: Path) -> dict[str, Client]:
             raise ConfigError(f"{path}: [{c.name}] key_id={c.key_id}: "
                               f"same key_id as [{seen[c.key_id]}]")
         seen[c.key_id] = c.name
-    return clients
+    return clients, dict(parser.defaults()), secfiles
+
+
+def load_clients(path: Path, configdir: Path) -> dict[str, Client]:
+    """Every client of *path*; a missing, unreadable or others-readable file is an error."""
+    return _load_clients(path, configdir)[0]
+
+
+def section_client(name: str, values: Mapping[str, str], defaults: Mapping[str, str],
+                   label: str) -> Client:
+    """A client from one section's raw *values* on top of *defaults* (clients.conf's
+    [DEFAULT]), read from memory: for clients added with ``mandos-ctl --add``."""
+    parser = configparser.ConfigParser(defaults=dict(defaults), strict=True)
+    try:
+        parser.read_dict({name: dict(values)})
+    except (configparser.Error, ValueError) as e:
+        raise ConfigError(f"{label}: {str(e).splitlines()[0]}") from None
+    return _client(label, parser, name, Path("/"), [])
 
 
 def load(configdir: Path) -> Config:
     server = load_server_config(configdir / "mandos.conf")
-    clients = load_clients(configdir / "clients.conf", configdir)
+    clients, defaults, secfiles = _load_clients(configdir / "clients.conf", configdir)
     by_key = {c.key_id: c for c in clients.values() if c.key_id}
-    return Config(server=server, clients=clients, by_key_id=by_key)
+    return Config(server=server, clients=clients, by_key_id=by_key, defaults=defaults,
+                  secfiles=tuple(secfiles))
+
+
+def load_defaults(configdir: Path) -> dict[str, str]:
+    """clients.conf's [DEFAULT] with Mandos's defaults, without loading the clients."""
+    path = configdir / "clients.conf"
+    parser = _read(path, client_defaults(), private=True)
+    return dict(parser.defaults())
 
 
 def configdir_from(arg: Path | None) -> Path:
@@ -358,13 +437,16 @@ def statedir_from(arg: Path | None, server: ServerConfig) -> Path:
     return Path(server.statedir) if server.statedir else DEFAULT_STATEDIR
 
 
-def config_stamp(configdir: Path) -> tuple[tuple[int, int] | None, ...]:
-    """Changes when a config file changes, so a long-running server can re-read it."""
-    out: list[tuple[int, int] | None] = []
-    for name in ("mandos.conf", "clients.conf"):
-        try:
-            st = (configdir / name).stat()
-            out.append((st.st_mtime_ns, st.st_size))
-        except OSError:
-            out.append(None)
-    return tuple(out)
+def _stamp(path: Path) -> Stamp:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
+
+
+def config_stamp(configdir: Path, secfiles: Iterable[Path] = ()) -> tuple[Stamp, ...]:
+    """Changes when a config file or a secret file changes (content, owner, mode, or
+    replaced by rename), so that a long-running server re-reads them."""
+    return tuple(_stamp(p) for p in (configdir / "mandos.conf", configdir / "clients.conf",
+                                     *secfiles))

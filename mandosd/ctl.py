@@ -26,12 +26,12 @@ from typing import Any
 from mandos_core import log as logsetup
 from mandos_core.text import printable
 
+from . import added, policy
 from . import config as configmod
-from . import policy
 from .audit import Kind, audit
 from .config import Client
 from .durations import DurationError, parse_duration
-from .state import ClientState, SQLiteStore, StateError, known_clients, section_client
+from .state import ClientState, SQLiteStore, StateError, known_clients
 
 VERSION = "1.8.16"
 log = logging.getLogger("mandos-ctl")
@@ -95,10 +95,13 @@ Examples (as in Mandos):
 
 TIME is ISO 8601 (PT5M, P1DT2H) or Mandos's old form (5m, 1h30m).
 
-Settings changed here override clients.conf until changed again; they are kept
-in STATEDIR/clients.sqlite.  --remove of a client that clients.conf defines
-hides it (requests are refused as unknown) until its section is removed from
-clients.conf and added again.
+Settings changed here override clients.conf until changed again, here or in
+clients.conf (a value changed in the file wins); they are kept in
+STATEDIR/clients.sqlite.  --remove of a client that clients.conf defines hides it
+(requests are refused as unknown) until its section is removed from clients.conf
+and added again; it then comes back disabled.  --add takes only key_id,
+fingerprint, host and secret (an encrypted OpenPGP message) from the section; the
+rest comes from clients.conf [DEFAULT].
 
 Every change is one journal entry (MESSAGE_ID per kind, MANDOS_CLIENT=,
 MANDOS_ADMIN=); see "journalctl -x MANDOS_OUTCOME=admin-changed".
@@ -275,17 +278,26 @@ def _admin() -> str:
 
 
 class Ctl:
-    def __init__(self, configdir: Path, store: SQLiteStore, clock: Callable[[], float]) -> None:
+    """*write*: merge clients.conf into the store first (before a change); without it
+    (listings) the merge is only computed, and nothing is written."""
+
+    def __init__(self, configdir: Path, store: SQLiteStore, clock: Callable[[], float],
+                 config: configmod.Config | None = None, *, write: bool = True) -> None:
         self.configdir = configdir
         self.store = store
         self.clock = clock
-        self.config = configmod.load(configdir)
-        self.store.sync_clients(self.config.clients.values(), clock())
+        self.write = write
+        self.config = config or configmod.load(configdir)
+        if write:
+            self.store.sync_clients(self.config.clients.values(), clock())
         self.reload()
 
     def reload(self) -> None:
-        self.states = {s.name: s for s in self.store.all() if s.source != "removed"}
-        self.clients = known_clients(self.config.clients, self.states.values(), self.configdir)
+        states = (self.store.all() if self.write else
+                  self.store.merged(self.config.clients.values(), self.clock()))
+        self.states = {s.name: s for s in states if s.source not in ("removed", "gone")}
+        self.clients = known_clients(self.config.clients, self.states.values(), self.configdir,
+                                     self.config.defaults)
 
     def effective(self, name: str) -> Client:
         return policy.effective(self.clients[name], self.states[name])
@@ -386,26 +398,40 @@ class Ctl:
             raise CtlError(f"{path}: {e.strerror}") from None
         if not data:
             raise CtlError(f"{path}: empty")
+        added.check_encrypted(data, f"{path}")
         self._override(name, "secret", base64.b64encode(data).decode())
         # never the value: only its size
         self._audit(Kind.ADMIN_CHANGED, name, f"{name}: secret replaced by {_admin()}",
                     change="secret", size=len(data))
 
     def add(self, source: str) -> str:
+        """Add a client from a section made on the client (``mandos-keygen --password``).
+
+        Only key_id, fingerprint, host and secret (an encrypted OpenPGP message) are
+        taken from it; the rest is the admin's, from clients.conf [DEFAULT].
+        """
+        label = "standard input" if source == "-" else source
         try:
             text = sys.stdin.read() if source == "-" else Path(source).read_text()
         except OSError as e:
             raise CtlError(f"{source}: {e.strerror}") from None
         except UnicodeDecodeError:
-            raise CtlError(f"{source}: not UTF-8 text") from None
-        c = section_client(text, self.configdir)
+            raise CtlError(f"{label}: not UTF-8 text") from None
+        name, values = added.parse(text, self.config.defaults, label)
+        section = added.canonical(name, values)
+        c = added.client(section, self.config.defaults, label)
         if c.name in self.config.clients:
             raise CtlError(f"client {c.name} is already defined in "
                            f"{self.configdir / 'clients.conf'}")
-        self.store.add_client(c.name, c.key_id, text, self.clock(), c.timeout, c.enabled)
+        kept = self.store.add_client(c.name, c.key_id, section, self.clock(), c.timeout,
+                                     c.enabled)
         self.reload()
         self._audit(Kind.ADMIN_CHANGED, c.name, f"{c.name} added by {_admin()}",
                     change="add")
+        if kept is not None:
+            state = "enabled" if kept else "disabled"
+            self._audit(Kind.CLIENT_RETURNED, c.name, f"{c.name}: its key was known before; "
+                        f"its stored state is kept: {state}", enabled=kept)
         return c.name
 
 
@@ -458,10 +484,14 @@ def main(argv: list[str] | None = None, *, clock: Callable[[], float] = time.tim
     _setup_logging(args.debug)
     configdir = configmod.configdir_from(args.configdir)
     store = None
+    # listings (no action, -j, -v, -V) read only: they never create, migrate or merge
+    write = args.add is not None or any(a.kind in CHANGING and a.kind != "is-enabled"
+                                        for a in args.actions)
     try:
         cfg = configmod.load(configdir)
-        store = SQLiteStore(configmod.statedir_from(args.statedir, cfg.server))
-        ctl = Ctl(configdir, store, clock)
+        store = SQLiteStore(configmod.statedir_from(args.statedir, cfg.server),
+                            readonly=not write)
+        ctl = Ctl(configdir, store, clock, cfg, write=write)
         if args.add is not None:
             ctl.add(args.add)
             return 0

@@ -87,7 +87,7 @@ class KeyServer:
         # side.  Admin changes (mandos-ctl) are written with FULL sync.
         self.store = SQLiteStore(statedir, durable=False)
         self.config: Config = configmod.load(configdir)
-        self.stamp = configmod.config_stamp(configdir)
+        self.stamp = configmod.config_stamp(configdir, self.config.secfiles)
         self.store.sync_clients(self.config.clients.values(), clock())
         self.active = 0
         self.last_activity = time.monotonic()
@@ -107,16 +107,20 @@ class KeyServer:
         return await asyncio.get_running_loop().run_in_executor(self.db_thread, fn, *args)
 
     def _reload_if_changed(self) -> None:
-        stamp = configmod.config_stamp(self.configdir)
+        stamp = configmod.config_stamp(self.configdir, self.config.secfiles)
         if stamp == self.stamp:
             return
         try:
             cfg = configmod.load(self.configdir)
         except configmod.ConfigError as e:
+            # nothing is merged or pruned: the stored state waits for a readable file
             log.error("config changed but cannot be loaded, keeping the old one: %s", e)
+            audit(Kind.CONFIG_REJECTED, f"configuration not reloaded: {e}", reason=str(e))
             self.stamp = stamp
             return
         self.store.sync_clients(cfg.clients.values(), self.clock())
+        if cfg.secfiles != self.config.secfiles:  # stamp the files this load read
+            stamp = configmod.config_stamp(self.configdir, cfg.secfiles)
         self.config, self.stamp = cfg, stamp
         audit(Kind.CONFIG_LOADED, f"reloaded {len(cfg.clients)} clients from {self.configdir}",
               clients=len(cfg.clients))
@@ -135,7 +139,8 @@ class KeyServer:
         self._reload_if_changed()
         if kid == EMPTY_KEY_ID:
             return None, None
-        client = self.config.by_key_id.get(kid) or added_client(self.store, kid, self.configdir)
+        client = self.config.by_key_id.get(kid) or added_client(self.store, kid,
+                                                                self.config.defaults)
         if client is None:
             return None, None
         state = self.store.get(client.name)

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from .config import Client
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 DB_NAME = "clients.sqlite"
 
 _SCHEMA = """
@@ -56,6 +56,11 @@ _MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
         "ALTER TABLE clients ADD COLUMN checker_stop_requested REAL",
         "CREATE INDEX IF NOT EXISTS clients_next_check ON clients(next_check)",
     )),
+    (3, (
+        # the clients.conf values of the last load (JSON), so that a value changed in the
+        # file since then wins over stored state (mandosd/merge.py)
+        "ALTER TABLE clients ADD COLUMN config TEXT",
+    )),
 )
 
 
@@ -86,10 +91,13 @@ class ClientState:
     last_approval_request: float | None = None
     approval_pending_until: float | None = None
     checker_stop_requested: float | None = None
+    #: clients.conf's values for this client at the last load (see mandosd/merge.py)
+    config: Mapping[str, Any] | None = field(default=None, repr=False, compare=False)
 
 
 class StateStore(Protocol):
     def sync_clients(self, clients: Iterable[Client], now: float) -> None: ...
+    def merged(self, clients: Iterable[Client], now: float) -> list[ClientState]: ...
     def get(self, name: str) -> ClientState | None: ...
     def get_by_key_id(self, key_id: str) -> ClientState | None: ...
     def all(self) -> list[ClientState]: ...
@@ -101,7 +109,7 @@ class StateStore(Protocol):
     def disable_expired(self, now: float) -> list[ClientState]: ...
     def stop_requested(self, names: Iterable[str], since: float) -> set[str]: ...
     def add_client(self, name: str, key_id: str | None, section: str, now: float,
-                   timeout: float, enabled: bool = True) -> None: ...
+                   timeout: float, enabled: bool = True) -> bool | None: ...
     def remove(self, name: str) -> None: ...
     def close(self) -> None: ...
 
@@ -124,10 +132,22 @@ _COLUMNS = [f for f in ClientState.__dataclass_fields__]
 
 
 def _row_to_state(row: sqlite3.Row) -> ClientState:
-    values = {k: row[k] for k in _COLUMNS}
+    have = set(row.keys())  # a read-only view of an older schema lacks the newer columns
+    values = {k: row[k] for k in _COLUMNS if k in have}
     values["enabled"] = bool(values["enabled"])
     values["overrides"] = json.loads(values["overrides"] or "{}")
+    values["config"] = json.loads(values["config"]) if values.get("config") else None
     return ClientState(**values)
+
+
+def _encode(changes: dict[str, Any]) -> dict[str, Any]:
+    out = dict(changes)
+    for key in ("overrides", "config"):
+        if key in out and out[key] is not None:
+            out[key] = json.dumps(out[key], sort_keys=True)
+    if "enabled" in out:
+        out["enabled"] = int(out["enabled"])
+    return out
 
 
 def connect(statedir: Path, name: str, *, durable: bool) -> sqlite3.Connection:
@@ -161,11 +181,33 @@ def prepare_statedir(statedir: Path) -> None:
         raise StateError(f"{statedir}: {e.strerror}") from None
 
 
+def _connect_readonly(path: Path) -> sqlite3.Connection:
+    """Open for reading only: nothing created, migrated or changed (mandos-ctl listings)."""
+    if not path.exists():
+        raise StateError(f"{path}: no state store here (mandosd creates it when it first "
+                         "starts; wrong --statedir?)")
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10,
+                             isolation_level=None, check_same_thread=False)
+        db.row_factory = sqlite3.Row
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+    except sqlite3.Error as e:
+        raise StateError(f"{path}: {e}") from None
+    if version > SCHEMA_VERSION:
+        db.close()
+        raise StateError(f"{path}: made by a newer mandosd (schema {version} > "
+                         f"{SCHEMA_VERSION})")
+    return db
+
+
 class SQLiteStore:
     """The embedded default: ``STATEDIR/clients.sqlite`` (0600, directory 0700)."""
 
-    def __init__(self, statedir: Path, *, durable: bool = True) -> None:
+    def __init__(self, statedir: Path, *, durable: bool = True, readonly: bool = False) -> None:
         self.path = statedir / DB_NAME
+        if readonly:
+            self.db = _connect_readonly(self.path)
+            return
         self.db = connect(statedir, DB_NAME, durable=durable)
         try:
             with self._tx():
@@ -192,34 +234,67 @@ class SQLiteStore:
         return _Transaction(self.db, self.path)
 
     def sync_clients(self, clients: Iterable[Client], now: float) -> None:
-        """Merge the configured clients with stored state, as Mandos does on restart.
+        """Merge the configured clients with stored state, as Mandos does (mandosd/merge.py).
 
-        New clients start enabled (or as configured) with deadline now + timeout;
-        known clients keep their state (enabled, deadline, history); a changed
-        key_id is taken from the config; clients gone from the config are forgotten,
-        except those added with ``mandos-ctl --add``.
+        A value changed in clients.conf since the last load wins over stored state; an
+        unchanged one leaves it alone; a client gone from the config is kept as a
+        tombstone.  One transaction; each change applied is audited once committed.
         """
-        clients = list(clients)
+        from .audit import audit
+        from .merge import plan
+
         with self._tx():
-            names = set()
-            for c in clients:
-                names.add(c.name)
-                cur = self.db.execute("SELECT key_id FROM clients WHERE name=?", (c.name,))
-                row = cur.fetchone()
-                if row is None:
-                    self.db.execute(
-                        "INSERT INTO clients (name, key_id, enabled, deadline, last_enabled,"
-                        " next_check, created) VALUES (?,?,?,?,?,?,?)",
-                        (c.name, c.key_id, int(c.enabled), now + c.timeout, now, now, now))
-                elif row["key_id"] != c.key_id:
-                    self.db.execute("UPDATE clients SET key_id=? WHERE name=?",
-                                    (c.key_id, c.name))
-            # 'removed': hidden by mandos-ctl --remove until its section goes away
-            stored = [r["name"] for r in self.db.execute(
-                "SELECT name FROM clients WHERE source IN ('config', 'removed')")]
-            for name in stored:
-                if name not in names:
-                    self.db.execute("DELETE FROM clients WHERE name=?", (name,))
+            pending, rows = self._pending(clients)
+            todo = plan(pending, rows, now)
+            for row in todo.inserts:
+                row = _encode(row)
+                cols = ", ".join(row)
+                self.db.execute(f"INSERT INTO clients ({cols}) VALUES "  # noqa: S608
+                                f"({', '.join('?' * len(row))})", tuple(row.values()))
+            for name, changes in todo.updates:
+                changes = _encode(changes)
+                cols = ", ".join(f"{k}=?" for k in changes)
+                self.db.execute(f"UPDATE clients SET {cols} WHERE name=?",  # noqa: S608
+                                (*changes.values(), name))
+        for e in todo.events:
+            audit(e.kind, e.message, client=e.client, key_id=e.key_id, **e.fields)
+
+    def merged(self, clients: Iterable[Client], now: float) -> list[ClientState]:
+        """The states as :meth:`sync_clients` would leave them, without writing anything."""
+        from .merge import plan
+
+        pending, rows = self._pending(clients)
+        return plan(pending, rows, now).apply(self.all())
+
+    def _pending(self, clients: Iterable[Client]) -> tuple[list[Client], list[ClientState]]:
+        """The clients whose merge may change something, and the stored rows it needs.
+
+        A configured client whose values are those of the last load is left out: with
+        10,000 clients a reload then decodes only what changed.
+        """
+        from .merge import config_values
+
+        clients = list(clients)
+        try:
+            try:
+                cur = self.db.execute("SELECT name, config, source FROM clients")
+            except sqlite3.OperationalError:  # a read-only look at a store before schema 3
+                cur = self.db.execute("SELECT name, NULL AS config, source FROM clients")
+            brief = {r["name"]: (r["config"], r["source"]) for r in cur}
+        except sqlite3.Error as e:
+            raise StateError(f"{self.path}: {e}") from None
+        pending: list[Client] = []
+        for c in clients:
+            stored = brief.get(c.name)
+            if (stored is None or stored[1] not in ("config", "removed")
+                    or stored[0] != json.dumps(config_values(c), sort_keys=True)):
+                pending.append(c)
+        needed = {c.name for c in pending} | (set(brief) - {c.name for c in clients})
+        if not needed:
+            return pending, []
+        rows = [_row_to_state(r) for r in self.db.execute("SELECT * FROM clients")
+                if r["name"] in needed]
+        return pending, rows
 
     def get(self, name: str) -> ClientState | None:
         try:
@@ -230,7 +305,8 @@ class SQLiteStore:
 
     def get_by_key_id(self, key_id: str) -> ClientState | None:
         try:
-            row = self.db.execute("SELECT * FROM clients WHERE key_id=?", (key_id,)).fetchone()
+            row = self.db.execute("SELECT * FROM clients WHERE key_id=? ORDER BY"
+                                  " source='gone' LIMIT 1", (key_id,)).fetchone()
         except sqlite3.Error as e:
             raise StateError(f"{self.path}: {e}") from None
         return _row_to_state(row) if row else None
@@ -246,10 +322,7 @@ class SQLiteStore:
         bad = set(changes) - set(_COLUMNS) or ({"name"} & set(changes))
         if bad:
             raise ValueError(f"unknown state fields: {sorted(bad)}")
-        if "overrides" in changes:
-            changes["overrides"] = json.dumps(changes["overrides"], sort_keys=True)
-        if "enabled" in changes:
-            changes["enabled"] = int(changes["enabled"])
+        changes = _encode(changes)
         cols = ", ".join(f"{k}=?" for k in changes)
         with self._tx():
             cur = self.db.execute(f"UPDATE clients SET {cols} WHERE name=?",  # noqa: S608
@@ -303,11 +376,15 @@ class SQLiteStore:
                 " WHERE name=?", rows)
 
     def disable_expired(self, now: float) -> list[ClientState]:
-        """Disable every enabled client whose deadline has passed; return them."""
+        """Disable every enabled client whose deadline has passed; return them.
+
+        Tombstones (clients gone from clients.conf) are left as they are: if one comes
+        back after its deadline, it is disabled then, when it is a client again.
+        """
         with self._tx():
             rows = self.db.execute(
                 "UPDATE clients SET enabled=0 WHERE enabled=1 AND deadline IS NOT NULL"
-                " AND deadline<? RETURNING *", (now,)).fetchall()
+                " AND deadline<? AND source!='gone' RETURNING *", (now,)).fetchall()
         return [_row_to_state(r) for r in rows]
 
     def stop_requested(self, names: Iterable[str], since: float) -> set[str]:
@@ -320,18 +397,35 @@ class SQLiteStore:
     # -- mandos-ctl ---------------------------------------------------------
 
     def add_client(self, name: str, key_id: str | None, section: str, now: float,
-                   timeout: float, enabled: bool = True) -> None:
-        """A client added with ``mandos-ctl --add``: kept across config reloads."""
+                   timeout: float, enabled: bool = True) -> bool | None:
+        """A client added with ``mandos-ctl --add``: kept across config reloads.
+
+        If its key belongs to a client that left clients.conf (a tombstone), that
+        client's state is taken over, so a machine disabled before cannot return enabled
+        by being added again; returns its enabled state then, else None.
+        """
         with self._tx():
-            if self.db.execute("SELECT 1 FROM clients WHERE name=?", (name,)).fetchone():
+            if self.db.execute("SELECT 1 FROM clients WHERE name=? AND source!='gone'",
+                               (name,)).fetchone():
                 raise StateError(f"client {name} exists already")
             if key_id is not None and self.db.execute(
-                    "SELECT name FROM clients WHERE key_id=?", (key_id,)).fetchone():
+                    "SELECT name FROM clients WHERE key_id=? AND source!='gone'",
+                    (key_id,)).fetchone():
                 raise StateError(f"client {name}: another client has key_id {key_id}")
+            old = self.db.execute(
+                "SELECT name, enabled FROM clients WHERE source='gone' AND (key_id=? OR"
+                " name=?) ORDER BY key_id=? DESC LIMIT 1", (key_id, name, key_id)).fetchone()
+            if old is not None:
+                self.db.execute("DELETE FROM clients WHERE name=? AND source='gone' AND"
+                                " name!=?", (name, old["name"]))
+                self.db.execute("UPDATE clients SET name=?, key_id=?, source='ctl', section=?,"
+                                " config=NULL WHERE name=?", (name, key_id, section, old["name"]))
+                return bool(old["enabled"])
             self.db.execute(
                 "INSERT INTO clients (name, key_id, enabled, deadline, last_enabled,"
                 " next_check, created, source, section) VALUES (?,?,?,?,?,?,?,'ctl',?)",
                 (name, key_id, int(enabled), now + timeout, now, now, now, section))
+        return None
 
     def remove(self, name: str) -> None:
         with self._tx():
@@ -368,51 +462,51 @@ class _Transaction:
             raise StateError(f"{self.path}: cannot save state: {e}") from None
 
 
-def section_client(section: str, configdir: Path) -> Client:
-    """Parse one clients.conf section (as ``mandos-ctl --add`` stores it) into a Client.
-
-    Raises :class:`mandosd.config.ConfigError` if it is not exactly one valid section.
-    """
-    import tempfile
-
-    from . import config as configmod
-
-    with tempfile.TemporaryDirectory(prefix="mandosd-section-") as tmp:
-        path = Path(tmp) / "clients.conf"
-        path.write_text(section, encoding="utf-8")
-        clients = configmod.load_clients(path, configdir)
-    if len(clients) != 1:
-        raise configmod.ConfigError(f"expected exactly one client section, found "
-                                    f"{len(clients)}")
-    return next(iter(clients.values()))
-
-
 def known_clients(configured: Mapping[str, Client], states: Iterable[ClientState],
-                  configdir: Path) -> dict[str, Client]:
-    """Configured clients plus those added with ``mandos-ctl --add`` (kept in the store)."""
+                  configdir: Path, defaults: Mapping[str, str] | None = None
+                  ) -> dict[str, Client]:
+    """Configured clients plus those added with ``mandos-ctl --add`` (kept in the store).
+
+    An added client gets clients.conf's [DEFAULT] (*defaults*, read from *configdir*
+    when not given); its section is parsed in memory, never written to a file.
+    """
     import logging
 
-    from .config import ConfigError
+    from . import added
+    from .config import ConfigError, load_defaults
 
     out = dict(configured)
-    for st in states:
-        if st.source == "ctl" and st.section and st.name not in out:
-            try:
-                out[st.name] = section_client(st.section, configdir)
-            except ConfigError as e:
-                logging.getLogger("mandosd.state").error(
-                    "client %s (added with mandos-ctl): %s", st.name, e)
+    extra = [st for st in states if st.source == "ctl" and st.section and st.name not in out]
+    if not extra:
+        return out
+    log = logging.getLogger("mandosd.state")
+    if defaults is None:
+        try:
+            defaults = load_defaults(configdir)
+        except ConfigError as e:
+            log.error("clients added with mandos-ctl: %s", e)
+            return out
+    for st in extra:
+        try:
+            out[st.name] = added.client(st.section or "", defaults,
+                                        f"client {st.name} (added with mandos-ctl)")
+        except ConfigError as e:
+            log.error("%s", e)
     return out
 
 
-def added_client(store: SQLiteStore, key_id: str, configdir: Path) -> Client | None:
+def added_client(store: SQLiteStore, key_id: str, defaults: Mapping[str, str]) -> Client | None:
     """The client with *key_id* added by ``mandos-ctl --add`` (not in clients.conf), if any."""
+    import logging
+
+    from . import added
     from .config import ConfigError
 
     st = store.get_by_key_id(key_id)
     if st is None or st.source != "ctl" or not st.section:
         return None
     try:
-        return section_client(st.section, configdir)
-    except ConfigError:
+        return added.client(st.section, defaults, f"client {st.name} (added with mandos-ctl)")
+    except ConfigError as e:
+        logging.getLogger("mandosd.state").error("%s", e)
         return None

@@ -46,6 +46,7 @@ def main() -> int:
                         "--host", "127.0.0.1", "--passfile", "/dev/stdin"], input=passphrase,
                        check=True, capture_output=True).stdout.decode()
         (conf / "clients.conf").write_text(section)
+        (conf / "clients.conf").chmod(0o600)  # it holds secrets: mandosd refuses it otherwise
         print("   " + "\n   ".join(section.splitlines()[:6]) + "\n   ...")
 
         say("3. Start the key server on 127.0.0.1 (no systemd needed: --listen)")

@@ -33,6 +33,7 @@ def write_conf(d: Path, sections: dict[str, dict[str, str]]) -> Path:
         lines += [f"[{name}]", f"key_id = {KEY % i}", "secret = cGdw"]
         lines += [f"{k} = {v}" for k, v in kv.items()]
     (d / "clients.conf").write_text("\n".join(lines) + "\n")
+    os.chmod(d / "clients.conf", 0o600)  # refused if others can read it
     return d
 
 

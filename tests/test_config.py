@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ GOOD_KEY = "F33FCBED11ED5E03073F6A55B86FFE92AF0E24C045FB6E3B40547B3DC0C030ED"
 def write(d: Path, clients: str, server: str | None = None) -> Path:
     d.mkdir(parents=True, exist_ok=True)
     (d / "clients.conf").write_text(clients)
+    os.chmod(d / "clients.conf", 0o600)  # it holds secrets: refused if others can read it
     if server is not None:
         (d / "mandos.conf").write_text(server)
     return d
@@ -72,6 +74,7 @@ SECRET = "secret = aGVsbG8=\n"
     (f"[a]\nkey_id = {GOOD_KEY}\n{SECRET}checker = ping %(nohost)s\n", "bad %-interpolation"),
     ("[a\nkey_id = x\n", "clients.conf:"),
     ("key_id = x\n", "clients.conf: File contains no section headers"),
+    (f"[a]\n{SECRET}", "clients.conf: [a]: no key_id"),
 ])
 def test_config_errors(tmp_path: Path, clients: str, expected: str) -> None:
     with pytest.raises(ConfigError) as e:

@@ -75,6 +75,7 @@ conf_line = st.one_of(
 def test_config_loader(clients: list[str], server: list[str]) -> None:
     with tempfile.TemporaryDirectory() as d:
         Path(d, "clients.conf").write_text("\n".join(clients), errors="surrogateescape")
+        os.chmod(Path(d, "clients.conf"), 0o600)  # else refused before parsing
         Path(d, "mandos.conf").write_text("[DEFAULT]\n" + "\n".join(server),
                                           errors="surrogateescape")
         try:
