@@ -354,8 +354,8 @@ def test_ctl_table_escapes_client_text(tmp_path: Path, client_section: str) -> N
     forged = FORGED.replace("\r", "\x1b[1A")  # a \r would end the line in clients.conf
     section = client_section.replace("host = 127.0.0.1", f"host = {forged}")
     assert forged in section
-    srv = Mandosd(tmp_path / "srv", sections=[section])
-    p = ctl(srv, "--verbose")
+    with Mandosd(tmp_path / "srv", sections=[section]) as srv:  # makes the state store
+        p = ctl(srv, "--verbose")
     assert p.returncode == 0, p.stderr
     assert "\x1b" not in p.stdout and "\r" not in p.stdout
     assert "web1\\x1b[2K\\x1b[1Aclient9" in p.stdout
@@ -472,6 +472,7 @@ def test_escrow_settings_parse(tmp_path: Path, client_section: str) -> None:
     conf.mkdir()
     (conf / "clients.conf").write_text("[DEFAULT]\nescrow_max_bytes = 512K\n\n" + client_section
                                        + "escrow_max_packets = 4\n")
+    (conf / "clients.conf").chmod(0o600)
     (conf / "mandos.conf").write_text("[DEFAULT]\nescrow_reserve = 1G\n")
     cfg = configmod.load(conf)
     c = cfg.clients["client1"]
