@@ -18,6 +18,7 @@ from mandos_core import log as plog
 from mandos_core.run import CommandError
 
 from mandos_core import escrow_packet
+from mandos_core.hardening import disable_core_dumps
 from .backend import open_volume
 from .flows import FlowError, Outcome, Refused, Tool
 from .libcryptsetup import LuksError, WrongPassphrase
@@ -378,6 +379,7 @@ COMMANDS = {"change": cmd_change, "resume": cmd_resume, "status": cmd_status,
 
 
 def main(argv: Sequence[str] | None = None, prompter: Prompter | None = None) -> int:
+    disable_core_dumps()  # first: no core file may hold a key
     args = _parser().parse_args(argv)
     plog.setup("luks-passphrase", args.debug)
     os.umask(0o077)

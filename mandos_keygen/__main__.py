@@ -11,6 +11,7 @@ from mandos_core import log as logsetup
 from mandos_core.run import CommandError
 from mandos_core.secret import Secret
 from mandos_core.keyfiles import DEFAULT_KEYDIR, KeyError_, KeyFiles
+from mandos_core.hardening import disable_core_dumps
 
 from .keys import (
     DEFAULT_CHECKER,
@@ -76,6 +77,7 @@ def _read_password(args: argparse.Namespace) -> Secret:
 
 
 def main(argv: list[str] | None = None) -> int:
+    disable_core_dumps()  # first: no core file may hold a key
     args = _parser().parse_args(argv)
     logsetup.setup("mandos-keygen", args.debug)
     name = args.name or default_name()
