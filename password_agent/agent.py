@@ -163,7 +163,7 @@ class Agent:
             job.poke()
 
     def _wake(self) -> None:
-        with contextlib.suppress(BlockingIOError):
+        with contextlib.suppress(OSError):  # full (a wake-up is pending), or closed at exit
             os.write(self._wake_w, b"x")
 
     # --- set-up ----------------------------------------------------------------------------

@@ -321,6 +321,8 @@ class Job(threading.Thread):
         reason = self._gone()
         if reason:
             return self._drop(reason)
+        # Noted before sending: the asker's next try may follow at once and must find it.
+        self.agent.answered(self)
         try:
             send_answer(self.q.socket, secret)
         except OSError as e:
@@ -336,6 +338,5 @@ class Job(threading.Thread):
               f"in {total} ms{note}",
               MESSAGE_ID=MessageId.ANSWERED, MANDOS_OUTCOME="answered", MANDOS_SERVER=server,
               MANDOS_ELAPSED_MS=total, MANDOS_FETCH_MS=fetch_ms, **self.fields())
-        self.agent.answered(self)
         return True
 
