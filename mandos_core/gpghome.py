@@ -48,7 +48,7 @@ def agent_pids(home: str) -> list[int]:
                 continue
             if not argv or os.path.basename(argv[0]) != b"gpg-agent":
                 continue
-            if any(a == b"--homedir" and b == want for a, b in zip(argv, argv[1:])):
+            if any(a == b"--homedir" and b == want for a, b in zip(argv, argv[1:], strict=False)):
                 out.append(int(name))
     return out
 

@@ -22,8 +22,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import secrets
 import queue
+import secrets
 import selectors
 import signal
 import ssl
@@ -33,6 +33,11 @@ import time
 from collections.abc import Callable
 
 from mandos_core import log as logsetup
+from mandos_core.hardening import disable_core_dumps
+from mandos_core.keyfiles import KeyError_, KeyFiles, check_private_keys, server_context
+from mandos_core.log import event
+from mandos_core.secret import Secret
+
 from .agentconf import AgentConfig, ConfigError, build_parser, load
 from .askfile import (
     AskFileError,
@@ -60,10 +65,6 @@ from .inotify import (
     InotifyError,
 )
 from .job import FetchPool, Job, MessageId, elapsed_ms
-from mandos_core.hardening import disable_core_dumps
-from mandos_core.log import event
-from mandos_core.secret import Secret
-from mandos_core.keyfiles import KeyError_, KeyFiles, check_private_keys, server_context
 
 log = logging.getLogger("mandos-password-agent")
 

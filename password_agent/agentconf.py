@@ -22,8 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from .client import Server, parse_server
 from mandos_core.keyfiles import DEFAULT_KEYDIR
+
+from .client import Server, parse_server
 
 DEFAULT_ASK_DIR = Path("/run/systemd/ask-password")
 DEFAULT_CONFIG = Path("/etc/mandos/password-agent.conf")

@@ -26,16 +26,17 @@ import socket
 import ssl
 import threading
 import time
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
+
+from mandos_core.log import event
+from mandos_core.secret import Secret
 
 from .agentconf import AgentConfig
 from .askfile import Question, monotonic_us, pid_alive
 from .client import MAX_CONCURRENT_FETCHES, FetchError, Refused, Server, fetch
 from .gpg import GpgError, NotForUs
-from mandos_core.log import event
-from mandos_core.secret import Secret
 
 log = logging.getLogger("mandos-password-agent")
 

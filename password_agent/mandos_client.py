@@ -19,6 +19,7 @@ from pathlib import Path
 
 from mandos_core.hardening import disable_core_dumps
 from mandos_core.keyfiles import DEFAULT_KEYDIR, KeyError_, KeyFiles, check_private_keys
+
 from .gpg import Decryptor, GpgError, NotForUs
 
 EXIT_OK = 0
@@ -95,8 +96,9 @@ def _main(argv: list[str] | None, stop: threading.Event) -> int:
         if stop.is_set():
             return EXIT_NO_SECRET
         from mandos_core import log as logsetup
-        from .client import FetchError, fetch_any, parse_server
         from mandos_core.keyfiles import server_context
+
+        from .client import FetchError, fetch_any, parse_server
 
         logsetup.setup("mandos-client", args.debug)
         try:

@@ -16,6 +16,7 @@ TLS is in one function, :func:`rogue_tls_send`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import resource
 import selectors
@@ -172,6 +173,15 @@ def gpg_message(keydir: Path, tmp: Path, *how: str, plaintext: bytes = ROGUE_TEX
         shutil.rmtree(home, ignore_errors=True)
 
 
+def open_after(rogue: RogueServer, relay: GatedRelay) -> None:
+    """Let the honest server answer once the rogue one has sent its message."""
+    def gate() -> None:
+        if rogue.served.wait(60):
+            relay.gate.set()
+
+    threading.Thread(target=gate, daemon=True).start()
+
+
 STORE = ("--store",)                       # a bare literal packet: gpg "decrypts" it, exit 0
 SYMMETRIC = ("--symmetric",)               # passphrase only (SKESK), not to our key
 TO_US = ("--encrypt", "--recipient", "OURKEY")  # to our public key, which is no secret
@@ -225,8 +235,7 @@ def test_rogue_store_server_does_not_answer_the_asker(
         tmp_path: Path, client_keys: Path, relay: GatedRelay, prefix: str) -> None:
     """gpg --store output from a rogue server is refused; the honest server's secret wins."""
     rogue = RogueServer(gpg_message(client_keys, tmp_path, *STORE))
-    threading.Thread(target=lambda: rogue.served.wait(60) and relay.gate.set(),
-                     daemon=True).start()
+    open_after(rogue, relay)
     try:
         with AgentProc(tmp_path, client_keys, [rogue.address, relay.address],
                        id_prefix=prefix) as agent:
@@ -262,8 +271,7 @@ def test_secret_refused_by_the_asker_is_not_the_end(
 def test_mandos_client_skips_a_rogue_server(tmp_path: Path, client_keys: Path,
                                             relay: GatedRelay) -> None:
     rogue = RogueServer(gpg_message(client_keys, tmp_path, *STORE))
-    threading.Thread(target=lambda: rogue.served.wait(60) and relay.gate.set(),
-                     daemon=True).start()
+    open_after(rogue, relay)
     try:
         p = fetch(client_keys, rogue.address, relay.address, timeout=20)
     finally:
@@ -412,6 +420,36 @@ def test_mandos_client_threads_stay_bounded(tmp_path: Path, client_keys: Path) -
     assert most <= MAX_CONCURRENT_FETCHES + OWN_THREADS, f"{most} threads"
 
 
+def test_announcement_flood_is_capped() -> None:
+    """Anyone on the link can announce _mandos._tcp: 500 services with 50 addresses each
+    must not become 25,000 servers to ask."""
+    from password_agent import discovery
+
+    class Info:
+        port = 4711
+
+        def __init__(self, n: int) -> None:
+            self.n = n
+
+        def parsed_scoped_addresses(self) -> list[str]:
+            return [f"10.{self.n // 250}.{self.n % 250}.{i}" for i in range(50)]
+
+    class Zeroconf:
+        def get_service_info(self, service_type: str, name: str, timeout: int) -> Info:
+            return Info(int(name.split(".")[0]))
+
+    class Added:
+        name = "Added"
+
+    changes = []
+    d = discovery.Discovery(lambda: changes.append(1))
+    for n in range(500):
+        d._on_service(Zeroconf(), discovery.SERVICE_TYPE, f"{n}.{discovery.SERVICE_TYPE}",
+                      Added())
+    assert len(d.servers()) <= discovery.MAX_SERVICES * discovery.MAX_ADDRESSES
+    assert len(d.servers()) > 0
+
+
 # --- item 12: no core dumps -------------------------------------------------------------------
 
 
@@ -496,11 +534,14 @@ def test_agent_and_client_are_not_dumpable(nobody_dir: Path, client_keys: Path) 
             proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             try:
+                def reached(before: int = before) -> bool:
+                    return len(silent.accepted) > before
+
                 if name == "agent":
                     with FakeAsker(ask_dir, "cryptsetup:/dev/sda5"):
-                        wait_until(lambda: len(silent.accepted) > before, name)
+                        wait_until(reached, name)
                 else:
-                    wait_until(lambda: len(silent.accepted) > before, name)
+                    wait_until(reached, name)
                 assert Path(f"/proc/{proc.pid}/status").stat().st_uid == 0, name
                 assert core_limit(proc.pid) == "0 0", name
             finally:
@@ -529,7 +570,7 @@ def test_server_and_tools_have_no_core_limit(tmp_path: Path, client_keys: Path,
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
         try:
-            wait_until(lambda: fifo_opened_by(proc.pid, fifo), name)
+            wait_until(functools.partial(fifo_opened_by, proc.pid, fifo), name)
             assert core_limit(proc.pid) == "0 0", name
         finally:
             proc.kill()
