@@ -34,7 +34,9 @@ def _parser() -> argparse.ArgumentParser:
         description="Fetch this machine's LUKS passphrase from a Mandos key server, "
         "decrypt it with the machine's OpenPGP key and print it on stdout (no newline).",
         epilog="Exit status: 0 the passphrase was printed; 1 no server gave a secret "
-        "(refused, unreachable or timed out); 2 usage error; 3 key files or gpg failed. "
+        "(refused, unreachable, timed out, or not encrypted to our key); 2 usage error; "
+        "3 key files or gpg failed (missing key directory, a private key others can read); "
+        "128+N stopped by signal N (after its clean-up). "
         "The server never says why it refuses; its audit log does.  For unlocking at boot "
         "use mandos-password-agent, which answers systemd's passphrase questions.",
     )

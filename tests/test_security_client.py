@@ -222,6 +222,38 @@ def test_decryptor_refuses_a_message_not_encrypted_to_our_key(
             assert secret.reveal() == ROGUE_TEXT
 
 
+OURS = "8CC50509A173B03D167C9EB73714229753135377"
+GOOD = f"""[GNUPG:] ENC_TO 8B658FF4176ED2F6 18 0
+[GNUPG:] DECRYPTION_KEY 2F8A0C962AD30F20982FF0258B658FF4176ED2F6 {OURS} -
+[GNUPG:] BEGIN_DECRYPTION
+[GNUPG:] DECRYPTION_INFO 2 9 0
+[GNUPG:] PLAINTEXT 62 1796186539
+[GNUPG:] PLAINTEXT_LENGTH 6
+[GNUPG:] DECRYPTION_OKAY
+[GNUPG:] GOODMDC
+[GNUPG:] END_DECRYPTION
+"""
+
+
+@pytest.mark.parametrize("status, why", [
+    (GOOD, None),
+    ("[GNUPG:] PLAINTEXT 62 1796186539\n[GNUPG:] PLAINTEXT_LENGTH 6\n", "bare literal data"),
+    (GOOD.replace(OURS, "0" * 40), "not ours"),
+    (GOOD.replace("[GNUPG:] DECRYPTION_OKAY\n", ""), "decryption failed"),
+    (GOOD + "[GNUPG:] PLAINTEXT 62 1796186539\n", "outside its encrypted part"),
+    ("[GNUPG:] PLAINTEXT 62 0\n" + GOOD, "outside its encrypted part"),
+    ("[GNUPG:] NEED_PASSPHRASE_SYM 9 3 2\n[GNUPG:] BEGIN_DECRYPTION\n[GNUPG:] PLAINTEXT 62 0\n"
+     "[GNUPG:] DECRYPTION_OKAY\n[GNUPG:] END_DECRYPTION\n", "with a passphrase"),
+    ("gpg: [GNUPG:] DECRYPTION_OKAY\n", "not an encrypted"),
+])
+def test_refusal_policy(status: str, why: str | None) -> None:
+    """The pure decision on gpg's status lines, one forged or odd form per row."""
+    from password_agent.gpg import refusal
+
+    got = refusal(status.encode(), {OURS})
+    assert got is None if why is None else (got is not None and why in got), got
+
+
 def test_decryptor_refuses_a_message_for_another_key(tmp_path: Path, client_keys: Path) -> None:
     other = make_keys(tmp_path / "other", "other")
     message = gpg_message(other, tmp_path, *TO_US)
