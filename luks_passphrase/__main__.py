@@ -15,6 +15,7 @@ from pathlib import Path
 
 from mandos_core import escrow_packet
 from mandos_core import log as plog
+from mandos_core.hardening import disable_core_dumps
 from mandos_core.run import CommandError
 
 from . import pkexec
@@ -419,6 +420,7 @@ COMMANDS = {"change": cmd_change, "resume": cmd_resume, "status": cmd_status,
 
 
 def main(argv: Sequence[str] | None = None, prompter: Prompter | None = None) -> int:
+    disable_core_dumps()  # first: no core file may hold a key
     args = _parser().parse_args(argv)
     plog.setup("luks-passphrase", args.debug)
     os.umask(0o077)

@@ -16,6 +16,7 @@ exactly as Mandos 1.8 does (:mod:`mandos_core.tls`).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -120,3 +121,31 @@ def server_context(keyfiles: KeyFiles, *, priority: str | None = None,
     if pins is None:
         pins = read_pins(keyfiles.tls_privkey.parent)
     return ClientTLS(cred, effective_priority(priority, server=False), pins, require_pin)
+
+
+def check_private_keys(keydir: Path | None, keyfiles: KeyFiles) -> None:
+    """Refuse a missing key directory, and private key files others can read or that others own.
+
+    As ssh refuses an unprotected identity file: a key that another user can read
+    (or write, through ownership) means this machine's identity, and with it the
+    secret the key server holds for it, may be someone else's too.  Raises
+    :class:`KeyError_` with one line that names the file and the command that fixes it.
+    """
+    if keydir is not None and not keydir.is_dir():
+        raise KeyError_(f"{keydir}: directory not found (use --keydir DIR, or make the keys "
+                        f"with mandos-keygen --dir {keydir})")
+    me = os.geteuid()
+    for path in (keyfiles.tls_privkey, keyfiles.seckey):
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            raise KeyError_(f"{path}: file not found") from None
+        except OSError as e:
+            raise KeyError_(f"{path}: {e.strerror or e}") from None
+        if st.st_uid not in (0, me):
+            raise KeyError_(f"{path}: private key owned by uid {st.st_uid}, not by root or "
+                            f"uid {me}; fix with: chown {me} '{path}'")
+        if st.st_mode & 0o077:
+            raise KeyError_(f"WARNING: UNPROTECTED PRIVATE KEY FILE! Permissions "
+                            f"{st.st_mode & 0o777:04o} for '{path}' are too open; "
+                            f"fix with: chmod 600 '{path}'")

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from mandos_core import log as logsetup
+from mandos_core.hardening import disable_core_dumps
 from mandos_core.keyfiles import DEFAULT_KEYDIR, KeyError_, KeyFiles, read_pins
 from mandos_core.run import CommandError
 from mandos_core.secret import Secret
@@ -105,6 +106,7 @@ def _read_password(args: argparse.Namespace) -> Secret:
 
 
 def main(argv: list[str] | None = None) -> int:
+    disable_core_dumps()  # first: no core file may hold a key
     args = _parser().parse_args(argv)
     logsetup.setup("mandos-keygen", args.debug)
     name = args.name or default_name()

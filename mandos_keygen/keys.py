@@ -14,6 +14,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from mandos_core import gpghome
 from mandos_core.keyfiles import KeyFiles
 from mandos_core.protocol import key_id
 from mandos_core.run import CommandError, run
@@ -38,8 +39,7 @@ class _GnupgHome:
     """A temporary GNUPGHOME; gpg-agent is stopped when it goes."""
 
     def __init__(self) -> None:
-        self.path = tempfile.mkdtemp(prefix="mandos-keygen-")
-        os.chmod(self.path, 0o700)
+        self.path = gpghome.make("mandos-keygen-")
 
     def gpg(self, *args: str, input: bytes | None = None) -> bytes:
         argv = ["gpg", "--homedir", self.path, "--batch", "--quiet", "--no-tty",
@@ -50,12 +50,7 @@ class _GnupgHome:
             raise KeygenError(str(e)) from None
 
     def close(self) -> None:
-        try:
-            run(["gpgconf", "--kill", "gpg-agent"], env={"GNUPGHOME": self.path},
-                check=False, timeout=10)
-        except CommandError:
-            pass
-        shutil.rmtree(self.path, ignore_errors=True)
+        gpghome.remove(self.path)
 
     def __enter__(self) -> _GnupgHome:
         return self

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from mandos_core import log as logsetup
+from mandos_core.hardening import disable_core_dumps
 
 from . import config as configmod
 from . import listen
@@ -137,6 +138,7 @@ def _check_priority(configdir: Path, cfg: configmod.Config) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    disable_core_dumps()  # first: no core file may hold a key
     args = _parser().parse_args(argv)
     logsetup.setup("mandosd", args.debug)
     configdir = configmod.configdir_from(args.configdir)

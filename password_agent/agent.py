@@ -3,9 +3,15 @@
 One main thread waits (``selectors``) on inotify for the ask directory, on a
 pidfd per asking process, on signals and on its workers.  Every answerable
 question gets a :class:`~password_agent.job.Job` thread that asks all known
-servers at once, retries each failed server after a growing pause, decrypts
-the first secret and sends ``+password`` to the asker's socket.  A question that disappears,
-whose asker exits, or whose ``NotAfter`` passes, is dropped at once.
+servers at once (through one bounded pool of fetch threads), retries each failed
+server after a growing pause, decrypts the first secret encrypted to our key
+and sends ``+password`` to the asker's socket.  A question that disappears,
+whose asker exits, or whose ``NotAfter`` passes, is dropped at once.  An asker
+that asks again after our answer refused it: that secret is never sent to it
+again, and the other servers are still asked.
+
+SIGTERM, SIGINT and SIGHUP stop it cleanly at any point of its life (clean-up
+included: the gpg-agent and the temporary GNUPGHOME with the private key go).
 
 Run as ``mandos-password-agent`` or ``python3 -m password_agent.agent``
 (the initrd does the latter).  Settings: :mod:`password_agent.agentconf`.
@@ -17,6 +23,7 @@ import contextlib
 import logging
 import os
 import queue
+import secrets
 import selectors
 import signal
 import sys
@@ -25,6 +32,7 @@ import time
 from collections.abc import Callable
 
 from mandos_core import log as logsetup
+from mandos_core.hardening import disable_core_dumps
 from mandos_core.inotify import (
     IN_CLOSE_WRITE,
     IN_DELETE,
@@ -38,7 +46,7 @@ from mandos_core.inotify import (
     Inotify,
     InotifyError,
 )
-from mandos_core.keyfiles import KeyError_, KeyFiles, server_context
+from mandos_core.keyfiles import KeyError_, KeyFiles, check_private_keys, server_context
 from mandos_core.log import event
 from mandos_core.secret import Secret
 from mandos_core.tls import ClientTLS
@@ -56,7 +64,7 @@ from .askfile import (
 from .client import Server
 from .discovery import Discovery
 from .gpg import Decryptor, GpgError
-from .job import Job, MessageId, elapsed_ms
+from .job import FetchPool, Job, MessageId, elapsed_ms
 
 log = logging.getLogger("mandos-password-agent")
 
@@ -69,6 +77,8 @@ WATCH_MASK = IN_CLOSE_WRITE | IN_MOVED_TO | IN_DELETE | IN_MOVED_FROM | IN_ONLYD
 #: With --exit-when-idle, stay this long after the last question (the next volume's
 #: question usually follows within milliseconds).
 IDLE_LINGER = 0.5
+#: The signals that stop the agent (cleanly, whatever it is doing).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 class Agent:
@@ -84,9 +94,12 @@ class Agent:
         self.jobs: dict[str, Job] = {}
         self.reported: set[str] = set()  # skipped questions, logged once each
         self.answered_names: set[str] = set()
-        #: (Id, PID) of askers answered: the same asker asking the same again means our
-        #: secret was refused (systemd-cryptsetup's next try); that one is left to others.
-        self.answered_askers: set[tuple[str, int]] = set()
+        #: (Id, PID) of askers answered -> tags of the secrets we sent them.  The same asker
+        #: asking the same again means it refused them (systemd-cryptsetup's next try):
+        #: those are never sent to it again, and the other servers are still asked.
+        self.answered_askers: dict[tuple[str, int], frozenset[bytes]] = {}
+        self.tag_key = secrets.token_bytes(32)
+        self.fetch_pool = FetchPool()
         self.pidfds: dict[int, str] = {}
         self.pidfd_fallback = not hasattr(os, "pidfd_open")
         self.sel = selectors.DefaultSelector()
@@ -121,14 +134,24 @@ class Agent:
     def answered(self, job: Job) -> None:
         with self._lock:
             self.answered_names.add(job.q.name)
-            if job.q.pid is not None:
-                self.answered_askers = {(i, p) for i, p in self.answered_askers
+            if job.q.pid is not None and job.answer_tag is not None:
+                self.answered_askers = {(i, p): t for (i, p), t in self.answered_askers.items()
                                         if pid_alive(p)}
-                self.answered_askers.add((job.q.id, job.q.pid))
+                key = (job.q.id, job.q.pid)
+                self.answered_askers[key] = (self.answered_askers.get(key, frozenset())
+                                             | {job.answer_tag})
 
-    def asked_again(self, q: Question) -> bool:
+    def refused_by(self, q: Question) -> frozenset[bytes]:
+        """Tags of the secrets this asker refused (it asks again after our answers)."""
         with self._lock:
-            return q.pid is not None and (q.id, q.pid) in self.answered_askers
+            if q.pid is None:
+                return frozenset()
+            return self.answered_askers.get((q.id, q.pid), frozenset())
+
+    def stop(self) -> None:
+        """Stop the main loop (from a signal handler or another thread)."""
+        self.stopping = True
+        self._wake()
 
     def job_done(self, job: Job) -> None:
         self._done.put(job)
@@ -141,7 +164,7 @@ class Agent:
             job.poke()
 
     def _wake(self) -> None:
-        with contextlib.suppress(BlockingIOError):
+        with contextlib.suppress(OSError):  # full (a wake-up is pending), or closed at exit
             os.write(self._wake_w, b"x")
 
     # --- set-up ----------------------------------------------------------------------------
@@ -153,6 +176,7 @@ class Agent:
         if it fails, the agent stops with EXIT_KEYS rather than retry in vain.
         """
         keys = KeyFiles.from_dir(self.cfg.keydir)
+        check_private_keys(self.cfg.keydir, keys)
         self.decryptor = Decryptor(keys.seckey, keys.pubkey)
         self.ctx = server_context(keys)
         wait_ready = getattr(self.decryptor, "wait_ready", None)
@@ -222,10 +246,14 @@ class Agent:
         reason = skip_reason(q, now_us=monotonic_us(), id_prefixes=self.cfg.id_prefix)
         if reason is not None and reason.startswith("Id="):
             level = logging.DEBUG  # someone else's question: not our business
-        if reason is None and self.asked_again(q):
-            level = logging.WARNING
-            reason = (f"process {q.pid} asks again after our answer, so it refused the secret; "
-                      "leaving its next try to other agents (console, plymouth)")
+        refused = self.refused_by(q) if reason is None else frozenset()
+        if refused:
+            event(log, logging.WARNING,
+                  f"process {q.pid} asks again after our answer, so it refused that secret: "
+                  f"it will not be sent again; asking the key servers for another "
+                  f"({len(refused)} refused so far)",
+                  MESSAGE_ID=MessageId.SKIPPED, MANDOS_OUTCOME="asked-again",
+                  MANDOS_QUESTION_ID=q.id, MANDOS_ASK_FILE=path, MANDOS_ASKER_PID=q.pid)
         if reason:
             self.reported.add(name)
             event(log, level,
@@ -233,7 +261,7 @@ class Agent:
                   MESSAGE_ID=MessageId.SKIPPED, MANDOS_OUTCOME="skipped",
                   MANDOS_QUESTION_ID=q.id, MANDOS_ASK_FILE=path, MANDOS_REASON=reason)
             return
-        job = Job(self, q)
+        job = Job(self, q, refused=refused, tag_key=self.tag_key)
         event(log, logging.INFO, f"asking key servers for question {q.id or name}",
               MANDOS_OUTCOME="asking", MANDOS_SERVERS=" ".join(map(str, self.known_servers())),
               **job.fields())
@@ -336,11 +364,6 @@ class Agent:
     def run(self, ino: Inotify) -> int:
         sig_r, sig_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         old_wakeup = signal.set_wakeup_fd(sig_w, warn_on_full_buffer=False)
-
-        def on_signal(signum: int, frame: object) -> None:
-            self.stopping = True
-
-        old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         self.sel.register(ino.fileno(), selectors.EVENT_READ, "inotify")
         self.sel.register(sig_r, selectors.EVENT_READ, "signal")
         self.sel.register(self._wake_r, selectors.EVENT_READ, "wake")
@@ -378,8 +401,6 @@ class Agent:
             for job in list(self.jobs.values()):
                 job.stop("the agent is stopping")
             signal.set_wakeup_fd(old_wakeup)
-            for s, h in old.items():
-                signal.signal(s, h)
             self.sel.close()
             for fd in (sig_r, sig_w, self._wake_r, self._wake_w, *self.pidfds):
                 with contextlib.suppress(OSError):
@@ -399,7 +420,30 @@ def _warn_not_root() -> None:
                     "(they check the sender's credentials), so answers will be ignored")
 
 
+class _Signals:
+    """Handlers for STOP_SIGNALS for the agent's whole life: they never raise, so no
+    signal can cut the clean-up short; before the main loop runs they only take note."""
+
+    def __init__(self) -> None:
+        self.agent: Agent | None = None
+        self.caught: int | None = None
+        for s in STOP_SIGNALS:
+            signal.signal(s, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self.caught = signum
+        if self.agent is not None:
+            self.agent.stop()
+
+    def attach(self, agent: Agent) -> None:
+        self.agent = agent
+        if self.caught is not None:
+            agent.stop()
+
+
 def main(argv: list[str] | None = None) -> int:
+    disable_core_dumps()
+    signals = _Signals()
     try:
         cfg = load(argv)
     except ConfigError as e:
@@ -413,6 +457,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     _warn_not_root()
     agent = Agent(cfg)
+    signals.attach(agent)
     try:
         try:
             ino = agent.watch()
@@ -429,6 +474,8 @@ def main(argv: list[str] | None = None) -> int:
             except (KeyError_, GpgError) as e:
                 log.error("%s", e)
                 return EXIT_KEYS
+            if agent.stopping:
+                return agent.exit_code
             agent.start_discovery()
             event(log, logging.INFO if not cfg.exit_when_idle else logging.DEBUG,
                   f"watching {cfg.ask_dir} for questions "

@@ -97,6 +97,11 @@ def fetch(
     return data
 
 
+#: At most this many fetches run at once, in the agent and in fetch_any(): a flood of
+#: announced (or listed) servers costs a longer line, never more threads.
+MAX_CONCURRENT_FETCHES = 16
+
+
 def fetch_any(
     servers: list[Server],
     ctx: ClientTLS,
@@ -105,7 +110,11 @@ def fetch_any(
     timeout: float = 10.0,
     cancel: threading.Event | None = None,
 ) -> tuple[Server, bytes]:
-    """Ask all *servers* at once; return the first secret.  Raise the last error otherwise."""
+    """Ask *servers* at once (at most MAX_CONCURRENT_FETCHES at a time); return the first secret.
+
+    Raise the last error otherwise.  *cancel* (set by a signal handler, say) ends the
+    wait at once; the fetches still running see it within half a second.
+    """
     if not servers:
         raise ValueError("no servers to ask")
     done = threading.Event()
@@ -113,27 +122,34 @@ def fetch_any(
     result: list[tuple[Server, bytes]] = []
     errors: list[FetchError] = []
     stop = threading.Event()
+    line = list(reversed(servers))
 
-    def worker(server: Server) -> None:
-        try:
-            data = fetch(server, ctx, connect_timeout=connect_timeout, timeout=timeout,
-                         cancel=stop)
-        except FetchError as e:
-            log.debug("%s", e)
+    def worker() -> None:
+        while not stop.is_set():
             with lock:
-                errors.append(e)
-                if len(errors) == len(servers):
-                    done.set()
+                if not line:
+                    return
+                server = line.pop()
+            try:
+                data = fetch(server, ctx, connect_timeout=connect_timeout, timeout=timeout,
+                             cancel=stop)
+            except FetchError as e:
+                log.debug("%s", e)
+                with lock:
+                    errors.append(e)
+                    if len(errors) == len(servers):
+                        done.set()
+                continue
+            with lock:
+                if not result:
+                    result.append((server, data))
+                done.set()
             return
-        with lock:
-            if not result:
-                result.append((server, data))
-            done.set()
 
-    for s in servers:
-        threading.Thread(target=worker, args=(s,), daemon=True, name=f"fetch {s}").start()
-    budget = connect_timeout + timeout + 1
-    t_end = time.monotonic() + budget
+    for i in range(min(len(servers), MAX_CONCURRENT_FETCHES)):
+        threading.Thread(target=worker, daemon=True, name=f"fetch {i}").start()
+    rounds = -(-len(servers) // MAX_CONCURRENT_FETCHES)
+    t_end = time.monotonic() + rounds * (connect_timeout + timeout) + 1
     while not done.wait(0.2):
         if (cancel is not None and cancel.is_set()) or time.monotonic() > t_end:
             break

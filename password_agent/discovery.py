@@ -19,6 +19,10 @@ from .client import Server
 log = logging.getLogger("mandos-password-agent.discovery")
 
 SERVICE_TYPE = "_mandos._tcp.local."
+#: Anyone on the link can announce: keep at most this many announced services (and
+#: their first MAX_ADDRESSES addresses each); later ones are ignored until some go away.
+MAX_SERVICES = 64
+MAX_ADDRESSES = 4
 
 
 def servers_from_addresses(addresses: Iterable[str], port: int | None) -> list[Server]:
@@ -26,7 +30,7 @@ def servers_from_addresses(addresses: Iterable[str], port: int | None) -> list[S
     if not port:
         return []
     addrs = sorted(set(addresses), key=lambda a: (":" in a, a))
-    return [Server(a, port) for a in addrs]
+    return [Server(a, port) for a in addrs[:MAX_ADDRESSES]]
 
 
 class Discovery:
@@ -41,6 +45,7 @@ class Discovery:
         self._found: dict[str, list[Server]] = {}
         self._zc: Any = None
         self._browser: Any = None
+        self._full_warned = False
 
     def start(self) -> bool:
         """Start browsing; False (with one debug line) when python-zeroconf is missing."""
@@ -81,6 +86,12 @@ class Discovery:
                 return
             found = servers_from_addresses(info.parsed_scoped_addresses(), info.port)
             with self._lock:
+                if name not in self._found and len(self._found) >= MAX_SERVICES:
+                    if not self._full_warned:
+                        log.warning("more than %d key servers announced: ignoring %s and "
+                                    "further ones", MAX_SERVICES, name)
+                        self._full_warned = True
+                    return
                 changed = self._found.get(name) != found
                 self._found[name] = found
             if changed and found:

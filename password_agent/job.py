@@ -1,9 +1,12 @@
 """Working on one question: ask every key server, retry with back-off, answer the asker.
 
-A :class:`Job` is a thread per question.  It starts one fetch thread per server
-that is due, waits on its inbox (results, "stop", "servers changed"), pauses a
-failed server 0.25 s, then twice as long each time up to ``--retry-max``, and
-answers with the first secret that decrypts.  It never gives up while the
+A :class:`Job` is a thread per question.  It hands one fetch per server that is
+due to the agent's :class:`FetchPool` (at most ``MAX_CONCURRENT_FETCHES``
+threads for the whole agent, however many servers are announced), waits on its
+inbox (results, "stop", "servers changed"), pauses a failed server 0.25 s, then
+twice as long each time up to ``--retry-max``, and answers with the first secret
+that decrypts, was encrypted to our key, and was not already refused by this
+asker (a rogue or stale server's answer is skipped; the others are still asked).  It never gives up while the
 question stands; it stops when the question is answered, withdrawn, its asker
 exits or its ``NotAfter`` passes.  The agent (:mod:`password_agent.agent`) is
 its :class:`Host`.
@@ -13,12 +16,16 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
+import hashlib
+import hmac
 import logging
 import os
 import queue
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -28,8 +35,8 @@ from mandos_core.tls import ClientTLS
 
 from .agentconf import AgentConfig
 from .askfile import Question, monotonic_us, pid_alive
-from .client import FetchError, Refused, Server, fetch
-from .gpg import GpgError
+from .client import MAX_CONCURRENT_FETCHES, FetchError, Refused, Server, fetch
+from .gpg import GpgError, NotForUs
 
 log = logging.getLogger("mandos-password-agent")
 
@@ -46,6 +53,8 @@ class Host(Protocol):
     ctx: ClientTLS | None
     pidfd_fallback: bool
 
+    fetch_pool: FetchPool
+
     def known_servers(self) -> list[Server]: ...
     def warn_no_servers(self) -> None: ...
     def decrypt(self, message: bytes) -> Secret: ...
@@ -61,6 +70,52 @@ class MessageId:
     SKIPPED = "b81e3f6c2d9a47e5a0c4f7d2e9b15a63"
     SERVER_FAILED = "5c2e9a7d1b3f4e68a9d0c7b6e5f41a28"
     STARTED = "e6a9d3c1f7b2485e9a0d6c3b2f1e4d57"
+
+
+class FetchPool:
+    """At most *size* daemon threads running fetches for all questions; the rest wait in line.
+
+    Threads start only as needed and then stay; daemon threads, so a fetch stuck in
+    a TLS handshake never holds the agent's exit.
+    """
+
+    def __init__(self, size: int = MAX_CONCURRENT_FETCHES) -> None:
+        self.size = size
+        self._tasks: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._threads = 0
+        self._idle = 0     # workers waiting for a task that no submit has claimed yet
+        self._backlog = 0  # tasks waiting for a worker
+
+    def submit(self, task: Callable[[], None]) -> None:
+        with self._lock:
+            if self._idle > 0:
+                self._idle -= 1
+            elif self._threads < self.size:
+                self._threads += 1
+                threading.Thread(target=self._work, daemon=True,
+                                 name=f"fetch worker {self._threads}").start()
+            else:
+                self._backlog += 1
+        self._tasks.put(task)
+
+    def _work(self) -> None:
+        while True:
+            task = self._tasks.get()
+            try:
+                task()
+            except Exception as e:  # noqa: BLE001 - a task reports its own errors
+                log.error("fetch worker: %s", e)
+            with self._lock:
+                if self._backlog > 0:
+                    self._backlog -= 1
+                else:
+                    self._idle += 1
+
+
+def secret_tag(key: bytes, secret: Secret) -> bytes:
+    """A keyed digest of *secret*, to recognise a secret the asker refused without keeping it."""
+    return hmac.new(key, secret.reveal(), hashlib.sha256).digest()
 
 
 def elapsed_ms(start: float) -> int:
@@ -97,10 +152,16 @@ class _Result:
 class Job(threading.Thread):
     """Work on one question until it is answered, withdrawn or past its deadline."""
 
-    def __init__(self, agent: Host, question: Question) -> None:
+    def __init__(self, agent: Host, question: Question, *,
+                 refused: frozenset[bytes] = frozenset(), tag_key: bytes = b"") -> None:
         super().__init__(name=f"question {question.name}", daemon=True)
         self.agent = agent
         self.q = question
+        #: tags (:func:`secret_tag`) of the secrets this asker already refused
+        self.refused = refused
+        self.tag_key = tag_key
+        #: the tag of the secret we answered with (for the agent to remember)
+        self.answer_tag: bytes | None = None
         self.inbox: queue.SimpleQueue[_Result | str] = queue.SimpleQueue()
         self.stopped = threading.Event()
         self.stop_reason = ""
@@ -173,8 +234,7 @@ class Job(threading.Thread):
                 continue
             if st.next_at <= now:
                 st.inflight = True
-                threading.Thread(target=self._fetch, args=(server,), daemon=True,
-                                 name=f"fetch {server}").start()
+                self.agent.fetch_pool.submit(functools.partial(self._fetch, server))
             elif next_due is None or st.next_at < next_due:
                 next_due = st.next_at
         return next_due
@@ -183,6 +243,9 @@ class Job(threading.Thread):
         cfg, ctx = self.agent.cfg, self.agent.ctx
         assert ctx is not None
         start = time.monotonic()
+        if self.stopped.is_set():  # waited in the pool's line past the question's end
+            self.inbox.put(_Result(server, None, FetchError(server, "stopped"), 0))
+            return
         try:
             data = fetch(server, ctx, connect_timeout=cfg.connect_timeout,
                          timeout=cfg.timeout, cancel=self.stopped)
@@ -219,10 +282,19 @@ class Job(threading.Thread):
         if r.error is None and r.data is not None:
             try:
                 secret = self.agent.decrypt(r.data)
+            except NotForUs as e:
+                self._failed(r.server, st, str(e), r.elapsed_ms, outcome="not-for-us")
+                return False
             except GpgError as e:
                 self._failed(r.server, st, str(e), r.elapsed_ms)
                 return False
             with secret:
+                tag = secret_tag(self.tag_key, secret)
+                if tag in self.refused:
+                    self._failed(r.server, st, "its secret was already refused by this asker",
+                                 r.elapsed_ms, outcome="secret-refused")
+                    return False
+                self.answer_tag = tag
                 return self._answer(r.server, secret, r.elapsed_ms)
         assert r.error is not None
         self._failed(r.server, st, r.error.reason, r.elapsed_ms,
@@ -230,7 +302,7 @@ class Job(threading.Thread):
         return False
 
     def _failed(self, server: Server, st: _ServerState, reason: str, elapsed_ms: int,
-                refused: bool = False) -> None:
+                refused: bool = False, outcome: str = "") -> None:
         st.failures += 1
         pause = min(self.agent.cfg.retry_max, RETRY_FIRST * 2 ** (st.failures - 1))
         st.next_at = time.monotonic() + pause
@@ -242,7 +314,7 @@ class Job(threading.Thread):
             level = logging.DEBUG
         event(log, level, f"{server}: {reason} (try {st.failures}, again in {pause:g} s)",
               MESSAGE_ID=MessageId.SERVER_FAILED,
-              MANDOS_OUTCOME="refused" if refused else "server-failed",
+              MANDOS_OUTCOME=outcome or ("refused" if refused else "server-failed"),
               MANDOS_SERVER=server, MANDOS_REASON=reason, MANDOS_ELAPSED_MS=elapsed_ms,
               MANDOS_ATTEMPT=st.failures, **self.fields())
 
@@ -250,6 +322,8 @@ class Job(threading.Thread):
         reason = self._gone()
         if reason:
             return self._drop(reason)
+        # Noted before sending: the asker's next try may follow at once and must find it.
+        self.agent.answered(self)
         try:
             send_answer(self.q.socket, secret)
         except OSError as e:
@@ -265,6 +339,5 @@ class Job(threading.Thread):
               f"in {total} ms{note}",
               MESSAGE_ID=MessageId.ANSWERED, MANDOS_OUTCOME="answered", MANDOS_SERVER=server,
               MANDOS_ELAPSED_MS=total, MANDOS_FETCH_MS=fetch_ms, **self.fields())
-        self.agent.answered(self)
         return True
 

@@ -3,7 +3,10 @@
 Start-up order matters for latency: the OpenPGP key import (and with it
 gpg-agent) starts before the TLS stack is even imported, so both run in
 parallel; the secret is printed as soon as it is decrypted, and clean-up
-(stopping gpg-agent, removing the temporary GNUPGHOME) happens after.
+(stopping gpg-agent, removing the temporary GNUPGHOME) happens after.  SIGTERM,
+SIGINT and SIGHUP at any point still run the clean-up, then exit 128+signal.
+A server whose message was not encrypted to our key (a rogue one) is skipped
+and the others are asked.
 """
 
 from __future__ import annotations
@@ -11,11 +14,13 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+import threading
 from pathlib import Path
 
-from mandos_core.keyfiles import DEFAULT_KEYDIR
+from mandos_core.hardening import disable_core_dumps
+from mandos_core.keyfiles import DEFAULT_KEYDIR, KeyError_, KeyFiles, check_private_keys
 
-from .gpg import Decryptor, GpgError
+from .gpg import Decryptor, GpgError, NotForUs
 
 EXIT_OK = 0
 EXIT_NO_SECRET = 1
@@ -29,7 +34,9 @@ def _parser() -> argparse.ArgumentParser:
         description="Fetch this machine's LUKS passphrase from a Mandos key server, "
         "decrypt it with the machine's OpenPGP key and print it on stdout (no newline).",
         epilog="Exit status: 0 the passphrase was printed; 1 no server gave a secret "
-        "(refused, unreachable or timed out); 2 usage error; 3 key files or gpg failed. "
+        "(refused, unreachable, timed out, or not encrypted to our key); 2 usage error; "
+        "3 key files or gpg failed (missing key directory, a private key others can read); "
+        "128+N stopped by signal N (after its clean-up). "
         "The server never says why it refuses; its audit log does.  For unlocking at boot "
         "use mandos-password-agent, which answers systemd's passphrase questions.",
     )
@@ -55,26 +62,45 @@ def _fail(message: object, code: int) -> int:
     return code
 
 
-def _terminate(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)  # unwinds through the finally below: gpg is cleaned up
+#: The signals that end mandos-client early: each makes it clean up, then exit 128+signal.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 def main(argv: list[str] | None = None) -> int:
-    signal.signal(signal.SIGTERM, _terminate)
+    disable_core_dumps()
+    # A signal only takes note and cancels the wait for servers: it never raises, so it
+    # cannot cut the clean-up (gpg-agent, the GNUPGHOME with the private key) short.
+    stop = threading.Event()
+    caught: list[int] = []
+
+    def on_signal(signum: int, frame: object) -> None:
+        caught.append(signum)
+        stop.set()
+
+    for s in STOP_SIGNALS:
+        signal.signal(s, on_signal)
+    code = _main(argv, stop)
+    return 128 + caught[0] if caught else code
+
+
+def _main(argv: list[str] | None, stop: threading.Event) -> int:
     args = _parser().parse_args(argv)
+    keys = KeyFiles.from_dir(args.keydir, pubkey=args.pubkey, seckey=args.seckey,
+                             tls_pubkey=args.tls_pubkey, tls_privkey=args.tls_privkey)
     try:
+        check_private_keys(args.keydir if None in (args.pubkey, args.seckey, args.tls_pubkey,
+                                                   args.tls_privkey) else None, keys)
         # start gpg in the background first: it imports the key while we load TLS
-        decryptor = Decryptor(args.seckey or args.keydir / "seckey.txt")
-    except GpgError as e:
+        decryptor = Decryptor(keys.seckey)
+    except (KeyError_, GpgError) as e:
         return _fail(e, EXIT_KEYS)
     try:
+        if stop.is_set():
+            return EXIT_NO_SECRET
         from mandos_core import log as logsetup
-        from mandos_core.keyfiles import KeyError_, KeyFiles, server_context
+        from mandos_core.keyfiles import server_context
 
         from .client import FetchError, fetch_any, parse_server
-
-        keys = KeyFiles.from_dir(args.keydir, pubkey=args.pubkey, seckey=args.seckey,
-                                 tls_pubkey=args.tls_pubkey, tls_privkey=args.tls_privkey)
 
         logsetup.setup("mandos-client", args.debug)
         try:
@@ -83,22 +109,36 @@ def main(argv: list[str] | None = None) -> int:
             return _fail(f"--connect {e}", EXIT_USAGE)
         try:
             ctx = server_context(keys)
-            _, message = fetch_any(servers, ctx, timeout=args.timeout,
-                                   connect_timeout=min(5.0, args.timeout))
         except KeyError_ as e:
             return _fail(e, EXIT_KEYS)
-        except FetchError as e:
-            return _fail(e, EXIT_NO_SECRET)
-        try:
-            secret = decryptor.decrypt(message)
-        except GpgError as e:
-            return _fail(e, EXIT_KEYS)
+        while True:
+            try:
+                server, message = fetch_any(servers, ctx, timeout=args.timeout,
+                                            connect_timeout=min(5.0, args.timeout),
+                                            cancel=stop)
+            except FetchError as e:
+                return _fail(e, EXIT_NO_SECRET)
+            if stop.is_set():
+                return EXIT_NO_SECRET
+            try:
+                secret = decryptor.decrypt(message)
+            except NotForUs as e:  # a rogue server: ask the others
+                servers = [s for s in servers if s != server]
+                if not servers:
+                    return _fail(f"{server}: {e}", EXIT_NO_SECRET)
+                print(f"mandos-client: {server}: {e}; asking the other servers",
+                      file=sys.stderr)
+                continue
+            except GpgError as e:
+                return _fail(e, EXIT_KEYS)
+            break
+        if stop.is_set():
+            secret.wipe()
+            return EXIT_NO_SECRET
         with secret:
             sys.stdout.buffer.write(secret.reveal())
             sys.stdout.buffer.flush()
         return EXIT_OK
-    except KeyboardInterrupt:
-        return 130
     finally:
         decryptor.close()
 

@@ -485,7 +485,7 @@ def test_unusable_openpgp_key_stops_the_agent(tmp_path: Path, client_keys: Path)
 def test_refused_answer_is_not_repeated(tmp_path: Path, client_keys: Path,
                                         server: Mandosd) -> None:
     """The same asker asking the same again means it refused our secret (systemd-cryptsetup's
-    next try): leave that try to a human instead of burning it, but answer other askers."""
+    next try): that secret is never sent to it again, and other askers are answered."""
     ask_dir = tmp_path / "ask"
     ask_dir.mkdir()
     with AgentProc(tmp_path, client_keys, [server.address], ask_dir=ask_dir) as agent:
