@@ -251,7 +251,7 @@ def test_silent_server_alone_is_retried_within_the_timeout(tmp_path: Path, clien
         with AgentProc(tmp_path, client_keys, [silent.address], id_prefix=prefix,
                        args=["--timeout", "0.5", "--retry-max", "0.5"]) as agent:
             p = ask(prefix + "x", timeout=30)
-            agent.wait_log("timed out (try 2,", timeout=10)
+            agent.wait_log("timed out waiting for the secret (try 2,", timeout=10)
             p.kill()
             p.wait()
     finally:
