@@ -30,8 +30,8 @@ from mandosd import escrow_cli
 from mandosd.escrow import EscrowStore, handle_escrow
 from mandos_core.protocol import key_id, tls13_only
 from mandos_core.secret import Secret
-from tests.test_passphrase_flows import setup_volume
-from tests.test_passphrase_helpers import (
+from tests.helpers import PASSWORD, Mandosd, fetch, free_port
+from tests.lukslib import (
     BACKUP0,
     USER0,
     EscrowKeys,
@@ -42,6 +42,7 @@ from tests.test_passphrase_helpers import (
     make_image,
     nss_db,
     opens,
+    setup_volume,
 )
 
 USER1 = b"user passphrase one!"
@@ -323,36 +324,38 @@ def test_sync_server_unreachable(tmp_path: Path, keys: EscrowKeys) -> None:
     image, store = setup_volume(tmp_path / "m", "luks2", keys)
     Tool(store, certificate=keys.cert_pem).change(str(image), Secret(BACKUP0),
                                                   lambda: Secret(USER1))
-    from tests.helpers import free_port
-
     proc = cli("--state-dir", str(store.dir), "sync", "--server", f"127.0.0.1:{free_port()}",
                "--keydir", str(machine_keys(tmp_path / "keys")))
     assert proc.returncode == 1 and b"refused" in proc.stderr.lower()
     assert opens(image, BACKUP0, 1)
 
 
-def test_hostile_peer_is_bounded(tmp_path: Path, escrow_server: EscrowServer) -> None:
-    """An oversized frame after the handshake ends the session; the server stays up."""
+def test_hostile_frame_is_bounded_by_mandosd(mandosd: Mandosd, client_keys: Path) -> None:
+    """A known machine sends an oversized escrow frame to the real mandosd: the session
+    ends, nothing is stored, the audit log names it, and the server keeps serving."""
     import socket
     import struct
 
     from mandos_core.keyfiles import KeyFiles, server_context
 
-    ctx = server_context(KeyFiles.from_dir(machine_keys(tmp_path / "keys")))
-    with socket.create_connection(("127.0.0.1", escrow_server.port), timeout=5) as sock:
+    ctx = server_context(KeyFiles.from_dir(client_keys))
+    with socket.create_connection(("127.0.0.1", mandosd.port), timeout=10) as sock:
         sock.sendall(b"escrow 1\r\n")
         with ctx.wrap_socket(sock, server_side=True) as tls:
-            tls.sendall(struct.pack(">I", 10**9))
-            assert tls.recv(100) == b""  # closed on us
-    assert escrow_server.store.list() == []
+            tls.sendall(struct.pack(">I", 10**9))  # a frame "of 1 GB"
+            tls.settimeout(10)
+            assert tls.recv(100) == b""  # closed on us, nothing answered
+    log = mandosd.wait_log("MANDOS_OUTCOME=escrow-protocol")
+    line = next(ln for ln in log.splitlines() if "MANDOS_OUTCOME=escrow-protocol" in ln)
+    assert "MANDOS_CLIENT=client1" in line, line
+    assert EscrowStore(mandosd.statedir, durable=False).list() == []
+    assert fetch(client_keys, mandosd.address).stdout == PASSWORD
+    assert mandosd.proc is not None and mandosd.proc.poll() is None
 
 
-def test_sync_with_the_real_mandosd(tmp_path: Path, keys: EscrowKeys, mandosd: object,
+def test_sync_with_the_real_mandosd(tmp_path: Path, keys: EscrowKeys, mandosd: Mandosd,
                                     client_keys: Path) -> None:
     """End to end: `luks-passphrase sync` to a running mandosd (client1 enrolled)."""
-    from tests.helpers import Mandosd
-
-    assert isinstance(mandosd, Mandosd)
     image, store = setup_volume(tmp_path / "m", "luks2", keys)
     uuid = luks_uuid(image)
     Tool(store, certificate=keys.cert_pem).change(str(image), Secret(BACKUP0),
@@ -376,10 +379,7 @@ def test_sync_with_the_real_mandosd(tmp_path: Path, keys: EscrowKeys, mandosd: o
 
 
 def test_sync_unknown_machine_is_refused_by_mandosd(tmp_path: Path, keys: EscrowKeys,
-                                                    mandosd: object) -> None:
-    from tests.helpers import Mandosd
-
-    assert isinstance(mandosd, Mandosd)
+                                                    mandosd: Mandosd) -> None:
     image, store = setup_volume(tmp_path / "m", "luks1", keys)
     Tool(store, certificate=keys.cert_pem).change(str(image), Secret(BACKUP0),
                                                   lambda: Secret(USER1))

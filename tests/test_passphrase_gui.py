@@ -17,7 +17,7 @@ import pytest
 from luks_passphrase.flows import Tool
 from luks_passphrase.state import StateStore
 from luks_passphrase.volumes import list_volumes
-from tests.test_passphrase_helpers import USER0, make_escrow_keys, make_image, opens
+from tests.lukslib import USER0, make_escrow_keys, make_image, opens
 
 NEW = "gui new passphrase"
 SCREENSHOT = Path(os.environ.get("LUKS_PASSPHRASE_SCREENSHOT", "/tmp/luks-passphrase-gui.png"))
@@ -169,7 +169,7 @@ def test_pkexec_backend_hands_passphrases_on_stdin(tmp_path: Path) -> None:
 
     from luks_passphrase.gui import PkexecBackend
     from mandos_core.secret import Secret
-    from tests.test_passphrase_helpers import ROOT
+    from tests.lukslib import ROOT
 
     bindir = tmp_path / "bin"
     bindir.mkdir()
