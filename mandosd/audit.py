@@ -39,6 +39,9 @@ class Kind(enum.Enum):
     CONFIG_LOADED = "0e80bbc19c5a49d386f4d720a5c41112"
     SERVER_STARTED = "87bf32a587014fe099c5856dc70f6755"
     ESCROW_STORED = "8e493893f64349468ece22efaebd21d1"
+    ESCROW_REFUSED = "ea17fb53fe714afc9700b196f3ccc216"
+    ESCROW_PROTOCOL = "a5f3a5c9676f4260a2bc0a792e643aa4"
+    ESCROW_DROPPED = "ec64d5660a6a4d89b8cb4937837c4703"
 
     @property
     def outcome(self) -> str:
@@ -52,6 +55,9 @@ _LEVEL = {
     Kind.CHECKER_SUCCEEDED: logging.INFO,
     Kind.CONFIG_LOADED: logging.INFO,
     Kind.SERVER_STARTED: logging.INFO,
+    Kind.ESCROW_REFUSED: logging.WARNING,
+    Kind.ESCROW_PROTOCOL: logging.WARNING,
+    Kind.ESCROW_DROPPED: logging.WARNING,
 }
 
 

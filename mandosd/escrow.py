@@ -44,8 +44,7 @@ from mandos_core.escrow_wire import (
     json_frame,
     parse_json,
 )
-from mandos_core.log import event
-
+from .audit import Kind, audit
 from .state import StateError, connect
 
 log = logging.getLogger("mandosd.escrow")
@@ -205,12 +204,12 @@ async def handle_escrow(reader: asyncio.StreamReader, writer: asyncio.StreamWrit
         await asyncio.wait_for(_session(reader, writer, client_name, key_id, store),
                                CONNECTION_TIMEOUT)
     except (TimeoutError, asyncio.IncompleteReadError, ConnectionError) as e:
-        event(log, logging.WARNING, f"escrow session with {client_name} ended: "
-              f"{type(e).__name__}", MANDOS_CLIENT=client_name, MANDOS_KEY_ID=key_id,
-              MANDOS_OUTCOME="escrow-dropped")
+        audit(Kind.ESCROW_DROPPED, f"escrow session with {client_name} ended: "
+              f"{type(e).__name__}", client=client_name, key_id=key_id,
+              reason=type(e).__name__)
     except WireError as e:
-        event(log, logging.WARNING, f"escrow session with {client_name}: {e}",
-              MANDOS_CLIENT=client_name, MANDOS_KEY_ID=key_id, MANDOS_OUTCOME="escrow-protocol")
+        audit(Kind.ESCROW_PROTOCOL, f"escrow session with {client_name}: {e}",
+              client=client_name, key_id=key_id, reason=str(e))
     finally:
         writer.close()
         try:
@@ -234,9 +233,8 @@ async def _session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
             except WireError as e:
                 writer.write(json_frame({"ok": False, "error": str(e)}))
                 await writer.drain()
-                event(log, logging.WARNING, f"escrow packet from {client_name} refused: {e}",
-                      MANDOS_CLIENT=client_name, MANDOS_KEY_ID=key_id,
-                      MANDOS_OUTCOME="escrow-refused")
+                audit(Kind.ESCROW_REFUSED, f"escrow packet from {client_name} refused: {e}",
+                      client=client_name, key_id=key_id, reason=str(e))
                 continue
             try:
                 # a durable write (fsync): off the event loop, other clients keep going
@@ -248,9 +246,9 @@ async def _session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                 await writer.drain()
                 log.error("escrow store: %s", e)
                 continue
-            event(log, logging.INFO, f"escrow packet stored for {client_name} volume {uuid} "
-                  f"(sequence {current.sequence})", MANDOS_CLIENT=client_name,
-                  MANDOS_KEY_ID=key_id, MANDOS_OUTCOME="escrow-stored", LUKS_UUID=uuid)
+            audit(Kind.ESCROW_STORED, f"escrow packet stored for {client_name} volume {uuid} "
+                  f"(sequence {current.sequence})", client=client_name, key_id=key_id,
+                  luks_uuid=uuid, sequence=current.sequence)
             writer.write(json_frame(current.ack()))
         elif op == "status":
             asked = req.get("volume_uuid")
