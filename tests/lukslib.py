@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 
 from luks_passphrase.state import StateStore
-
 from tests.helpers import ROOT
 
 __all__ = ["ROOT", "FAST", "USER0", "BACKUP0", "OTHER", "need", "make_image", "add_key",

@@ -13,10 +13,10 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from mandos_core.protocol import DERError, spki_from_certificate
 from mandosd.config import ConfigError, load
 from mandosd.durations import DurationError, parse_duration
 from password_agent.askfile import AskFileError, parse_ask
-from mandos_core.protocol import DERError, spki_from_certificate
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "300"))
 fuzz = settings(max_examples=EXAMPLES, deadline=None,

@@ -116,8 +116,8 @@ def test_exit_codes(tmp_path: Path, keys: EscrowKeys) -> None:
 
 def test_no_secret_outside_the_escrow_packet(tmp_path: Path, keys: EscrowKeys) -> None:
     """--debug output, state files, and modes: no passphrase anywhere in clear."""
-    from mandos_core import escrow_packet
     from luks_passphrase.state import StateStore
+    from mandos_core import escrow_packet
 
     image = make_image(tmp_path / "v.img", "luks1")
     add_key(image, USER0, BACKUP0, 1, tmp_path)

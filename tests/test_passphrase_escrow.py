@@ -23,13 +23,13 @@ from pathlib import Path
 
 import pytest
 
-from mandos_core import escrow_packet
 from luks_passphrase.flows import Tool
 from luks_passphrase.state import StateStore
-from mandosd import escrow_cli
-from mandosd.escrow import EscrowStore, handle_escrow
+from mandos_core import escrow_packet
 from mandos_core.protocol import key_id, tls13_only
 from mandos_core.secret import Secret
+from mandosd import escrow_cli
+from mandosd.escrow import EscrowStore, handle_escrow
 from tests.helpers import PASSWORD, Mandosd, fetch, free_port
 from tests.lukslib import (
     BACKUP0,

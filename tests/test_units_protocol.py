@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from mandosd.durations import DurationError, format_duration, parse_duration
-from password_agent.client import parse_server
+from mandos_core.keyfiles import KeyFiles
 from mandos_core.protocol import (
     EMPTY_KEY_ID,
     KeyIdError,
@@ -18,7 +17,8 @@ from mandos_core.protocol import (
     spki_from_certificate,
 )
 from mandos_core.secret import Secret
-from mandos_core.keyfiles import KeyFiles
+from mandosd.durations import DurationError, format_duration, parse_duration
+from password_agent.client import parse_server
 from tests.helpers import have
 
 
