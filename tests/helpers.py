@@ -34,6 +34,10 @@ JOURNALD = "/lib/systemd/systemd-journald"
 T = TypeVar("T")
 
 
+class WaitTimeout(AssertionError):
+    """:func:`wait_for` gave up: the condition never held."""
+
+
 def wait_for(condition: Callable[[], T], timeout: float = 15, what: str = "the condition",
              interval: float = 0.02) -> T:
     """Wait until *condition()* returns something true, and return it.
@@ -47,7 +51,7 @@ def wait_for(condition: Callable[[], T], timeout: float = 15, what: str = "the c
         if got:
             return got
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+            raise WaitTimeout(f"timed out after {timeout} s waiting for {what}")
         time.sleep(interval)
 
 
@@ -65,6 +69,20 @@ def free_port(family: int = socket.AF_INET) -> int:
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.bind(("::1" if family == socket.AF_INET6 else "127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def listening(port: int) -> bool:
+    """Something listens on TCP *port* (read from /proc/net: no connection is made)."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            cols = line.split()
+            if cols[3] == "0A" and int(cols[1].rsplit(":", 1)[1], 16) == port:
+                return True
+    return False
 
 
 def make_keys(keydir: Path, name: str = "client1") -> Path:
@@ -138,7 +156,7 @@ class Mandosd:
 
         try:
             wait_for(started, timeout, "mandosd to start")
-        except AssertionError:
+        except WaitTimeout:
             raise RuntimeError(f"mandosd did not start:\n{self.log()}") from None
         return self
 
@@ -260,7 +278,7 @@ class Journald:
 
         try:
             wait_for(up, 15, "systemd-journald's socket")
-        except AssertionError:
+        except WaitTimeout:
             self.stop()
             pytest.fail("systemd-journald did not make its socket")
         return self
