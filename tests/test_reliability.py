@@ -326,7 +326,7 @@ def test_secret_nowhere(tmp_path: Path, client_keys: Path, client_section: str) 
                         seen_argv.append(Path(f"/proc/{pid}/environ").read_bytes())
                     except OSError:
                         pass
-            time.sleep(0.005)
+            time.sleep(0.005)  # sampling /proc, not waiting for anything
 
     scanner = threading.Thread(target=scan_procs)
     scanner.start()

@@ -125,3 +125,24 @@ def test_one_definition_of_each_shared_helper() -> None:
             if isinstance(node, ast.FunctionDef) and node.name in shared:
                 dupes.append(f"{path.name}: {node.name}")
     assert not dupes, dupes
+
+
+#: a time.sleep( line that is not a wait says why on the same line
+SLEEP_REASONS = ("not a wait", "sampling")
+
+
+def test_no_fixed_sleeps() -> None:
+    """Tests wait on events or conditions (``helpers.wait_for``), not on the clock."""
+    bad = []
+    for path in sorted(TESTS.glob("*.py")):
+        if path.name in CROSS_IMPORT_PENDING or path.name.startswith("test_checker") \
+                or path.name == "helpers.py":
+            continue
+        text = path.read_text()
+        lines = text.splitlines()
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.Call) and ast.unparse(node.func) == "time.sleep":
+                line = lines[node.lineno - 1]
+                if not any(r in line for r in SLEEP_REASONS):
+                    bad.append(f"{path.name}:{node.lineno}: {line.strip()}")
+    assert not bad, bad
