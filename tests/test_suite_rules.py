@@ -146,3 +146,21 @@ def test_no_fixed_sleeps() -> None:
                 if not any(r in line for r in SLEEP_REASONS):
                     bad.append(f"{path.name}:{node.lineno}: {line.strip()}")
     assert not bad, bad
+
+
+def test_no_assert_that_cannot_fail() -> None:
+    """``assert sys.executable``, ``assert True``, ``assert "text"``: they pass whatever the
+    code does."""
+    modules = {"sys", "os", "pytest", "Path", "ROOT"}
+    bad = []
+    for path in sorted(TESTS.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Assert):
+                continue
+            test = node.test
+            if isinstance(test, ast.Constant) or (
+                    isinstance(test, ast.Attribute) and isinstance(test.value, ast.Name)
+                    and test.value.id in modules) or (
+                    isinstance(test, ast.Name) and test.id in modules):
+                bad.append(f"{path.name}:{node.lineno}: assert {ast.unparse(test)}")
+    assert not bad, bad
