@@ -37,7 +37,6 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from mandos_core.log import event
@@ -482,7 +481,3 @@ class Tool:
         if not vol.status(keep).active:
             raise FlowError(f"key slot {keep} is gone; not rolling back key slot {slot}")
         self._destroy(vol, slot, salt, "rolling back an unverified new passphrase")
-
-
-def header_backup_dir(store: StateStore) -> Path:
-    return store.dir / "header-backups"

@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import ssl
 
-PROTOCOL_VERSION = "1"
 VERSION_LINE = b"1\r\n"
 #: The escrow exchange (luks-passphrase sync) shares the port, selected by its own line.
 ESCROW_LINE = b"escrow 1\r\n"

@@ -46,7 +46,6 @@ DEFAULT_CHECKER = "fping -q -- %(host)s"
 FPING_TEMPLATE = ("fping", "-q", "--", "%(host)s")
 #: status values as Mandos reports LastCheckerStatus
 KILLED = -1
-NEVER = -2
 NOT_FOUND = 127
 NOT_EXECUTABLE = 126
 

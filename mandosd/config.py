@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 from mandos_core.protocol import KeyIdError, normalize_key_id
-from mandos_core.secret import Secret
 
 from .durations import DurationError, parse_duration
 
@@ -142,9 +141,6 @@ class Client:
     enabled: bool
     #: every key=value of the section (after interpolation), for %(name)s in checkers
     attributes: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
-
-    def masked_secret(self) -> Secret:
-        return Secret(self.secret)
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,7 @@ from mandos_core.escrow_wire import (
     json_frame,
     parse_json,
 )
+
 from .audit import Kind, audit
 from .state import StateError, connect
 

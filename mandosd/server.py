@@ -326,12 +326,7 @@ class KeyServer:
                 return decision
 
     async def _escrow(self, transport: Any, peer: _Peer, kid: str, peername: str) -> None:
-        try:
-            from . import escrow
-        except ImportError:
-            audit(Kind.PROTOCOL_ERROR, f"{peername}: escrow not available", peer=peername,
-                  key_id=kid, reason="escrow-unavailable")
-            return
+        from . import escrow  # imported on first use: most servers never see escrow
         client, _ = await self._db(self._lookup, kid)
         if client is None:
             audit(Kind.REFUSED_UNKNOWN, f"escrow from unknown key {kid}", key_id=kid,

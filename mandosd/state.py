@@ -113,7 +113,7 @@ class CheckRecord:
     name: str
     started: float
     finished: float
-    #: exit code; -1 killed (by us at the interval, or by a signal), -2 never completed
+    #: exit code; -1 killed (by us at the interval, or by a signal)
     status: int
     next_check: float
     #: set on success: the deadline it earns (now + timeout); never moves a deadline back

@@ -38,7 +38,7 @@ class WaitTimeout(AssertionError):
     """:func:`wait_for` gave up: the condition never held."""
 
 
-def wait_for(condition: Callable[[], T], timeout: float = 15, what: str = "the condition",
+def wait_for(condition: Callable[[], T | None], timeout: float = 15, what: str = "the condition",
              interval: float = 0.02) -> T:
     """Wait until *condition()* returns something true, and return it.
 
@@ -294,8 +294,11 @@ class Journald:
     def wait_entries(self, *match: str, count: int = 1,
                      timeout: float = 15) -> list[dict[str, str]]:
         """The entries matching *match*, once there are at least *count* of them."""
-        return wait_for(lambda: (lambda e: e if len(e) >= count else None)(self.entries(*match)),
-                        timeout, f"{count} journal entries matching {match}")
+        def enough() -> list[dict[str, str]] | None:
+            got = self.entries(*match)
+            return got if len(got) >= count else None
+
+        return wait_for(enough, timeout, f"{count} journal entries matching {match}")
 
     def export(self) -> bytes:
         """Everything journald stored, in its export format (for byte searches)."""

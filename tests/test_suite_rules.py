@@ -110,7 +110,7 @@ def test_no_test_module_imports_another() -> None:
             elif isinstance(node, ast.Import):
                 names = [a.name for a in node.names]
             if any(re.match(r"tests\.(test_|conftest)", n) for n in names):
-                bad.append(f"{path.name}:{node.lineno}")
+                bad.append(f"{path.name}:{getattr(node, 'lineno', 0)}")
     assert not bad, f"test modules import test modules (use tests/helpers.py): {bad}"
 
 
