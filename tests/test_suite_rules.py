@@ -81,8 +81,7 @@ def test_ci_passes_a_run_without_skips(tmp_path: Path) -> None:
 
 def test_dev_sh_test_runs_pytest_with_the_suites_conftest() -> None:
     """``./dev.sh test`` and ``.ci/run`` reach the same pytest (and so the same hook)."""
-    dev = (ROOT / "dev.sh").read_text()
-    assert re.search(r'test\)[^\n]*-m pytest', dev)
+    assert "-m pytest" in _dev_sh_arm("test")
     assert "./dev.sh test" in (ROOT / ".ci" / "run").read_text()
 
 
@@ -164,3 +163,30 @@ def test_no_assert_that_cannot_fail() -> None:
                     isinstance(test, ast.Name) and test.id in modules):
                 bad.append(f"{path.name}:{node.lineno}: assert {ast.unparse(test)}")
     assert not bad, bad
+
+
+def _packages(name: str) -> set[str]:
+    lines = (ROOT / ".ci" / name).read_text().splitlines()
+    return {ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")}
+
+
+def _dev_sh_arm(word: str) -> str:
+    m = re.search(rf"^    {word}\)(.*?);;", (ROOT / "dev.sh").read_text(), re.S | re.M)
+    assert m, word
+    return m.group(1)
+
+
+def test_demo_installs_only_what_it_needs() -> None:
+    """``./dev.sh demo`` installs the demo's short list; ``test`` (and so CI) everything."""
+    demo, rest = _packages("apt-packages-demo"), _packages("apt-packages")
+    assert {"gnupg", "python3", "python3-venv"} <= demo
+    assert not demo & {"qemu-system-x86", "linux-image-amd64", "mandos", "tang", "xvfb",
+                       "dracut"}
+    assert {"qemu-system-x86", "linux-image-amd64", "mandos", "xvfb"} <= rest
+    arm = _dev_sh_arm("demo")
+    assert "$DEMO_PACKAGES" in arm and "$TEST_PACKAGES" not in arm and "[test]" not in arm
+    for word in ("test", "install"):
+        arm = _dev_sh_arm(word)
+        assert "$DEMO_PACKAGES" in arm and "$TEST_PACKAGES" in arm and "'.[test]'" in arm
+    run = (ROOT / ".ci" / "run").read_text()
+    assert "exec ./dev.sh test" in run and 'CI="${CI:-true}"' in run
