@@ -165,7 +165,10 @@ def test_pid_alive_and_zombies() -> None:
 
 
 def test_monotonic_matches_clock() -> None:
-    assert abs(monotonic_us() - time.monotonic() * 1e6) < 1e5
+    before = time.monotonic_ns() // 1000
+    now = monotonic_us()
+    after = time.monotonic_ns() // 1000
+    assert before <= now <= after  # the same clock, whatever the machine's load
 
 
 def test_inotify_sees_rename_and_delete(tmp_path: Path) -> None:
