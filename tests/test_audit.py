@@ -185,6 +185,14 @@ def test_every_server_outcome_has_a_catalogued_message_id() -> None:
     assert explained <= used, f"catalog entries no code emits: {explained - used}"
 
 
+def test_admin_guide_lists_every_message_id() -> None:
+    text = (ROOT / "docs" / "admin.md").read_text()
+    rows = {ln.split("|")[1].split()[0]: ln.split("|")[2].strip()
+            for ln in text.splitlines() if ln.startswith("| ") and ln.count("|") == 3}
+    for kind in Kind:
+        assert rows.get(kind.outcome) == kind.value, f"docs/admin.md: no row for {kind.outcome}"
+
+
 def test_catalog_loads_into_journalctl(tmp_path: Path) -> None:
     if not have("journalctl"):
         pytest.skip("journalctl not installed")
