@@ -34,6 +34,21 @@ def test_never_collected():
     pass
 '''
 
+SKIPPING_IN_A_FIXTURE = '''
+import pytest
+
+@pytest.fixture()
+def qemu():
+    pytest.skip("no qemu here")
+
+def test_boots(qemu):
+    pass
+
+@pytest.mark.skipif(True, reason="a marker")
+def test_marked():
+    pass
+'''
+
 XFAILING = '''
 import pytest
 
@@ -61,8 +76,9 @@ def run_pytest(tmp_path: Path, body: str, ci: str | None) -> subprocess.Complete
                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
 
 
-@pytest.mark.parametrize("body", [SKIPPING, SKIPPING_AT_IMPORT, XFAILING],
-                         ids=["skip", "module-skip", "xfail"])
+@pytest.mark.parametrize("body", [SKIPPING, SKIPPING_AT_IMPORT, SKIPPING_IN_A_FIXTURE,
+                                  XFAILING],
+                         ids=["skip", "module-skip", "fixture-and-marker-skip", "xfail"])
 def test_ci_fails_a_run_with_a_skip(tmp_path: Path, body: str) -> None:
     local = run_pytest(tmp_path, body, ci=None)
     # 5: "no tests ran", when the only module skipped itself
