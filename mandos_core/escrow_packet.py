@@ -32,11 +32,7 @@ from dataclasses import dataclass
 from mandos_core.secret import Secret
 
 MAGIC = b"\0volume_key"
-FORMAT_CLEARTEXT = 0
-FORMAT_ASYMMETRIC = 1
-FORMAT_PASSPHRASE = 2
 FORMAT_ASYMMETRIC_WRAP_SECRET_ONLY = 3
-FORMAT_SYMMETRIC_WRAP_SECRET_ONLY = 4
 FORMAT_NAMES = {
     0: "cleartext", 1: "asymmetric", 2: "passphrase",
     3: "asymmetric_wrap_secret_only", 4: "symmetric_wrap_secret_only",

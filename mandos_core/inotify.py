@@ -14,8 +14,6 @@ import os
 import struct
 from dataclasses import dataclass
 
-IN_MODIFY = 0x00000002
-IN_ATTRIB = 0x00000004
 IN_CLOSE_WRITE = 0x00000008
 IN_MOVED_FROM = 0x00000040
 IN_MOVED_TO = 0x00000080
@@ -23,11 +21,9 @@ IN_CREATE = 0x00000100
 IN_DELETE = 0x00000200
 IN_DELETE_SELF = 0x00000400
 IN_MOVE_SELF = 0x00000800
-IN_UNMOUNT = 0x00002000
 IN_Q_OVERFLOW = 0x00004000
 IN_IGNORED = 0x00008000
 IN_ONLYDIR = 0x01000000
-IN_ISDIR = 0x40000000
 
 IN_CLOEXEC = 0o2000000
 IN_NONBLOCK = 0o4000
@@ -58,8 +54,6 @@ def _lib() -> ctypes.CDLL:
         lib.inotify_init1.restype = ctypes.c_int
         lib.inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
         lib.inotify_add_watch.restype = ctypes.c_int
-        lib.inotify_rm_watch.argtypes = [ctypes.c_int, ctypes.c_int]
-        lib.inotify_rm_watch.restype = ctypes.c_int
         _libc = lib
     return _libc
 
@@ -100,9 +94,6 @@ class Inotify:
         if wd < 0:
             raise _error(f"inotify_add_watch {path}", path)
         return wd
-
-    def rm_watch(self, wd: int) -> None:
-        _lib().inotify_rm_watch(self.fd, wd)
 
     def read(self) -> list[Event]:
         """All events queued now (an empty list when none)."""

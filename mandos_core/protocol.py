@@ -18,7 +18,6 @@ import base64
 import hashlib
 import re
 
-PROTOCOL_VERSION = "1"
 VERSION_LINE = b"1\r\n"
 #: The escrow exchange (luks-passphrase sync) shares the port, selected by its own line.
 ESCROW_LINE = b"escrow 1\r\n"

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 from mandos_core.protocol import KeyIdError, normalize_key_id
-from mandos_core.secret import Secret
 
 from .durations import DurationError, parse_duration
 
@@ -172,9 +171,6 @@ class Client:
     escrow_uploads_per_hour: int = 32
     #: every key=value of the section (after interpolation), for %(name)s in checkers
     attributes: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
-
-    def masked_secret(self) -> Secret:
-        return Secret(self.secret)
 
 
 #: A file's identity and version, as :func:`config_stamp` compares them.

@@ -121,7 +121,7 @@ class CheckRecord:
     name: str
     started: float
     finished: float
-    #: exit code; -1 killed (by us at the interval, or by a signal), -2 never completed
+    #: exit code; -1 killed (by us at the interval, or by a signal)
     status: int
     next_check: float
     #: set on success: the deadline it earns (now + timeout); never moves a deadline back
@@ -167,7 +167,7 @@ def connect(statedir: Path, name: str, *, durable: bool) -> sqlite3.Connection:
         db.execute("PRAGMA busy_timeout=10000")
         return db
     except sqlite3.Error as e:
-        raise StateError(f"{statedir / name}: {e}") from None
+        raise StateError(db_error(statedir / name, e)) from None
     finally:
         os.umask(old_umask)
 
@@ -225,7 +225,7 @@ class SQLiteStore:
                 self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         except sqlite3.Error as e:
             self.db.close()
-            raise StateError(f"{self.path}: {e}") from None
+            raise StateError(db_error(self.path, e)) from None
         except StateError:
             self.db.close()
             raise
@@ -300,7 +300,7 @@ class SQLiteStore:
         try:
             row = self.db.execute("SELECT * FROM clients WHERE name=?", (name,)).fetchone()
         except sqlite3.Error as e:
-            raise StateError(f"{self.path}: {e}") from None
+            raise StateError(db_error(self.path, e)) from None
         return _row_to_state(row) if row else None
 
     def get_by_key_id(self, key_id: str) -> ClientState | None:
@@ -308,14 +308,14 @@ class SQLiteStore:
             row = self.db.execute("SELECT * FROM clients WHERE key_id=? ORDER BY"
                                   " source='gone' LIMIT 1", (key_id,)).fetchone()
         except sqlite3.Error as e:
-            raise StateError(f"{self.path}: {e}") from None
+            raise StateError(db_error(self.path, e)) from None
         return _row_to_state(row) if row else None
 
     def all(self) -> list[ClientState]:
         try:
             rows = self.db.execute("SELECT * FROM clients ORDER BY name").fetchall()
         except sqlite3.Error as e:
-            raise StateError(f"{self.path}: {e}") from None
+            raise StateError(db_error(self.path, e)) from None
         return [_row_to_state(r) for r in rows]
 
     def update(self, name: str, **changes: Any) -> None:
@@ -437,6 +437,16 @@ class SQLiteStore:
         self.db.close()
 
 
+def db_error(path: Path, e: sqlite3.Error, what: str = "") -> str:
+    """One line for a database error; SQLite says "disk I/O error" for a full disk."""
+    line = f"{path}: {what}{e}"
+    try:
+        full = os.statvfs(path.parent).f_bavail == 0
+    except OSError:
+        full = False
+    return line + " (the file system is full)" if full else line
+
+
 class _Transaction:
     def __init__(self, db: sqlite3.Connection, path: Path) -> None:
         self.db = db
@@ -446,7 +456,7 @@ class _Transaction:
         try:
             self.db.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as e:
-            raise StateError(f"{self.path}: {e}") from None
+            raise StateError(db_error(self.path, e)) from None
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         try:
@@ -459,7 +469,7 @@ class _Transaction:
                 self.db.execute("ROLLBACK")
             except sqlite3.Error:
                 pass
-            raise StateError(f"{self.path}: cannot save state: {e}") from None
+            raise StateError(db_error(self.path, e, "cannot save state: ")) from None
 
 
 def known_clients(configured: Mapping[str, Client], states: Iterable[ClientState],

@@ -15,11 +15,12 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, WaitTimeout, free_port, wait_for
 
 REAL_ASK_DIR = Path("/run/systemd/ask-password")
 SYSTEMD_ASK_PASSWORD = "/usr/bin/systemd-ask-password"
@@ -73,19 +74,22 @@ class AgentProc:
             return ""
 
     def wait_log(self, text: str, timeout: float = 15, count: int = 1) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        """The log once *text* is in it *count* times; fails at once if the agent exits."""
+        def found() -> str | None:
+            exited = self.proc is not None and self.proc.poll() is not None
             log = self.log()
             if log.count(text) >= count:
                 return log
-            if self.proc is not None and self.proc.poll() is not None:
-                log = self.log()
-                if log.count(text) >= count:
-                    return log
-                raise AssertionError(f"agent exited {self.proc.returncode} before "
+            if exited:
+                raise AssertionError(f"agent exited {self.proc.returncode} before "  # type: ignore[union-attr]
                                      f"{text!r}:\n{log}")
-            time.sleep(0.02)
-        raise AssertionError(f"{text!r} not in the agent's log after {timeout} s:\n{self.log()}")
+            return None
+
+        try:
+            return wait_for(found, timeout, f"{text!r} in the agent's log")
+        except WaitTimeout:
+            raise AssertionError(f"{text!r} not in the agent's log after {timeout} s:\n"
+                                 f"{self.log()}") from None
 
     def wait_exit(self, timeout: float = 15) -> int:
         assert self.proc is not None
@@ -144,15 +148,11 @@ def remove_questions(prefix: str, ask_dir: Path = REAL_ASK_DIR) -> None:
             p.unlink()
 
 
-def wait_for_question(prefix: str, timeout: float = 10,
+def wait_for_question(prefix: str, timeout: float = 15,
                       ask_dir: Path = REAL_ASK_DIR) -> Path:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = questions_with_prefix(prefix, ask_dir)
-        if found:
-            return found[0]
-        time.sleep(0.01)
-    raise AssertionError(f"no question with Id={prefix}... appeared")
+    found = wait_for(lambda: questions_with_prefix(prefix, ask_dir), timeout,
+                     f"a question with Id={prefix}...", interval=0.01)
+    return found[0]
 
 
 class FakeAsker:
@@ -214,8 +214,6 @@ class SilentServer:
         self.sock.listen(16)
         self.port = self.sock.getsockname()[1]
         self.accepted: list[socket.socket] = []
-        import threading
-
         self._thread = threading.Thread(target=self._accept, daemon=True)
         self._thread.start()
 
@@ -242,6 +240,4 @@ class SilentServer:
 
 def dead_address() -> str:
     """A loopback port with nothing listening (connections are refused)."""
-    from tests.helpers import free_port
-
     return f"127.0.0.1:{free_port()}"

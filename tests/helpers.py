@@ -1,13 +1,18 @@
-"""Test helpers shared by the test files: keys, enrollment, a real mandosd process.
+"""The one helper library for the tests: keys, enrollment, a real mandosd, mandos-ctl,
+the client by hand, a real journald, and waiting on conditions instead of sleeping.
 
 Everything runs for real: gpg in temporary GNUPGHOMEs, mandosd as a subprocess
-on 127.0.0.1/::1, the venv's console scripts.
+on 127.0.0.1/::1, the venv's console scripts, systemd-journald read back with
+journalctl.  Test modules import from here (and from ``tests/agentlib.py`` for
+the agent, ``tests/lukslib.py`` for LUKS images), never from each other.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import errno
+import json
 import os
 import shutil
 import signal
@@ -16,12 +21,41 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
+
+import pytest
 
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parent.parent
+#: client1's passphrase in the shared fixtures (conftest.py)
+PASSWORD = b"correct horse battery staple \xc3\xa9 !"
+JOURNALD = "/lib/systemd/systemd-journald"
+
+T = TypeVar("T")
+
+
+class WaitTimeout(AssertionError):
+    """:func:`wait_for` gave up: the condition never held."""
+
+
+def wait_for(condition: Callable[[], T | None], timeout: float = 15, what: str = "the condition",
+             interval: float = 0.02) -> T:
+    """Wait until *condition()* returns something true, and return it.
+
+    The timeout is a safety net against a hang, never the thing tested: pick it
+    generously (a 2-core machine shared by many jobs is slow).
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        got = condition()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            raise WaitTimeout(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
 
 
 def tool(name: str) -> str:
@@ -38,6 +72,20 @@ def free_port(family: int = socket.AF_INET) -> int:
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.bind(("::1" if family == socket.AF_INET6 else "127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def listening(port: int) -> bool:
+    """Something listens on TCP *port* (read from /proc/net: no connection is made)."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            cols = line.split()
+            if cols[3] == "0A" and int(cols[1].rsplit(":", 1)[1], 16) == port:
+                return True
+    return False
 
 
 def make_keys(keydir: Path, name: str = "client1") -> Path:
@@ -102,14 +150,24 @@ class Mandosd:
         env.pop("NOTIFY_SOCKET", None)
         self.proc = subprocess.Popen(argv or self.argv(), stdout=log, stderr=log, env=env,
                                      cwd=ROOT)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if "serving" in self.log() or "MANDOS_OUTCOME=server-started" in self.log():
-                return self
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"mandosd exited {self.proc.returncode}:\n{self.log()}")
-            time.sleep(0.02)
-        raise RuntimeError(f"mandosd did not start:\n{self.log()}")
+        proc = self.proc
+
+        def started() -> bool:
+            if proc.poll() is not None:
+                raise RuntimeError(f"mandosd exited {proc.returncode}:\n{self.log()}")
+            return "serving" in self.log() or "MANDOS_OUTCOME=server-started" in self.log()
+
+        try:
+            wait_for(started, timeout, "mandosd to start")
+        except WaitTimeout:
+            raise RuntimeError(f"mandosd did not start:\n{self.log()}") from None
+        return self
+
+    def wait_log(self, needle: str, timeout: float = 15, count: int = 1) -> str:
+        """The log once *needle* is in it *count* times (AssertionError after *timeout*)."""
+        wait_for(lambda: self.log().count(needle) >= count, timeout,
+                 f"{needle!r} in mandosd's log")
+        return self.log()
 
     def log(self) -> str:
         try:
@@ -142,22 +200,121 @@ def fetch(keydir: Path, *servers: str, timeout: float = 5,
                           env={**os.environ, **(env or {})})
 
 
-def parse_journal_datagram(datagram: bytes) -> dict[str, str]:
-    """journald's native protocol: ``KEY=value`` lines, or ``KEY\\n<le64 size><data>\\n``."""
-    fields: dict[str, str] = {}
-    i = 0
-    while i < len(datagram):
-        nl = datagram.index(b"\n", i)
-        line = datagram[i:nl]
-        if b"=" in line:
-            k, _, v = line.partition(b"=")
-            fields[k.decode()] = v.decode(errors="replace")
-            i = nl + 1
-        else:
-            size = int.from_bytes(datagram[nl + 1:nl + 9], "little")
-            fields[line.decode()] = datagram[nl + 9:nl + 9 + size].decode(errors="replace")
-            i = nl + 9 + size + 1
-    return fields
+def ctl(srv: Mandosd, *args: str, input: bytes | None = None, env: dict[str, str] | None = None,
+        check: bool = False) -> subprocess.CompletedProcess[str]:
+    """``mandos-ctl`` on *srv*'s config and state (output decoded; *input* on stdin)."""
+    argv = [tool("mandos-ctl"), "--configdir", str(srv.configdir), "--statedir",
+            str(srv.statedir), *args]
+    p = subprocess.run(argv, capture_output=True, input=input, timeout=60,
+                       env={**os.environ, **(env or {})})
+    done = subprocess.CompletedProcess(argv, p.returncode, p.stdout.decode(errors="replace"),
+                                       p.stderr.decode(errors="replace"))
+    if check:
+        done.check_returncode()
+    return done
+
+
+def secret_forms(section: str) -> list[bytes]:
+    """Every form of client1's secret that must never leak: the passphrase, its
+    base64, and the start of the encrypted blob (base64 and raw) in *section*."""
+    b64 = "".join(section.split("secret =")[1].split("checker")[0].split())
+    return [PASSWORD, base64.b64encode(PASSWORD), b64[:40].encode(),
+            base64.b64decode(b64)[:24]]
+
+
+def raw_fetch(keydir: Path, address: str) -> bytes:
+    """Do the client side by hand (GnuTLS, raw public key) and return exactly the bytes
+    the server sent."""
+    from tests.tlspeers import exchange
+
+    r = exchange(keydir, address)
+    assert r.error is None, r.error
+    return r.data
+
+
+class Journald:
+    """A real ``systemd-journald`` in a private mount namespace, read with ``journalctl``.
+
+    Its socket and files live under *base*; programs reach it through
+    ``MANDOS_JOURNAL_SOCKET`` (:attr:`env`).  Needs root (CI runs as root); a
+    journald that does not start is a failure, not a skip.
+    """
+
+    def __init__(self, base: Path) -> None:
+        if os.geteuid() != 0 or not Path(JOURNALD).exists() or not have("unshare") \
+                or not have("journalctl"):
+            pytest.skip("a private journald needs root, unshare, journalctl and "
+                        "systemd-journald")
+        self.base = base
+        self.run_systemd, self.run_log, self.var_log = (base / d for d in
+                                                        ("run-systemd", "run-log", "var"))
+        for d in (self.run_systemd / "journal", self.run_log, self.var_log):
+            d.mkdir(parents=True)
+        self.socket = self.run_systemd / "journal" / "socket"
+        self.directory = self.run_log / "journal"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {"MANDOS_JOURNAL_SOCKET": str(self.socket)}
+
+    def start(self) -> Journald:
+        script = (f"mount --bind {self.run_systemd} /run/systemd && "
+                  f"mount --bind {self.run_log} /run/log && "
+                  f"mount --bind {self.var_log} /var/log && exec {JOURNALD}")
+        proc = self.proc = subprocess.Popen(
+            ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+        def up() -> bool:
+            if proc.poll() is not None:
+                err = proc.stderr.read().decode() if proc.stderr else ""
+                pytest.fail(f"systemd-journald did not start: {err.strip()[:300]}")
+            return self.socket.exists()
+
+        try:
+            wait_for(up, 15, "systemd-journald's socket")
+        except WaitTimeout:
+            self.stop()
+            pytest.fail("systemd-journald did not make its socket")
+        return self
+
+    def entries(self, *match: str) -> list[dict[str, str]]:
+        """``journalctl -o json`` with *match* (journalctl's own parser, never ours)."""
+        p = subprocess.run(["journalctl", "--directory", str(self.directory), "--no-pager",
+                            "-o", "json", *match], capture_output=True, text=True)
+        if p.returncode != 0 and "No journal files" not in p.stderr:
+            raise AssertionError(f"journalctl failed: {p.stderr}")
+        return [json.loads(line) for line in p.stdout.splitlines() if line.strip()]
+
+    def wait_entries(self, *match: str, count: int = 1,
+                     timeout: float = 15) -> list[dict[str, str]]:
+        """The entries matching *match*, once there are at least *count* of them."""
+        def enough() -> list[dict[str, str]] | None:
+            got = self.entries(*match)
+            return got if len(got) >= count else None
+
+        return wait_for(enough, timeout, f"{count} journal entries matching {match}")
+
+    def export(self) -> bytes:
+        """Everything journald stored, in its export format (for byte searches)."""
+        return subprocess.run(["journalctl", "--directory", str(self.directory), "-o",
+                               "export"], capture_output=True, check=True).stdout
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def __enter__(self) -> Journald:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
 
 @contextlib.contextmanager

@@ -4,7 +4,6 @@ mandosd on 127.0.0.1, gpg.  Also dead and silent servers, dying askers, odd ask 
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import signal
@@ -12,7 +11,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,8 +29,7 @@ from tests.agentlib import (
     unique_prefix,
     wait_for_question,
 )
-from tests.conftest import PASSWORD
-from tests.helpers import Mandosd, enroll, free_port, make_keys, parse_journal_datagram
+from tests.helpers import PASSWORD, Journald, Mandosd, enroll, free_port, make_keys
 
 needs_asker = pytest.mark.skipif(not os.path.exists(SYSTEMD_ASK_PASSWORD),
                                  reason="systemd-ask-password is not installed")
@@ -194,8 +191,6 @@ def _cryptsetup_usable() -> str | None:
         return "systemd-cryptsetup is not installed"
     if not shutil.which("cryptsetup") or not shutil.which("unshare"):
         return "cryptsetup or unshare missing"
-    if subprocess.run(["unshare", "--user", "--map-root-user", "true"]).returncode != 0:
-        return "user namespaces are not available"
     return None
 
 
@@ -203,6 +198,8 @@ def _cryptsetup_usable() -> str | None:
 @pytest.mark.skipif(_cryptsetup_usable() is not None, reason=str(_cryptsetup_usable()))
 @pytest.mark.parametrize("enrolled", ["right", "wrong"])
 def test_systemd_cryptsetup_gets_the_luks_passphrase(tmp_path: Path, enrolled: str) -> None:
+    if subprocess.run(["unshare", "--user", "--map-root-user", "true"]).returncode != 0:
+        pytest.fail("could not make a user namespace (an environment failure, not a skip)")
     keys = make_keys(tmp_path / "keys", "client1")
     image = luks_image(tmp_path / "vol.img", PASSWORD)
     served = PASSWORD if enrolled == "right" else b"not the passphrase"
@@ -229,14 +226,14 @@ def test_dead_and_silent_servers_do_not_hold_it_up(tmp_path: Path, client_keys: 
         servers = [dead_address(), silent.address, server.address]
         with AgentProc(tmp_path, client_keys, servers, id_prefix=prefix,
                        args=["--timeout", "60", "--connect-timeout", "60"]) as agent:
-            t0 = time.monotonic()
+            # the silent server holds its connection for 60 s, longer than this wait:
+            # an answer at all means nobody waited for it
             out, _ = ask(prefix + "x").communicate(timeout=30)
-            elapsed = time.monotonic() - t0
             assert out == PASSWORD + b"\n"
             log = agent.wait_log("answered question")
-        assert elapsed < 5, f"took {elapsed:.1f} s"
         assert f"MANDOS_SERVER={server.address}" in log.split("answered question")[1]
         assert silent.accepted, "the silent server was never tried"
+        assert "timed out" not in log.split("answered question")[0]
         assert "Connection refused" in log
     finally:
         silent.close()
@@ -271,9 +268,8 @@ def test_question_whose_asker_dies_is_dropped(tmp_path: Path, client_keys: Path,
     try:
         agent.wait_log("Connection refused")
         p.send_signal(signal.SIGKILL)  # leaves its ask file behind; not reaped: a zombie
-        t0 = time.monotonic()
-        log = agent.wait_log("dropped question", timeout=5)
-        assert time.monotonic() - t0 < 2
+        # dropped for the asker's death (its NotAfter, 20 s away, is not what did it)
+        log = agent.wait_log("dropped question", timeout=15)
         assert f"asking process {p.pid} exited" in log
         assert agent.wait_exit(5) == 0  # nothing left it could answer
     finally:
@@ -310,10 +306,8 @@ def test_not_after(tmp_path: Path, client_keys: Path, server: Mandosd) -> None:
     with agent2, FakeAsker(ask_dir, "cryptsetup:/dev/soon",
                            not_after=monotonic_us() + 1_500_000):
         agent2.wait_log("Connection refused")
-        t0 = time.monotonic()
-        log = agent2.wait_log("dropped question", timeout=5)
+        log = agent2.wait_log("dropped question", timeout=15)
         assert "NotAfter has passed" in log
-        assert time.monotonic() - t0 < 3
 
 
 # --- questions it must leave alone, files it must survive ---------------------------------------------
@@ -426,36 +420,24 @@ def test_no_traceback_on_bad_keys(tmp_path: Path) -> None:
 
 
 def test_structured_journal_fields(tmp_path: Path, client_keys: Path, server: Mandosd) -> None:
-    """Under journald: one entry per outcome, with the question, server and timing as fields."""
-    journal = tmp_path / "journal.sock"
-    sink = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sink.bind(str(journal))
-    sink.settimeout(0.2)
+    """Under journald: one entry per outcome, with the question, server and timing as fields
+    (read back from a real journald with journalctl)."""
     ask_dir = tmp_path / "ask"
     ask_dir.mkdir()
-    agent = AgentProc(tmp_path, client_keys, [dead_address(), server.address], ask_dir=ask_dir,
-                      env={"MANDOS_JOURNAL_SOCKET": str(journal)})
-    agent.argv.remove("--debug")
-    agent.start(wait_ready=False)
-    data: list[bytes] = []
-    try:
-        with FakeAsker(ask_dir, "cryptsetup:/dev/journal") as asker:
-            deadline = time.monotonic() + 15
-            while not any(b"MANDOS_OUTCOME=answered" in d for d in data):
-                assert time.monotonic() < deadline, data
-                try:
-                    data.append(sink.recv(65536))
-                except TimeoutError:
-                    pass
-            assert asker.answer(5) == (b"+" + PASSWORD, 0)
-            with contextlib.suppress(TimeoutError):
-                while True:  # the rest (the refused server may report after the answer)
-                    data.append(sink.recv(65536))
-    finally:
-        agent.stop()
-        sink.close()
-    entries = [parse_journal_datagram(d) for d in data]
-    assert all(e["SYSLOG_IDENTIFIER"] == "mandos-password-agent" for e in entries)
+    with Journald(tmp_path / "journal") as journal:
+        agent = AgentProc(tmp_path, client_keys, [dead_address(), server.address],
+                          ask_dir=ask_dir, env=journal.env)
+        agent.argv.remove("--debug")
+        agent.start(wait_ready=False)
+        try:
+            with FakeAsker(ask_dir, "cryptsetup:/dev/journal") as asker:
+                assert asker.answer(15) == (b"+" + PASSWORD, 0)
+                journal.wait_entries("MANDOS_OUTCOME=answered")
+                journal.wait_entries("MANDOS_OUTCOME=server-failed")
+        finally:
+            agent.stop()
+        entries = journal.entries("SYSLOG_IDENTIFIER=mandos-password-agent")
+        raw = journal.export()
     answered = [e for e in entries if e.get("MANDOS_OUTCOME") == "answered"]
     assert len(answered) == 1
     e = answered[0]
@@ -468,6 +450,7 @@ def test_structured_journal_fields(tmp_path: Path, client_keys: Path, server: Ma
     failed = [e for e in entries if e.get("MANDOS_OUTCOME") == "server-failed"]
     assert failed and failed[0]["MANDOS_REASON"] == "Connection refused"
     assert_no_secret(repr(entries))
+    assert PASSWORD not in raw
 
 
 def test_unusable_openpgp_key_stops_the_agent(tmp_path: Path, client_keys: Path) -> None:

@@ -21,8 +21,7 @@ import pytest
 from password_agent.client import Server
 from password_agent.discovery import servers_from_addresses
 from tests.agentlib import AgentProc, FakeAsker
-from tests.conftest import PASSWORD
-from tests.helpers import Mandosd
+from tests.helpers import PASSWORD, Mandosd
 
 
 def test_addresses_to_servers() -> None:
@@ -71,7 +70,7 @@ def netns() -> Iterator[str]:
 
 
 ANNOUNCE = """
-import socket, sys, time
+import signal, socket, sys
 from zeroconf import IPVersion, ServiceInfo, Zeroconf
 port = int(sys.argv[1])
 zc = Zeroconf(interfaces=["127.0.0.1"], ip_version=IPVersion.V4Only)
@@ -80,7 +79,7 @@ info = ServiceInfo("_mandos._tcp.local.", "Mandos test._mandos._tcp.local.",
                    server="mandos-test.local.")
 zc.register_service(info)
 print("announced", flush=True)
-time.sleep(120)
+signal.pause()  # announce until killed
 """
 
 

@@ -157,17 +157,18 @@ def test_skip_reason() -> None:
 def test_pid_alive_and_zombies() -> None:
     assert pid_alive(os.getpid())
     p = subprocess.Popen([sys.executable, "-c", "pass"])
-    deadline = time.monotonic() + 10
-    # Not reaped yet: a zombie, which counts as gone.
-    while pid_alive(p.pid) and time.monotonic() < deadline:
-        time.sleep(0.01)
+    # wait for it to exit, without reaping it: a zombie, which counts as gone
+    os.waitid(os.P_PID, p.pid, os.WEXITED | os.WNOWAIT)
     assert not pid_alive(p.pid)
     p.wait()
     assert not pid_alive(p.pid)
 
 
 def test_monotonic_matches_clock() -> None:
-    assert abs(monotonic_us() - time.monotonic() * 1e6) < 1e5
+    before = time.monotonic_ns() // 1000
+    now = monotonic_us()
+    after = time.monotonic_ns() // 1000
+    assert before <= now <= after  # the same clock, whatever the machine's load
 
 
 def test_inotify_sees_rename_and_delete(tmp_path: Path) -> None:

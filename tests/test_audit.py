@@ -1,79 +1,71 @@
 """Audit through journald: one entry per decision, fixed MESSAGE_IDs, upper-case fields.
 
-Read back two ways: from journald's native protocol on a datagram socket the
-test owns (always), and from a real ``systemd-journald`` that the test starts
-in a private mount namespace, queried with ``journalctl MANDOS_CLIENT=…``.
-The secret appears in no entry.
+Read back with journalctl only, from a real ``systemd-journald`` that the test
+starts in a private mount namespace (``journalctl MANDOS_CLIENT=…``): never
+with a parser of our own, which would only mirror the encoder.  The raw
+datagrams on a socket the test owns are searched for the secret, byte for
+byte.  Which MESSAGE_IDs exist is derived from the code: every audit or event
+call that reports an outcome is found in the source, and each must carry an id
+that the catalog explains.
 """
 
 from __future__ import annotations
 
-import base64
+import ast
 import json
 import os
 import shutil
 import socket
 import subprocess
-import sys
 import threading
-import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from mandosd.audit import Kind
-from tests.conftest import PASSWORD
-from tests.helpers import ROOT, Mandosd, fetch, have, make_keys, parse_journal_datagram, tool
-
-JOURNALD = "/lib/systemd/systemd-journald"
-
-
-def wait_port(srv: Mandosd, limit: float = 15) -> None:
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        assert srv.proc is not None and srv.proc.poll() is None, srv.log()
-        try:
-            socket.create_connection(("127.0.0.1", srv.port), 0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise AssertionError("mandosd did not listen")
+from tests.helpers import (
+    PASSWORD,
+    ROOT,
+    Journald,
+    Mandosd,
+    ctl,
+    fetch,
+    have,
+    make_keys,
+    secret_forms,
+    wait_for,
+)
 
 
-def start(srv: Mandosd, journal: str) -> None:
+def start(srv: Mandosd, journal: str, started: Callable[[], bool]) -> None:
     env = {**os.environ, "MANDOS_JOURNAL_SOCKET": journal}
     env.pop("NOTIFY_SOCKET", None)
     srv.proc = subprocess.Popen(srv.argv(), stdout=srv.logfile.open("ab"),
                                 stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-    wait_port(srv)
+    proc = srv.proc
+
+    def up() -> bool:
+        assert proc.poll() is None, srv.log()
+        return started()
+
+    wait_for(up, 30, "mandosd's server-started entry")
 
 
-def ctl(srv: Mandosd, journal: str, *args: str) -> subprocess.CompletedProcess[bytes]:
-    env = {**os.environ, "MANDOS_JOURNAL_SOCKET": journal, "SUDO_USER": "alice"}
-    return subprocess.run([tool("mandos-ctl"), "--configdir", str(srv.configdir),
-                           "--statedir", str(srv.statedir), *args], env=env,
-                          capture_output=True, timeout=60)
-
-
-def secret_forms(section: str) -> list[bytes]:
-    b64 = "".join(section.split("secret =")[1].split("checker")[0].split())
-    return [PASSWORD, b64[:40].encode(), base64.b64encode(PASSWORD),
-            base64.b64decode(b64)[:24]]
-
-
-def scenario(tmp_path: Path, client_keys: Path, client_section: str, journal: str) -> None:
+def scenario(tmp_path: Path, client_keys: Path, client_section: str, journal: str,
+             started: Callable[[], bool]) -> None:
     """Secret sent, unknown key refused, admin disable, refused disabled, enable, checker."""
     srv = Mandosd(tmp_path / "srv", sections=[client_section])
-    start(srv, journal)
+    env = {"MANDOS_JOURNAL_SOCKET": journal, "SUDO_USER": "alice"}
+    start(srv, journal, started)
     try:
         assert fetch(client_keys, srv.address).stdout == PASSWORD
         other = make_keys(tmp_path / "other", "stranger")
         assert fetch(other, srv.address).stdout == b""
-        assert ctl(srv, journal, "--disable", "client1").returncode == 0
+        assert ctl(srv, "--disable", "client1", env=env).returncode == 0
         assert fetch(client_keys, srv.address).stdout == b""
-        assert ctl(srv, journal, "--enable", "client1").returncode == 0
-        assert ctl(srv, journal, "-c", "false", "--start-checker", "client1").returncode == 0
+        assert ctl(srv, "--enable", "client1", env=env).returncode == 0
+        assert ctl(srv, "-c", "false", "--start-checker", "client1", env=env).returncode == 0
     finally:
         srv.stop()
 
@@ -98,13 +90,24 @@ def check_entries(entries: list[dict[str, str]], section: str) -> None:
     assert admin["MANDOS_ADMIN"] == "alice" and admin["MANDOS_CLIENT"] == "client1"
     failed = by_outcome[Kind.CHECKER_FAILED.outcome][0]
     assert failed["MANDOS_CHECKER_STATUS"] == "1" and failed["MANDOS_COMMAND"] == "false"
+    # what the programs actually emitted: every outcome has an id the catalog explains
+    explained = catalog_ids()
+    for e in entries:
+        if "MANDOS_OUTCOME" in e:
+            assert e.get("MESSAGE_ID") in explained, f"no catalog entry for {e}"
     blob = json.dumps(entries).encode()
     for form in secret_forms(section):
         assert form not in blob
 
 
-def test_native_protocol_on_a_test_socket(tmp_path: Path, client_keys: Path,
-                                          client_section: str) -> None:
+def catalog_ids() -> set[str]:
+    text = (ROOT / "units" / "mandosd.catalog").read_text()
+    return {line[3:].strip() for line in text.splitlines() if line.startswith("-- ")}
+
+
+def test_no_secret_on_the_journal_socket(tmp_path: Path, client_keys: Path,
+                                         client_section: str) -> None:
+    """The datagrams as sent, searched byte for byte (no parsing): the secret is in none."""
     path = str(tmp_path / "journal.sock")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(path)
@@ -119,26 +122,78 @@ def test_native_protocol_on_a_test_socket(tmp_path: Path, client_keys: Path,
             except TimeoutError:
                 pass
 
+    def seen(needle: bytes) -> Callable[[], bool]:
+        return lambda: any(needle in d for d in list(raw))
+
     t = threading.Thread(target=reader)
     t.start()
     try:
-        scenario(tmp_path, client_keys, client_section, path)
-        time.sleep(0.3)
+        scenario(tmp_path, client_keys, client_section, path,
+                 seen(b"MANDOS_OUTCOME=server-started"))
+        wait_for(seen(b"MANDOS_OUTCOME=checker-failed"), 15, "the checker's entry")
     finally:
         done.set()
         t.join()
         sock.close()
+    assert raw
     for form in secret_forms(client_section):
         assert not any(form in d for d in raw)
-    entries = [parse_journal_datagram(d) for d in raw]
-    assert all(k == k.upper() for e in entries for k in e)
-    check_entries(entries, client_section)
 
 
-def test_catalog_covers_every_message_id(tmp_path: Path) -> None:
-    text = (ROOT / "units" / "mandosd.catalog").read_text()
-    ids = {line[3:].strip() for line in text.splitlines() if line.startswith("-- ")}
-    assert ids == {k.value for k in Kind}
+# -- which MESSAGE_IDs exist: derived from the code, not from the enum ---------------------
+
+def _keywords(call: ast.Call) -> dict[str, ast.expr]:
+    return {k.arg: k.value for k in call.keywords if k.arg}
+
+
+def outcome_calls(package: str) -> list[tuple[str, str | None]]:
+    """Every ``audit(...)``/``event(...)`` call in *package* that reports an outcome, as
+    (file:line, the MESSAGE_ID it carries or None)."""
+    found: list[tuple[str, str | None]] = []
+    for path in sorted((ROOT / package).rglob("*.py")):
+        if path.name == "audit.py":  # audit() itself, the one funnel to event()
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Call):
+                continue
+            name = getattr(node.func, "id", getattr(node.func, "attr", None))
+            where = f"{path.relative_to(ROOT)}:{node.lineno}"
+            kw = _keywords(node)
+            kinds = [a for a in node.args if isinstance(a, ast.Attribute)
+                     and getattr(a.value, "id", "") == "Kind"]
+            if kinds:  # audit(Kind.X, ...) or a wrapper such as ctl's _audit(Kind.X, ...)
+                found.append((where, Kind[kinds[0].attr].value))
+            elif name == "audit":  # a Kind computed at run time (a policy verdict): typed
+                found.append((where, "computed"))
+            elif name == "event" and "MANDOS_OUTCOME" in kw:
+                mid = kw.get("MESSAGE_ID")
+                found.append((where, ast.unparse(mid) if mid is not None else None))
+    return found
+
+
+def test_every_server_outcome_has_a_catalogued_message_id() -> None:
+    calls = outcome_calls("mandosd")
+    assert len(calls) > 20, calls  # the scan found the audit calls at all
+    missing = [where for where, mid in calls if mid is None]
+    assert not missing, f"outcomes logged without a MESSAGE_ID (use audit()): {missing}"
+    explained = catalog_ids()
+    unexplained = [(w, m) for w, m in calls if m not in explained and m != "computed"]
+    assert not unexplained, f"MESSAGE_IDs the catalog does not explain: {unexplained}"
+    used = {m for _, m in calls}
+    # the verdicts a policy decision computes are the refusal kinds
+    used |= {k.value for k in Kind if k.name.startswith("REFUSED_")}
+    assert explained <= used, f"catalog entries no code emits: {explained - used}"
+
+
+def test_admin_guide_lists_every_message_id() -> None:
+    text = (ROOT / "docs" / "admin.md").read_text()
+    rows = {ln.split("|")[1].split()[0]: ln.split("|")[2].strip()
+            for ln in text.splitlines() if ln.startswith("| ") and ln.count("|") == 3}
+    for kind in Kind:
+        assert rows.get(kind.outcome) == kind.value, f"docs/admin.md: no row for {kind.outcome}"
+
+
+def test_catalog_loads_into_journalctl(tmp_path: Path) -> None:
     if not have("journalctl"):
         pytest.skip("journalctl not installed")
     cat = tmp_path / "usr/lib/systemd/catalog"
@@ -147,66 +202,34 @@ def test_catalog_covers_every_message_id(tmp_path: Path) -> None:
     subprocess.run(["journalctl", f"--root={tmp_path}", "--update-catalog"], check=True)
     listed = subprocess.run(["journalctl", f"--root={tmp_path}", "--list-catalog"],
                             check=True, capture_output=True, text=True).stdout
-    assert all(k.value in listed for k in Kind)
+    assert all(i in listed for i in catalog_ids())
 
 
-@pytest.fixture()
-def real_journald(tmp_path: Path) -> Iterator[tuple[str, Path]]:
-    """systemd-journald in a private mount namespace; its socket and files bound to tmp."""
-    if os.geteuid() != 0 or not Path(JOURNALD).exists() or not have("unshare"):
-        pytest.skip("needs root, unshare and systemd-journald")
-    run_systemd, run_log, var_log = (tmp_path / d for d in ("run-systemd", "run-log", "var"))
-    for d in (run_systemd / "journal", run_log, var_log):
-        d.mkdir(parents=True)
-    script = (f"mount --bind {run_systemd} /run/systemd && "
-              f"mount --bind {run_log} /run/log && "
-              f"mount --bind {var_log} /var/log && exec {JOURNALD}")
-    proc = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c",
-                             script], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    sock = run_systemd / "journal" / "socket"
-    deadline = time.monotonic() + 10
-    while not sock.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            err = proc.stderr.read().decode() if proc.stderr else ""
-            pytest.skip(f"systemd-journald did not start here: {err.strip()[:200]}")
-        time.sleep(0.05)
-    try:
-        yield str(sock), run_log / "journal"
-    finally:
-        proc.terminate()
-        proc.wait(10)
-
-
-def journalctl(directory: Path, *match: str) -> list[dict[str, str]]:
-    p = subprocess.run(["journalctl", "--directory", str(directory), "--no-pager", "-o",
-                        "json", *match], capture_output=True, text=True, check=True)
-    return [json.loads(line) for line in p.stdout.splitlines() if line.strip()]
-
+# -- a real journald ------------------------------------------------------------------------
 
 def test_real_journald_and_journalctl_queries(tmp_path: Path, client_keys: Path,
-                                              client_section: str,
-                                              real_journald: tuple[str, Path]) -> None:
-    sock, directory = real_journald
-    scenario(tmp_path, client_keys, client_section, sock)
-    subprocess.run(["sleep", "0.3"])  # journald writes asynchronously
-    entries = journalctl(directory, "SYSLOG_IDENTIFIER=mandosd", "+",
-                         "SYSLOG_IDENTIFIER=mandos-ctl")
-    check_entries(entries, client_section)
-    # the security officer's queries
-    sent = journalctl(directory, f"MESSAGE_ID={Kind.SECRET_SENT.value}")
-    assert [e["MANDOS_CLIENT"] for e in sent] == ["client1"]
-    for_client = journalctl(directory, "MANDOS_CLIENT=client1")
-    outcomes = {e["MANDOS_OUTCOME"] for e in for_client}
-    assert {"secret-sent", "admin-disabled", "refused-disabled", "admin-enabled"} <= outcomes
-    refusals = [e for e in for_client if e["MANDOS_OUTCOME"].startswith("refused-")]
-    assert [e["MANDOS_OUTCOME"] for e in refusals] == ["refused-disabled"]
-    admin = journalctl(directory, "MANDOS_ADMIN=alice")
-    assert {e["MANDOS_OUTCOME"] for e in admin} >= {"admin-disabled", "admin-enabled",
-                                                     "admin-changed"}
-    assert all(e["SYSLOG_IDENTIFIER"] == "mandos-ctl" for e in admin)
-    raw = subprocess.run(["journalctl", "--directory", str(directory), "-o", "export"],
-                         capture_output=True, check=True).stdout
-    for form in secret_forms(client_section):
-        assert form not in raw
-    assert sys.executable  # the venv python ran mandosd
+                                              client_section: str) -> None:
+    with Journald(tmp_path / "journal") as journal:
+        scenario(tmp_path, client_keys, client_section, str(journal.socket),
+                 lambda: bool(journal.entries(f"MESSAGE_ID={Kind.SERVER_STARTED.value}")))
+        journal.wait_entries(f"MESSAGE_ID={Kind.CHECKER_FAILED.value}")
+        entries = journal.entries("SYSLOG_IDENTIFIER=mandosd", "+",
+                                  "SYSLOG_IDENTIFIER=mandos-ctl")
+        check_entries(entries, client_section)
+        # the security officer's queries
+        sent = journal.entries(f"MESSAGE_ID={Kind.SECRET_SENT.value}")
+        assert [e["MANDOS_CLIENT"] for e in sent] == ["client1"]
+        for_client = journal.entries("MANDOS_CLIENT=client1")
+        outcomes = {e["MANDOS_OUTCOME"] for e in for_client}
+        assert {"secret-sent", "admin-disabled", "refused-disabled", "admin-enabled"} <= outcomes
+        refusals = [e for e in for_client if e["MANDOS_OUTCOME"].startswith("refused-")]
+        assert [e["MANDOS_OUTCOME"] for e in refusals] == ["refused-disabled"]
+        admin = journal.entries("MANDOS_ADMIN=alice")
+        assert {e["MANDOS_OUTCOME"] for e in admin} >= {"admin-disabled", "admin-enabled",
+                                                         "admin-changed"}
+        assert all(e["SYSLOG_IDENTIFIER"] == "mandos-ctl" for e in admin)
+        # lower-case field names would be dropped by journald: the ones we send arrived
+        assert all(k == k.upper() for e in entries for k in e)
+        raw = journal.export()
+        for form in secret_forms(client_section):
+            assert form not in raw

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import os
 import shutil
 import socket
@@ -17,21 +16,23 @@ import pytest
 from mandos_core.keyfiles import KeyFiles
 from mandosd.state import SQLiteStore
 from password_agent.client import parse_server
-from tests.conftest import PASSWORD
-from tests.helpers import Mandosd, enroll, fetch, free_port, have, make_keys
+from tests.helpers import (
+    PASSWORD,
+    Mandosd,
+    enroll,
+    fetch,
+    free_port,
+    have,
+    make_keys,
+    raw_fetch,
+    secret_forms,
+)
 from tests.tlspeers import exchange
-
-
-def secret_forms(section: str) -> list[str]:
-    """The secret's plaintext and every form of it that could leak into a log."""
-    b64 = "".join(line.strip() for line in section.split("secret =")[1].split("checker")[0]
-                  .splitlines())
-    return [PASSWORD.decode(), b64[:40], base64.b64encode(PASSWORD).decode()]
 
 
 def assert_no_secret(text: str, section: str) -> None:
     for form in secret_forms(section):
-        assert form not in text
+        assert form.decode(errors="replace") not in text
 
 
 def test_round_trip_ipv4(mandosd: Mandosd, client_keys: Path, client_section: str) -> None:
@@ -131,13 +132,6 @@ def test_keygen_refuses_to_overwrite(tmp_path: Path) -> None:
 
 
 # -- refusals: zero bytes on the wire, the reason in the audit log --------------------------
-
-def raw_fetch(keydir: Path, address: str) -> bytes:
-    """Do the client side by hand and return exactly the bytes the server sent."""
-    r = exchange(keydir, address)
-    assert r.error is None, r.error
-    return r.data
-
 
 def test_refused_unknown_key(mandosd: Mandosd, tmp_path: Path, client_section: str) -> None:
     other = make_keys(tmp_path / "other", "stranger")

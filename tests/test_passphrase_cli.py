@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from luks_passphrase.volumes import find, list_volumes, parse_crypttab, parse_dmsetup_table
-from tests.test_passphrase_helpers import (
+from tests.lukslib import (
     BACKUP0,
     USER0,
     EscrowKeys,
@@ -185,7 +185,7 @@ def test_interactive_on_a_terminal(tmp_path: Path) -> None:
     import pty
     import sys
 
-    from tests.test_passphrase_helpers import ROOT
+    from tests.lukslib import ROOT
 
     a, b, crypttab = _two_volumes(tmp_path)
     pid, fd = pty.fork()

@@ -32,8 +32,8 @@ from mandosd import escrow_cli
 from mandosd.config import Client
 from mandosd.escrow import EscrowStore, handle_escrow
 from mandosd.state import ClientState
-from tests.test_passphrase_flows import setup_volume
-from tests.test_passphrase_helpers import (
+from tests.helpers import PASSWORD, Mandosd, fetch, free_port
+from tests.lukslib import (
     BACKUP0,
     USER0,
     EscrowKeys,
@@ -44,6 +44,7 @@ from tests.test_passphrase_helpers import (
     make_image,
     nss_db,
     opens,
+    setup_volume,
 )
 
 USER1 = b"user passphrase one!"
@@ -355,8 +356,6 @@ def test_sync_server_unreachable(tmp_path: Path, keys: EscrowKeys) -> None:
     image, store = setup_volume(tmp_path / "m", "luks2", keys)
     Tool(store, certificate=keys.cert_pem).change(str(image), Secret(BACKUP0),
                                                   lambda: Secret(USER1))
-    from tests.helpers import free_port
-
     proc = cli("--state-dir", str(store.dir), "sync", "--server", f"127.0.0.1:{free_port()}",
                "--keydir", str(machine_keys(tmp_path / "keys")))
     assert proc.returncode == 1 and b"refused" in proc.stderr.lower()
@@ -423,12 +422,27 @@ def test_attack_fake_escrow_server_with_another_identity(
     assert escrow_server.store.list() == []  # nothing was even sent
 
 
+def test_hostile_frame_is_bounded_by_mandosd(mandosd: Mandosd, client_keys: Path) -> None:
+    """A known machine sends an oversized escrow frame to the real mandosd: the session
+    ends, nothing is stored, the audit log names it, and the server keeps serving."""
+    import struct
+
+    from tests.tlspeers import exchange
+
+    r = exchange(client_keys, mandosd.address, line=b"escrow 1\r\n",
+                 send_after=struct.pack(">I", 10**9))  # a frame "of 1 GB"
+    assert r.data == b""  # closed on us, nothing answered
+    log = mandosd.wait_log("MANDOS_REASON=escrow-protocol")
+    line = next(ln for ln in log.splitlines() if "MANDOS_REASON=escrow-protocol" in ln)
+    assert "MANDOS_CLIENT=client1" in line, line
+    assert EscrowStore(mandosd.statedir, durable=False).list() == []
+    assert fetch(client_keys, mandosd.address).stdout == PASSWORD
+    assert mandosd.proc is not None and mandosd.proc.poll() is None
+
+
 def test_sync_with_the_real_mandosd(tmp_path: Path, keys: EscrowKeys, mandosd: object,
                                     client_keys: Path) -> None:
     """End to end: `luks-passphrase sync` to a running mandosd (client1 enrolled)."""
-    from tests.helpers import Mandosd
-
-    assert isinstance(mandosd, Mandosd)
     image, store = setup_volume(tmp_path / "m", "luks2", keys)
     uuid = luks_uuid(image)
     Tool(store, certificate=keys.cert_pem).change(str(image), Secret(BACKUP0),
@@ -457,10 +471,7 @@ def test_sync_with_the_real_mandosd(tmp_path: Path, keys: EscrowKeys, mandosd: o
 
 
 def test_sync_unknown_machine_is_refused_by_mandosd(tmp_path: Path, keys: EscrowKeys,
-                                                    mandosd: object) -> None:
-    from tests.helpers import Mandosd
-
-    assert isinstance(mandosd, Mandosd)
+                                                    mandosd: Mandosd) -> None:
     image, store = setup_volume(tmp_path / "m", "luks1", keys)
     Tool(store, certificate=keys.cert_pem).change(str(image), Secret(BACKUP0),
                                                   lambda: Secret(USER1))

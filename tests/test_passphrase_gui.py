@@ -7,7 +7,6 @@ import os
 import shutil
 import struct
 import subprocess
-import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +16,8 @@ import pytest
 from luks_passphrase.flows import Tool
 from luks_passphrase.state import StateStore
 from luks_passphrase.volumes import list_volumes
-from tests.test_passphrase_helpers import USER0, make_escrow_keys, make_image, opens
+from tests.helpers import wait_for
+from tests.lukslib import USER0, make_escrow_keys, make_image, opens
 
 NEW = "gui new passphrase"
 SCREENSHOT = Path(os.environ.get("LUKS_PASSPHRASE_SCREENSHOT", "/tmp/luks-passphrase-gui.png"))
@@ -36,9 +36,13 @@ def display() -> Iterator[str]:
     proc = subprocess.Popen(["Xvfb", f":{num}", "-screen", "0", "640x480x24", "-nolisten", "tcp"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     sock = Path(f"/tmp/.X11-unix/X{num}")
-    deadline = time.monotonic() + 10
-    while not sock.exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
+
+    def up() -> bool:
+        if proc.poll() is not None:
+            pytest.fail(f"Xvfb :{num} exited with {proc.returncode}")
+        return sock.exists()
+
+    wait_for(up, 30, "Xvfb's socket")
     old = os.environ.get("DISPLAY")
     os.environ["DISPLAY"] = f":{num}"
     try:
@@ -95,14 +99,12 @@ def _type(app_root: object, entry: object, text: str) -> None:
     app_root.update()  # type: ignore[attr-defined]
 
 
-def _wait(root: object, app: object, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+def _wait(root: object, app: object, timeout: float = 60) -> None:
+    def finished() -> bool:
         root.update()  # type: ignore[attr-defined]
-        if not app.busy and app.result.cget("text"):  # type: ignore[attr-defined]
-            return
-        time.sleep(0.02)
-    raise AssertionError("the GUI did not finish")
+        return not app.busy and bool(app.result.cget("text"))  # type: ignore[attr-defined]
+
+    wait_for(finished, timeout, "the GUI to finish")
 
 
 def test_gui_change_under_xvfb(tmp_path: Path, display: str) -> None:
@@ -143,8 +145,7 @@ def test_gui_change_under_xvfb(tmp_path: Path, display: str) -> None:
             assert w.winfo_ismapped()
         assert app.current.get() == "" and app.new.get() == ""  # the fields were cleared
         root.update()
-        time.sleep(0.2)
-        root.update()
+        root.winfo_pointerxy()  # a round trip: the X server has drawn everything sent before
         xwd = subprocess.run(["xwd", "-root", "-silent", "-display", display], check=True,
                              capture_output=True).stdout
         width, height, png, colours = xwd_to_png(xwd)
@@ -169,7 +170,7 @@ def test_pkexec_backend_hands_passphrases_on_stdin(tmp_path: Path) -> None:
 
     from luks_passphrase.gui import PkexecBackend
     from mandos_core.secret import Secret
-    from tests.test_passphrase_helpers import ROOT
+    from tests.lukslib import ROOT
 
     bindir = tmp_path / "bin"
     bindir.mkdir()

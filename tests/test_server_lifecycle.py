@@ -6,13 +6,11 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import PASSWORD
-from tests.helpers import ROOT, Mandosd, fetch, free_port, have
+from tests.helpers import PASSWORD, ROOT, Mandosd, fetch, free_port, have, listening, wait_for
 
 
 def test_notifies_ready_with_status(tmp_path: Path, client_section: str) -> None:
@@ -48,14 +46,13 @@ def test_idle_exit_under_socket_activation(tmp_path: Path, client_keys: Path,
     argv = ["systemd-socket-activate", "-l", f"127.0.0.1:{port}", *inner]
     log = srv.logfile.open("wb")
     proc = subprocess.Popen(argv, stdout=log, stderr=log)
-    time.sleep(0.3)
+    # systemd-socket-activate binds, then execs mandosd on the first connection
+    wait_for(lambda: listening(port), 15, "systemd-socket-activate to listen")
     try:
         r = fetch(client_keys, f"127.0.0.1:{port}")
         assert r.stdout == PASSWORD, (r.stderr, srv.log())
-        deadline = time.monotonic() + 15
-        while proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert proc.returncode == 0, srv.log()  # mandosd exec'ed in place, then exited idle
+        # mandosd exec'ed in place, then exited when idle
+        assert proc.wait(30) == 0, srv.log()
         assert "idle for" in srv.log()
     finally:
         if proc.poll() is None:

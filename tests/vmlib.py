@@ -456,7 +456,9 @@ def relay(host: str, port: int) -> int:
                         try:
                             n = os.write(stdout, view)
                         except BlockingIOError:
-                            time.sleep(0.001)
+                            with selectors.DefaultSelector() as w:  # until it takes more
+                                w.register(stdout, selectors.EVENT_WRITE)
+                                w.select(5)
                             continue
                         view = view[n:]
                 else:
