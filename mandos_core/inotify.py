@@ -14,6 +14,7 @@ import os
 import struct
 from dataclasses import dataclass
 
+IN_MODIFY = 0x00000002
 IN_CLOSE_WRITE = 0x00000008
 IN_MOVED_FROM = 0x00000040
 IN_MOVED_TO = 0x00000080

@@ -15,11 +15,12 @@ import signal
 import socket
 import subprocess
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from tests.helpers import WaitTimeout, listening, wait_for
 
 MANDOS_SERVER = "/usr/sbin/mandos"
 MANDOS_KEYGEN = "/usr/sbin/mandos-keygen"
@@ -79,9 +80,7 @@ def debian_client_refused(keydir: Path, address: str, until: Callable[[], bool],
     p = subprocess.Popen(debian_client_argv(keydir, address), stdout=subprocess.PIPE,
                          stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + timeout
-        while not until() and time.monotonic() < deadline and p.poll() is None:
-            time.sleep(0.05)
+        wait_for(lambda: until() or p.poll() is not None, timeout, "the refusal")
     finally:
         if p.poll() is None:
             p.terminate()
@@ -112,14 +111,12 @@ class DebianMandos:
 
 
 def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 30) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            with socket.create_connection(("::1", port), timeout=0.5):
-                return True
-        except OSError:
-            time.sleep(0.05)
-    return False
+    """Mandos listens (read from /proc/net/tcp6: no probe connection is made)."""
+    try:
+        wait_for(lambda: listening(port) or proc.poll() is not None, timeout, "Mandos to listen")
+    except WaitTimeout:
+        return False
+    return proc.poll() is None
 
 
 @contextmanager
@@ -140,11 +137,10 @@ def debian_mandos(clients_conf: str) -> Iterator[DebianMandos]:
                              "--nofork", "--nopidfile"], stdout=subprocess.DEVNULL)
     srv = None
     try:
-        deadline = time.monotonic() + 10
-        while not bus.exists() and time.monotonic() < deadline:
-            time.sleep(0.02)
-        if not bus.exists():
-            raise RuntimeError("the private dbus-daemon did not start")
+        try:
+            wait_for(bus.exists, 10, "the private dbus-daemon's socket")
+        except WaitTimeout:
+            raise RuntimeError("the private dbus-daemon did not start") from None
         with socket.socket(socket.AF_INET6) as s:
             s.bind(("::1", 0))
             port = s.getsockname()[1]

@@ -201,9 +201,10 @@ def fetch(keydir: Path, *servers: str, timeout: float = 5,
 
 
 def ctl(srv: Mandosd, *args: str, input: bytes | None = None, env: dict[str, str] | None = None,
-        check: bool = False) -> subprocess.CompletedProcess[str]:
-    """``mandos-ctl`` on *srv*'s config and state (output decoded; *input* on stdin)."""
-    argv = [tool("mandos-ctl"), "--configdir", str(srv.configdir), "--statedir",
+        check: bool = False, configdir: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """``mandos-ctl`` on *srv*'s config (or *configdir*) and state (output decoded; *input*
+    on stdin)."""
+    argv = [tool("mandos-ctl"), "--configdir", str(configdir or srv.configdir), "--statedir",
             str(srv.statedir), *args]
     p = subprocess.run(argv, capture_output=True, input=input, timeout=60,
                        env={**os.environ, **(env or {})})

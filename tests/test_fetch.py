@@ -23,9 +23,11 @@ from tests.helpers import (
     fetch,
     free_port,
     have,
+    listening,
     make_keys,
     raw_fetch,
     secret_forms,
+    wait_for,
 )
 from tests.tlspeers import exchange
 
@@ -72,7 +74,8 @@ def test_socket_activation_ipv4_and_ipv6(tmp_path: Path, client_keys: Path,
     log = srv.logfile.open("wb")
     proc = subprocess.Popen(argv, stdout=log, stderr=log)
     try:
-        time.sleep(0.3)  # systemd-socket-activate binds, then execs on the first connection
+        # systemd-socket-activate binds, then execs on the first connection
+        wait_for(lambda: listening(p4) and listening(p6), 10, "the activation sockets")
         for addr in (f"127.0.0.1:{p4}", f"[::1]:{p6}"):
             r = fetch(client_keys, addr)
             assert r.returncode == 0 and r.stdout == PASSWORD, (r.stderr, srv.log())
@@ -158,10 +161,8 @@ def test_refused_disabled_and_expired(tmp_path: Path, client_keys: Path, client_
         assert p.returncode == 1 and p.stdout == b""
         # a passed deadline: the request or the standalone checker pass disables it first
         alike = {"refused-timed-out": ("refused-timed-out", "refused-disabled")}
-        deadline = time.monotonic() + 5
-        while not any(f"MANDOS_OUTCOME={o}" in srv.log() for o in alike.get(outcome, (outcome,))):
-            assert time.monotonic() < deadline, srv.log()
-            time.sleep(0.05)
+        wait_for(lambda: any(f"MANDOS_OUTCOME={o}" in srv.log()
+                             for o in alike.get(outcome, (outcome,))), 10, outcome)
         assert_no_secret(srv.log(), client_section)
         state = store.get("client1")
         assert state is not None and not state.enabled  # a passed deadline disables
@@ -191,7 +192,7 @@ def hostile(address: str, payload: bytes, *, hold: float = 0) -> bytes:
     with socket.create_connection((srv.host, srv.port), timeout=5) as s:
         if payload:
             s.sendall(payload)
-        time.sleep(hold)
+        time.sleep(hold)  # not a wait: the peer holds its half-sent line this long
         s.settimeout(5)
         try:
             return s.recv(4096)
@@ -217,10 +218,7 @@ def test_hostile_peers_dropped(tmp_path: Path, client_keys: Path, client_section
         got = hostile(srv.address, payload)
         # the server never answers anything but TLS; at most a TLS ClientHello
         assert got == b"" or got[:1] == b"\x16"
-        deadline = time.monotonic() + 5
-        while f"MANDOS_REASON={reason}" not in srv.log() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert f"MANDOS_REASON={reason}" in srv.log()
+        srv.wait_log(f"MANDOS_REASON={reason}")
         assert fetch(client_keys, srv.address).stdout == PASSWORD
 
 
@@ -231,10 +229,7 @@ def test_garbage_instead_of_tls(tmp_path: Path, client_keys: Path, client_sectio
         assert s.recv(5)[:1] == b"\x16"  # the server's ClientHello
         s.sendall(os.urandom(2000))
         s.close()
-        deadline = time.monotonic() + 5
-        while "MANDOS_REASON=tls-handshake" not in srv.log() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert "MANDOS_REASON=tls-handshake" in srv.log()
+        srv.wait_log("MANDOS_REASON=tls-handshake")
         assert fetch(client_keys, srv.address).stdout == PASSWORD
 
 
@@ -244,15 +239,8 @@ def test_tls12_peer_refused(tmp_path: Path, client_keys: Path, client_section: s
         r = exchange(client_keys, srv.address,
                      priority="SECURE128:+CTYPE-RAWPK:!CTYPE-X.509:-VERS-ALL:+VERS-TLS1.2")
         assert r.data == b"" and r.error is not None
-        wait_for_log(srv, "MANDOS_REASON=tls-handshake")
+        srv.wait_log("MANDOS_REASON=tls-handshake")
         assert "sent secret" not in srv.log()
-
-
-def wait_for_log(srv: Mandosd, text: str, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while text not in srv.log() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert text in srv.log()
 
 
 def test_stalling_peers_do_not_block_others(tmp_path: Path, client_keys: Path,
@@ -287,7 +275,7 @@ def test_slow_loris_dropped_after_timeout(tmp_path: Path, client_section: str) -
                     s.send(bytes([b]))
                 except OSError:
                     return
-                time.sleep(0.8)
+                time.sleep(0.8)  # not a wait: a slow-loris peer's pace
 
         t = threading.Thread(target=dribble)
         t.start()

@@ -44,8 +44,7 @@ from tests.agentlib import (
     remove_questions,
     unique_prefix,
 )
-from tests.conftest import PASSWORD
-from tests.helpers import ROOT, Mandosd, fetch, make_keys, tool
+from tests.helpers import PASSWORD, ROOT, Mandosd, fetch, make_keys, tool, wait_for
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0,
                                 reason="systemd's askers only accept answers from root")
@@ -415,7 +414,7 @@ def max_threads_until(pid: int, done: Callable[[], bool], timeout: float = 60) -
         assert time.monotonic() < deadline, "not done in time"
         with contextlib.suppress(FileNotFoundError):
             most = max(most, len(os.listdir(f"/proc/{pid}/task")))
-        time.sleep(0.002)
+        time.sleep(0.002)  # sampling: the thread count between samples is what is measured
     return most
 
 
@@ -513,10 +512,7 @@ def core_limit(pid: int) -> str:
 
 
 def wait_until(cond: Callable[[], bool], what: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"{what}: not after {timeout} s"
-        time.sleep(0.01)
+    wait_for(cond, timeout, what, interval=0.01)
 
 
 def as_nobody(argv: list[str]) -> list[str]:

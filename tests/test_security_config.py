@@ -27,17 +27,7 @@ from mandosd import added, merge
 from mandosd.audit import Kind
 from mandosd.config import Client
 from mandosd.state import ClientState, SQLiteStore
-from tests.conftest import PASSWORD
-from tests.helpers import Mandosd, enroll, fetch, make_keys, tool
-
-
-def ctl(srv: Mandosd, *args: str, input: bytes | None = None,
-        configdir: Path | None = None) -> subprocess.CompletedProcess[str]:
-    argv = [tool("mandos-ctl"), "--configdir", str(configdir or srv.configdir),
-            "--statedir", str(srv.statedir), *args]
-    p = subprocess.run(argv, capture_output=True, input=input, timeout=60)
-    return subprocess.CompletedProcess(argv, p.returncode, p.stdout.decode(),
-                                       p.stderr.decode())
+from tests.helpers import PASSWORD, Mandosd, ctl, enroll, fetch, make_keys
 
 
 def rows(srv: Mandosd) -> list[tuple[object, ...]]:

@@ -14,13 +14,11 @@ import resource
 import socket
 import subprocess
 import threading
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import PASSWORD
-from tests.helpers import Mandosd, fetch, tool
+from tests.helpers import PASSWORD, Mandosd, fetch, tool, wait_for
 
 
 def _limit_nofile(soft: int, hard: int):  # type: ignore[no-untyped-def]
@@ -33,10 +31,9 @@ def start_limited(srv: Mandosd, soft: int, hard: int) -> Mandosd:
     log = srv.logfile.open("ab")
     srv.proc = subprocess.Popen(srv.argv(), stdout=log, stderr=log, cwd=srv.configdir,
                                 preexec_fn=_limit_nofile(soft, hard))
-    deadline = time.monotonic() + 20
-    while "MANDOS_OUTCOME=server-started" not in srv.log():
-        assert srv.proc.poll() is None and time.monotonic() < deadline, srv.log()
-        time.sleep(0.02)
+    wait_for(lambda: "MANDOS_OUTCOME=server-started" in srv.log() or srv.proc.poll() is not None,
+             20, "mandosd to start")
+    assert srv.proc.poll() is None, srv.log()
     return srv
 
 
@@ -84,10 +81,7 @@ def test_waiting_approval_is_woken_by_the_change_not_by_polling(
         t = threading.Thread(target=lambda: out.update(
             got=fetch(client_keys, srv.address, timeout=60).stdout))
         t.start()
-        deadline = time.monotonic() + 20
-        while "waits for approval" not in srv.log():
-            assert time.monotonic() < deadline, srv.log()
-            time.sleep(0.02)
+        srv.wait_log("waits for approval")
         p = subprocess.run([tool("mandos-ctl"), "--configdir", str(srv.configdir),
                             "--statedir", str(srv.statedir), "--approve", "client1"],
                            capture_output=True, text=True, timeout=60)

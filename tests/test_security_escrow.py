@@ -37,8 +37,7 @@ from mandosd.config import Client
 from mandosd.escrow import EscrowStore
 from mandosd.escrow_policy import EscrowVerdict, Kept, Upload, Usage, escrow_decision
 from mandosd.state import ClientState, SQLiteStore
-from tests.conftest import PASSWORD
-from tests.helpers import Mandosd, enroll, fetch, make_keys, tool
+from tests.helpers import PASSWORD, Mandosd, ctl, enroll, fetch, make_keys, tool
 from tests.tlspeers import Session
 
 # -- the attacker's tools ---------------------------------------------------------------
@@ -127,12 +126,6 @@ def packet(cert: EscrowCert, volume: str | None = None, *, host: str = "web1",
 
 def logged(srv: Mandosd, kind: Kind) -> list[str]:
     return [line for line in srv.log().splitlines() if f"MESSAGE_ID={kind.value}" in line]
-
-
-def ctl(srv: Mandosd, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([tool("mandos-ctl"), "--configdir", str(srv.configdir),
-                           "--statedir", str(srv.statedir), *args],
-                          capture_output=True, text=True, timeout=60)
 
 
 def kept(srv: Mandosd) -> list[escrow_packet.Metadata]:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_passphrase_helpers import (
+from tests.lukslib import (
     BACKUP0,
     ROOT,
     USER0,

@@ -16,7 +16,6 @@ import os
 import resource
 import socket
 import subprocess
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -25,7 +24,6 @@ import pytest
 from mandos_core import gnutls, tls
 from mandos_core.keyfiles import KeyFiles
 from mandosd.state import SQLiteStore
-from tests.conftest import PASSWORD
 from tests.debianlib import (
     debian_client,
     debian_client_refused,
@@ -34,19 +32,11 @@ from tests.debianlib import (
     debian_section,
     have_debian_mandos,
 )
-from tests.helpers import Mandosd, enroll, fetch, free_port, make_keys
+from tests.helpers import PASSWORD, Mandosd, enroll, fetch, free_port, make_keys
 from tests.tlspeers import exchange, legacy_fetch
 
 needs_mandos = pytest.mark.skipif(not have_debian_mandos(),
                                   reason="Debian's mandos and mandos-client not installed")
-
-
-def wait_log(srv: Mandosd, text: str, timeout: float = 10) -> str:
-    deadline = time.monotonic() + timeout
-    while text not in srv.log() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert text in srv.log(), srv.log()[-3000:]
-    return srv.log()
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +57,7 @@ def test_debian_client_fetches_from_mandosd(tmp_path: Path, deb_keys: Path, v6: 
         p = debian_client(deb_keys, srv.address)
         assert p.returncode == 0, p.stderr.decode() + srv.log()[-2000:]
         assert p.stdout == PASSWORD
-        log = wait_log(srv, "MANDOS_OUTCOME=secret-sent")
+        log = srv.wait_log("MANDOS_OUTCOME=secret-sent")
         assert "MANDOS_CERT_TYPE=raw-public-key" in log
         assert KeyFiles.from_dir(deb_keys).key_id() in log
 
@@ -81,13 +71,13 @@ def test_debian_client_refused_gets_nothing(tmp_path: Path, deb_keys: Path,
         out = debian_client_refused(deb_keys, srv.address,
                                     lambda: "MANDOS_OUTCOME=refused-unknown" in srv.log())
         assert out == b""
-        wait_log(srv, "MANDOS_OUTCOME=refused-unknown")
+        srv.wait_log("MANDOS_OUTCOME=refused-unknown")
     with Mandosd(tmp_path / "srv2", sections=[section]) as srv:
         SQLiteStore(srv.statedir).update("debclient", enabled=False)
         out = debian_client_refused(deb_keys, srv.address,
                                     lambda: "MANDOS_OUTCOME=refused-disabled" in srv.log())
         assert out == b""
-        log = wait_log(srv, "MANDOS_OUTCOME=refused-disabled")
+        log = srv.wait_log("MANDOS_OUTCOME=refused-disabled")
         assert "MANDOS_CLIENT=debclient" in log and "secret-sent" not in log
 
 
@@ -186,7 +176,7 @@ def test_attack_raw_key_of_a_type_we_do_not_accept(tmp_path: Path, client_sectio
     with Mandosd(tmp_path / "srv", sections=[client_section]) as srv:
         r = exchange(tmp_path, srv.address, spki_pem=spki_pem, key_pem=key_pem)
         assert r.error is None and r.data == b""
-        log = wait_log(srv, "MANDOS_REASON=unsupported-key-type")
+        log = srv.wait_log("MANDOS_REASON=unsupported-key-type")
         assert "secret-sent" not in log
 
 
@@ -213,7 +203,7 @@ def test_attack_garbage_certificate(tmp_path: Path, client_keys: Path,
                     privateKey=parsePEMKey((client_keys / "tls-privkey.pem").read_text(),
                                            private=True))
                 assert conn.read() == b""
-        log = wait_log(srv, "MANDOS_REASON=tls-handshake")
+        log = srv.wait_log("MANDOS_REASON=tls-handshake")
         assert "MANDOS_TLS_ERROR=" in log and "secret-sent" not in log
 
 
@@ -230,7 +220,7 @@ def test_priority_from_mandos_conf_is_honoured(tmp_path: Path, client_keys: Path
     with srv:
         assert fetch(client_keys, srv.address).stdout == PASSWORD
         assert legacy_fetch(client_keys, srv.address) == b""
-        wait_log(srv, "MANDOS_REASON=certificate-type-not-allowed")
+        srv.wait_log("MANDOS_REASON=certificate-type-not-allowed")
     bad = Mandosd(tmp_path / "bad", sections=[client_section])
     (bad.configdir / "mandos.conf").write_text("[DEFAULT]\npriority = SECURE128:+NO-SUCH-THING\n")
     p = subprocess.run(bad.argv() + ["--check-config"], capture_output=True, text=True)
