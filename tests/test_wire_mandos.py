@@ -32,7 +32,7 @@ from tests.debianlib import (
     debian_section,
     have_debian_mandos,
 )
-from tests.helpers import PASSWORD, Mandosd, enroll, fetch, free_port, make_keys
+from tests.helpers import PASSWORD, Mandosd, enroll, fetch, free_port, make_keys, tool
 from tests.tlspeers import exchange, legacy_fetch
 
 needs_mandos = pytest.mark.skipif(not have_debian_mandos(),
@@ -288,3 +288,27 @@ def test_gnutls_objects_freed_over_10000_handshakes(client_keys: Path) -> None:
     # a leaked session is several KiB: 10,000 of them would be tens of MiB
     assert grown < 4096, f"RSS grew by {grown} KiB over 10,000 handshakes"
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss > 0
+
+
+# -- the key server's identity ----------------------------------------------------------------
+
+
+def test_pinned_client_fetches_only_from_a_server_that_proves_the_pin(
+        tmp_path: Path, client_section: str) -> None:
+    """mandos-keygen --pin with the key_id `mandos-ctl identity` prints: that server serves;
+    the answer of another server (an impostor with a secret for this key) is discarded."""
+    keys = make_keys(tmp_path / "pinned", "client1")
+    section = enroll(keys, PASSWORD, "client1", host="127.0.0.1")
+    with Mandosd(tmp_path / "real", sections=[section]) as real, \
+            Mandosd(tmp_path / "fake", sections=[section]) as fake:
+        ident = subprocess.run([tool("mandos-ctl"), "identity", "--configdir",
+                                str(real.configdir), "--statedir", str(real.statedir)],
+                               capture_output=True, text=True)
+        assert ident.returncode == 0, ident.stderr
+        p = subprocess.run([tool("mandos-keygen"), "--dir", str(keys), "--pin",
+                            ident.stdout.strip()], capture_output=True, text=True)
+        assert p.returncode == 0, p.stderr
+        assert fetch(keys, real.address).stdout == PASSWORD
+        p = fetch(keys, fake.address)
+        assert p.returncode == 1 and p.stdout == b""
+        assert b"not a pinned key server" in p.stderr
