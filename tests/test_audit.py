@@ -171,6 +171,22 @@ def outcome_calls(package: str) -> list[tuple[str, str | None]]:
     return found
 
 
+def verdict_kinds(package: str) -> set[str]:
+    """MESSAGE_IDs of ``Kind.X`` values assigned in enum-like class bodies (verdicts)."""
+    found = set()
+    for path in sorted((ROOT / package).rglob("*.py")):
+        if path.name == "audit.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef):
+                for stmt in node.body:
+                    v = getattr(stmt, "value", None)
+                    if (isinstance(stmt, ast.Assign) and isinstance(v, ast.Attribute)
+                            and getattr(v.value, "id", "") == "Kind"):
+                        found.add(Kind[v.attr].value)
+    return found
+
+
 def test_every_server_outcome_has_a_catalogued_message_id() -> None:
     calls = outcome_calls("mandosd")
     assert len(calls) > 20, calls  # the scan found the audit calls at all
@@ -182,6 +198,9 @@ def test_every_server_outcome_has_a_catalogued_message_id() -> None:
     used = {m for _, m in calls}
     # the verdicts a policy decision computes are the refusal kinds
     used |= {k.value for k in Kind if k.name.startswith("REFUSED_")}
+    # and the kinds a typed verdict maps to (escrow_policy.EscrowVerdict: STORE = Kind.X),
+    # which audit() receives computed
+    used |= verdict_kinds("mandosd")
     assert explained <= used, f"catalog entries no code emits: {explained - used}"
 
 
