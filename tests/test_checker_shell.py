@@ -95,6 +95,7 @@ def test_unsupported_checker_is_reported_once_with_its_rewrite(
     (conf / "clients.conf").write_text(
         f"[web1]\nkey_id = {1:064X}\nsecret = cGdw\n"
         "checker = ping -c1 %%(host)s && echo up\ninterval = 1s\n")
+    (conf / "clients.conf").chmod(0o600)
     clients = load_clients(conf / "clients.conf", conf)
     store = SQLiteStore(tmp_path / "state", durable=False)
     store.sync_clients(clients.values(), time.time())
@@ -116,6 +117,7 @@ def test_check_config_names_checkers_that_would_not_run(tmp_path: Path) -> None:
     (tmp_path / "clients.conf").write_text(
         f"[web1]\nkey_id = {1:064X}\nsecret = cGdw\nchecker = ping -c1 %%(host)s; true\n"
         f"[web2]\nkey_id = {2:064X}\nsecret = cGdw\n")
+    (tmp_path / "clients.conf").chmod(0o600)
     p = subprocess.run([sys.executable, "-m", "mandosd", "--check-config", "--configdir",
                         str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
     assert p.returncode == 0, p.stderr

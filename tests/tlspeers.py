@@ -137,7 +137,12 @@ class Session:
         tls.drive(self.session, self.fd, self.session.handshake, self.deadline)
 
     def sendall(self, data: bytes) -> None:
-        tls.send_all(self.session, self.fd, data, self.deadline)
+        """Send what the server takes: a server that refused and closed makes the rest
+        go nowhere (as for a real peer), and :meth:`recv` then sees the end."""
+        try:
+            tls.send_all(self.session, self.fd, data, self.deadline)
+        except (gnutls.GnuTLSError, OSError):
+            pass
 
     def recv(self, n: int) -> bytes:
         try:
