@@ -30,10 +30,13 @@ def standalone_jobs(server: Any, *, socket_activated: bool) -> list[Callable[[],
 async def checker_schedule(server: Any) -> None:
     """Run checker passes for as long as the server runs."""
     from .checker import CheckerPass
-    from .state import SQLiteStore, StateError
+    from .state import StateError
+    from .stores import open_store
 
     # its own connection: the server's store belongs to the server's database thread
-    store = await asyncio.to_thread(SQLiteStore, server.statedir)
+    store = await asyncio.to_thread(open_store, getattr(server, "state_url", None),
+                                    server.statedir, durable=True,
+                                    name=getattr(server, "server_name", None))
     try:
         while True:
             try:

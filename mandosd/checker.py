@@ -37,7 +37,7 @@ from . import policy
 from .audit import Kind, audit
 from .config import Client
 from .durations import format_duration
-from .state import CheckRecord, ClientState, SQLiteStore, known_clients
+from .state import CheckRecord, ClientState, StateStore, known_clients
 
 log = logging.getLogger("mandosd.checker")
 
@@ -177,7 +177,7 @@ class _Job:
 class CheckerPass:
     """One pass over the due checkers.  Synchronous store calls run on one worker thread."""
 
-    def __init__(self, store: SQLiteStore, clients: Mapping[str, Client], configdir: Path, *,
+    def __init__(self, store: StateStore, clients: Mapping[str, Client], configdir: Path, *,
                  clock: Callable[[], float] = time.time, limits: Limits = Limits()) -> None:
         self.store = store
         self.configured = clients
@@ -477,7 +477,7 @@ async def _run_capture(argv: Sequence[str], limit: float,
     return status, out.decode(errors="replace"), err.decode(errors="replace")
 
 
-def run_pass(store: SQLiteStore, clients: Mapping[str, Client], configdir: Path, *,
+def run_pass(store: StateStore, clients: Mapping[str, Client], configdir: Path, *,
              clock: Callable[[], float] = time.time, limits: Limits = Limits(),
              only: Iterable[str] | None = None, force: bool = False) -> PassReport:
     """Synchronous entry point (``mandosd --run-checkers``, ``mandos-ctl --start-checker``)."""

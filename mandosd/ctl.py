@@ -30,7 +30,7 @@ from . import policy
 from .audit import Kind, audit
 from .config import Client
 from .durations import DurationError, parse_duration
-from .state import ClientState, SQLiteStore, StateError, known_clients, section_client
+from .state import ClientState, StateError, StateStore, known_clients, section_client
 
 VERSION = "1.8.16"
 log = logging.getLogger("mandos-ctl")
@@ -77,6 +77,10 @@ def parser() -> argparse.ArgumentParser:
         epilog="""\
 With no action, prints a table of the named clients (all if none are named):
 Name, Enabled, Timeout, Last Successful Check; --verbose prints every field.
+
+A pool of servers sharing PostgreSQL (--state-url, or state_url= in mandos.conf):
+  mandos-ctl log [CLIENT]             the pool's audit table: who got what, when, where
+  mandos-ctl migrate-state --state-url URL   copy STATEDIR/clients.sqlite into it
 
 Escrowed backup passphrases (sent by luks-passphrase sync):
   mandos-ctl escrow list [--history]  packets stored, per machine and volume
@@ -159,6 +163,9 @@ changed; 2 usage error.""")
     p.add_argument("--statedir", type=Path, default=None,
                    help="state directory (default: as mandosd: $STATE_DIRECTORY, else "
                    f"statedir= from mandos.conf, else {configmod.DEFAULT_STATEDIR})")
+    p.add_argument("--state-url", metavar="URL", default=None,
+                   help="a pool's PostgreSQL database (as mandosd --state-url; default: "
+                   "state_url= from mandos.conf, else SQLite in the state directory)")
     p.add_argument("--debug", action="store_true", help="verbose logs")
     p.add_argument("client", nargs="*", help="client name")
     return p
@@ -274,7 +281,7 @@ def _admin() -> str:
 
 
 class Ctl:
-    def __init__(self, configdir: Path, store: SQLiteStore, clock: Callable[[], float]) -> None:
+    def __init__(self, configdir: Path, store: StateStore, clock: Callable[[], float]) -> None:
         self.configdir = configdir
         self.store = store
         self.clock = clock
@@ -425,6 +432,10 @@ def main(argv: list[str] | None = None, *, clock: Callable[[], float] = time.tim
         from . import escrow_cli
 
         return escrow_cli.main(args_in[1:])
+    if args_in[:1] in (["log"], ["migrate-state"]):  # a pool's audit table; SQLite -> pool
+        from . import pool_cli
+
+        return pool_cli.main(args_in)
     p = parser()
     args = p.parse_args(argv)
     if args.actions is None:
@@ -435,7 +446,10 @@ def main(argv: list[str] | None = None, *, clock: Callable[[], float] = time.tim
     store = None
     try:
         cfg = configmod.load(configdir)
-        store = SQLiteStore(configmod.statedir_from(args.statedir, cfg.server))
+        from .stores import open_store, state_url_from
+
+        store = open_store(state_url_from(args.state_url, cfg.server),
+                           configmod.statedir_from(args.statedir, cfg.server))
         ctl = Ctl(configdir, store, clock)
         if args.add is not None:
             ctl.add(args.add)

@@ -37,7 +37,8 @@ from . import config as configmod
 from . import policy
 from .audit import Kind, audit
 from .config import Client, Config
-from .state import ClientState, SQLiteStore, StateError, added_client
+from .state import ClientState, StateError, added_client
+from .stores import change_listener, open_store
 
 log = logging.getLogger("mandosd.server")
 T = TypeVar("T")
@@ -117,9 +118,13 @@ class KeyServer:
         *,
         limits: Limits = Limits(),
         clock: Callable[[], float] = time.time,
+        state_url: str | None = None,
+        server_name: str | None = None,
     ) -> None:
         self.configdir = configdir
         self.statedir = statedir
+        self.state_url = state_url
+        self.server_name = server_name
         self.limits = limits
         self.clock = clock
         self.ctx = tls_client_context()
@@ -127,7 +132,9 @@ class KeyServer:
         # NORMAL sync: a commit survives the process being killed; only a power cut may
         # lose the last "secret sent" (its deadline extension), which errs on the safe
         # side.  Admin changes (mandos-ctl) are written with FULL sync.
-        self.store = SQLiteStore(statedir, durable=False)
+        self.store = open_store(state_url, statedir, durable=False, name=server_name)
+        #: wakes approval waits when another server or mandos-ctl changes the client
+        self.changes = change_listener(state_url)
         self.config: Config = configmod.load(configdir)
         self.stamp = configmod.config_stamp(configdir)
         self.store.sync_clients(self.config.clients.values(), clock())
@@ -162,7 +169,8 @@ class KeyServer:
             return None, None
         client = self.config.by_key_id.get(kid) or added_client(self.store, kid, self.configdir)
         if client is None:
-            return None, None
+            # in a pool, another server's client: refused here with its own reason
+            return None, self.store.get_by_key_id(kid) if self.state_url else None
         state = self.store.get(client.name)
         return policy.effective(client, state), state
 
@@ -248,8 +256,10 @@ class KeyServer:
             client, state, decision, error = await self._db(self._decide, kid)
         except StateError as e:
             log.error("state store: %s", e)
+            audit(Kind.PROTOCOL_ERROR, f"{peername}: refused: state store unavailable",
+                  key_id=kid, peer=peername, reason="state-unavailable")
             return
-        name = client.name if client else None
+        name = client.name if client else state.name if state else None
         if decision.verdict is policy.Verdict.WAIT and client is not None:
             waited = await self._wait_for_approval(client, peer, kid, peername, self.clock(),
                                                    decision.wait_until or self.clock())
@@ -264,6 +274,8 @@ class KeyServer:
         if error is not None:
             # refuse rather than hand out a secret we could not record
             log.error("not sending to %s: state store: %s", name, error)
+            audit(Kind.PROTOCOL_ERROR, f"not sending to {name}: could not record it",
+                  client=name, key_id=kid, peer=peername, reason="state-unavailable")
             return
         if decision.verdict is policy.Verdict.SEND and client is not None:
             transport.write(client.secret)
@@ -300,25 +312,35 @@ class KeyServer:
     async def _approval_loop(self, client: Client, peer: _Peer, kid: str, peername: str,
                              requested_at: float, wait_until: float
                              ) -> policy.Decision | None:
+        changed: asyncio.Future[None] | None = None
         while True:
             left = wait_until - self.clock()
+            # with a pool, a change anywhere wakes us (LISTEN/NOTIFY); else re-read
+            poll = left if self.changes.live and changed is not None else min(
+                self.limits.approval_poll, left)
+            waits: set[asyncio.Future[Any]] = {peer.lost} | ({changed} if changed else set())
             try:
-                await asyncio.wait_for(asyncio.shield(peer.lost),
-                                       max(0.0, min(self.limits.approval_poll, left)))
+                await asyncio.wait(waits, timeout=max(0.0, poll),
+                                   return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                if changed is not None:
+                    changed.cancel()
+            if peer.lost.done():
                 audit(Kind.PROTOCOL_ERROR, f"{client.name} disconnected while waiting "
                       "for approval", client=client.name, key_id=kid, peer=peername,
                       reason="disconnected-waiting")
                 return None
-            except TimeoutError:
-                pass
+            changed = self.changes.waiter(client.name)  # before reading: no lost wake-up
             try:
                 fresh, state = await self._db(self._lookup, kid)
             except StateError as e:
                 log.error("state store: %s", e)
+                changed.cancel()
                 return None
             decision = policy.decide_waiting(fresh or client, state, self.clock(),
                                              requested_at, wait_until)
             if decision.verdict is not policy.Verdict.WAIT:
+                changed.cancel()
                 if decision.verdict is policy.Verdict.SEND and state is not None and (
                         state.approval_decision == "approve"):
                     await self._db(lambda: self.store.update(
