@@ -444,12 +444,14 @@ def main(argv: list[str] | None = None, *, clock: Callable[[], float] = time.tim
     _setup_logging(args.debug)
     configdir = configmod.configdir_from(args.configdir)
     store = None
+    close_audit: Callable[[], None] = lambda: None  # noqa: E731
     try:
         cfg = configmod.load(configdir)
-        from .stores import open_store, state_url_from
+        from .stores import copy_audit, open_store, server_name, state_url_from
 
-        store = open_store(state_url_from(args.state_url, cfg.server),
-                           configmod.statedir_from(args.statedir, cfg.server))
+        state_url = state_url_from(args.state_url, cfg.server)
+        store = open_store(state_url, configmod.statedir_from(args.statedir, cfg.server))
+        close_audit = copy_audit(state_url, f"mandos-ctl@{server_name()}")
         ctl = Ctl(configdir, store, clock)
         if args.add is not None:
             ctl.add(args.add)
@@ -460,6 +462,7 @@ def main(argv: list[str] | None = None, *, clock: Callable[[], float] = time.tim
         print(f"mandos-ctl: {e}", file=sys.stderr)
         return 1
     finally:
+        close_audit()
         if store is not None:
             store.close()
 

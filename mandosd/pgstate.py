@@ -102,6 +102,9 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
 _COLUMNS = list(ClientState.__dataclass_fields__)
 _CONN_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError)
 
+#: a claim is lost (its server died mid-pass) after the check's interval plus this: a
+#: checker is killed at its interval and its result written within a second after
+CLAIM_SLACK = 2.0
 #: back-off between reconnection attempts (seconds): doubles up to the maximum
 BACKOFF_MIN = 0.2
 BACKOFF_MAX = 10.0
@@ -297,8 +300,9 @@ class PostgresStore:
         """Claim the due checks of *candidates* (name: interval) for this pass.
 
         Row locks with ``SKIP LOCKED``: passes on other servers neither wait for this
-        one nor claim the same client; a claim older than twice the interval (its
-        server died mid-pass) counts as lost and is taken over.
+        one nor claim the same client; a claim older than the interval plus
+        :data:`CLAIM_SLACK` (its server died mid-pass) counts as lost and is taken
+        over by the next pass of any server.
         """
         if not candidates:
             return []
@@ -310,11 +314,11 @@ class PostgresStore:
                 "WITH due AS (SELECT c.name FROM clients c"
                 "   JOIN unnest(%s::text[], %s::float8[]) AS d(name, ival) ON c.name=d.name"
                 "   WHERE c.enabled AND (%s OR c.next_check IS NULL OR c.next_check<=%s)"
-                "   AND (c.checker_started IS NULL OR c.checker_started < %s - 2*d.ival)"
+                "   AND (c.checker_started IS NULL OR c.checker_started < %s - d.ival - %s)"
                 "   FOR UPDATE OF c SKIP LOCKED)"
                 " UPDATE clients SET checker_started=%s FROM due"
                 " WHERE clients.name=due.name RETURNING clients.name",
-                (names, intervals, force, now, now, now)).fetchall()
+                (names, intervals, force, now, now, CLAIM_SLACK, now)).fetchall()
             return [r["name"] for r in rows]
         claimed: list[str] = self._run(tx)
         return sorted(claimed, key=names.index)
