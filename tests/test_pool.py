@@ -437,3 +437,20 @@ def test_a_secret_is_not_recorded_for_a_client_disabled_meanwhile(tmp_path: Path
     finally:
         a.close()
         b.close()
+
+
+def test_state_url_in_mandos_conf(tmp_path: Path, url: str, client_keys: Path,
+                                  client_section: str) -> None:
+    """state_url= in mandos.conf [DEFAULT] selects the pool for mandosd and mandos-ctl."""
+    with ExitStack() as stack:
+        srvs = []
+        for i in (1, 2):
+            srv = Mandosd(tmp_path / f"srv{i}", sections=[client_section])
+            (srv.configdir / "mandos.conf").write_text(f"[DEFAULT]\nstate_url = {url}\n")
+            stack.enter_context(srv)
+            srvs.append(srv)
+        base = [tool("mandos-ctl"), "--configdir", str(srvs[0].configdir)]
+        assert subprocess.run([*base, "--disable", "client1"]).returncode == 0
+        assert fetch_all(client_keys, srvs) == [b""] * 2
+        assert state(url)["enabled"] is False
+        assert not (srvs[0].statedir / "clients.sqlite").exists()
