@@ -36,7 +36,7 @@ async def checker_schedule(server: Any) -> None:
     # its own connection: the server's store belongs to the server's database thread
     store = await asyncio.to_thread(open_store, getattr(server, "state_url", None),
                                     server.statedir, durable=True,
-                                    name=getattr(server, "server_name", None))
+                                    name=getattr(server, "server_name", None), lazy=True)
     try:
         while True:
             try:

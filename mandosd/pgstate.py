@@ -122,6 +122,23 @@ def describe(url: str) -> str:
     return f"PostgreSQL {info.get('dbname') or '(default database)'} on {where}{port}"
 
 
+def connect_args(url: str, timeout: float, name: str) -> dict[str, Any]:
+    """libpq parameters: the URL's, plus bounds on a database that stops answering.
+
+    A statement may take 10 s at most, and a TCP peer that vanishes without a
+    reset is noticed within about 10 s; the URL may set other values.
+    """
+    args: dict[str, Any] = dict(psycopg.conninfo.conninfo_to_dict(url))
+    args.setdefault("connect_timeout", max(1, round(timeout)))
+    args.setdefault("application_name", name[:63])
+    args.setdefault("keepalives_idle", 5)
+    args.setdefault("keepalives_interval", 2)
+    args.setdefault("keepalives_count", 3)
+    args.setdefault("tcp_user_timeout", 10000)
+    args.setdefault("options", "-c statement_timeout=10000")
+    return args
+
+
 def _row(row: Mapping[str, Any]) -> ClientState:
     values = {k: row[k] for k in _COLUMNS}
     values["overrides"] = json.loads(values["overrides"] or "{}")
@@ -157,7 +174,7 @@ class PostgresStore:
 
     def __init__(self, url: str, *, server_name: str | None = None,
                  connect_timeout: float = 5.0, clock: Callable[[], float] = time.monotonic,
-                 ) -> None:
+                 lazy: bool = False) -> None:
         self.url = url
         self.where = describe(url)
         self.server_name = server_name or socket.gethostname()
@@ -167,17 +184,27 @@ class PostgresStore:
         self._lock = threading.RLock()
         self._backoff = 0.0
         self._next_try = 0.0
-        self._connect()  # at start, an unreachable database is an error
+        self._unreachable = False
+        try:
+            self._connect()
+        except StateError as e:
+            # *lazy* (a server): start anyway, refuse, and connect on a later call;
+            # otherwise (mandos-ctl) an unreachable database is an error now
+            if not lazy or not self._unreachable:
+                raise
+            log.error("%s", e)
 
     # -- the connection ----------------------------------------------------------
 
     def _connect(self) -> psycopg.Connection[Any]:
+        self._unreachable = False
         try:
-            conn = psycopg.connect(self.url, autocommit=True, row_factory=dict_row,
-                                   connect_timeout=max(1, round(self.connect_timeout)),
-                                   application_name=f"mandosd {self.server_name}"[:63])
+            conn = psycopg.connect(**connect_args(self.url, self.connect_timeout,
+                                                  f"mandosd {self.server_name}"),
+                                   autocommit=True, row_factory=dict_row)
         except psycopg.Error as e:
             self._failed()
+            self._unreachable = True
             raise StateError(f"{self.where}: unreachable: {_first_line(e)}") from None
         try:
             migrate(conn, self.where)
@@ -477,8 +504,8 @@ class ChangeListener:
         backoff = BACKOFF_MIN
         while True:
             try:
-                conn = await psycopg.AsyncConnection.connect(self.url, autocommit=True,
-                                                             connect_timeout=5)
+                conn = await psycopg.AsyncConnection.connect(
+                    **connect_args(self.url, 5, "mandosd listener"), autocommit=True)
                 async with conn:
                     await conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
                     self.live = True
@@ -486,7 +513,7 @@ class ChangeListener:
                     self._wake(None)  # anything may have changed while we were away
                     async for note in conn.notifies():
                         self._wake(note.payload)
-            except psycopg.Error as e:
+            except Exception as e:  # whatever it was: fall back to polling, retry
                 log.debug("%s: change listener: %s", self.where, _first_line(e))
             self.live = False
             self._wake(None)
@@ -536,7 +563,8 @@ class AuditWriter:
     def _write(self, rows: list[tuple[Any, ...]]) -> bool:
         try:
             if self._conn is None or self._conn.closed:
-                self._conn = psycopg.connect(self.url, autocommit=True, connect_timeout=5)
+                self._conn = psycopg.connect(**connect_args(self.url, 5, "mandosd audit"),
+                                             autocommit=True)
             # COPY: one round trip and little per-row work for a whole batch
             with self._conn.transaction(), self._conn.cursor() as cur, cur.copy(
                     "COPY audit (at, server, outcome, message_id, client, key_id, peer,"

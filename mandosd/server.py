@@ -132,12 +132,20 @@ class KeyServer:
         # NORMAL sync: a commit survives the process being killed; only a power cut may
         # lose the last "secret sent" (its deadline extension), which errs on the safe
         # side.  Admin changes (mandos-ctl) are written with FULL sync.
-        self.store = open_store(state_url, statedir, durable=False, name=server_name)
+        self.store = open_store(state_url, statedir, durable=False, name=server_name,
+                                lazy=True)
         #: wakes approval waits when another server or mandos-ctl changes the client
         self.changes = change_listener(state_url)
         self.config: Config = configmod.load(configdir)
-        self.stamp = configmod.config_stamp(configdir)
-        self.store.sync_clients(self.config.clients.values(), clock())
+        self.stamp: Any = configmod.config_stamp(configdir)
+        try:
+            self.store.sync_clients(self.config.clients.values(), clock())
+        except StateError as e:
+            if not state_url:
+                raise
+            # a pool whose database is away: serve (refusing) and merge on a later request
+            log.error("state store: %s; will retry", e)
+            self.stamp = None
         self.active = 0
         self.last_activity = time.monotonic()
         self.served = 0

@@ -29,8 +29,12 @@ def server_name(arg: str | None = None) -> str:
 
 
 def open_store(state_url: str | None, statedir: Path, *, durable: bool = True,
-               name: str | None = None) -> StateStore:
-    """The store for *state_url* if given (PostgreSQL), else SQLite in *statedir*."""
+               name: str | None = None, lazy: bool = False) -> StateStore:
+    """The store for *state_url* if given (PostgreSQL), else SQLite in *statedir*.
+
+    *lazy* (servers): a database unreachable now is not an error; the store
+    refuses until it can connect.
+    """
     if not state_url:
         return SQLiteStore(statedir, durable=durable)
     if not state_url.startswith(("postgresql:", "postgres:")) and "=" not in state_url:
@@ -41,7 +45,7 @@ def open_store(state_url: str | None, statedir: Path, *, durable: bool = True,
     except ImportError:
         raise StateError("--state-url needs psycopg 3 (Debian: python3-psycopg; "
                          "pip: mandos-nbde[postgresql])") from None
-    return PostgresStore(state_url, server_name=server_name(name))
+    return PostgresStore(state_url, server_name=server_name(name), lazy=lazy)
 
 
 class Waiter(Protocol):

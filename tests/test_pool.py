@@ -454,3 +454,26 @@ def test_state_url_in_mandos_conf(tmp_path: Path, url: str, client_keys: Path,
         assert fetch_all(client_keys, srvs) == [b""] * 2
         assert state(url)["enabled"] is False
         assert not (srvs[0].statedir / "clients.sqlite").exists()
+
+
+def test_a_server_started_while_the_database_is_down_serves_when_it_returns(
+        tmp_path: Path, client_keys: Path, client_section: str) -> None:
+    why = pglib.available()
+    if why:
+        pytest.skip(why)
+    own = pglib.Postgres().start()
+    try:
+        url = own.create_database("pool")
+        own.stop()
+        with Mandosd(tmp_path / "srv", sections=[client_section],
+                     extra_args=["--state-url", url]) as srv:
+            assert fetch(client_keys, srv.address).stdout == b""
+            assert "MANDOS_REASON=state-unavailable" in srv.log()
+            own.start()
+            deadline = time.monotonic() + 60
+            while fetch(client_keys, srv.address).stdout != PASSWORD:
+                assert time.monotonic() < deadline, srv.log()
+                time.sleep(0.2)
+            assert state(url)["last_secret_sent"] is not None
+    finally:
+        own.destroy()
