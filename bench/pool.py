@@ -48,11 +48,12 @@ def tree_cpu(root: int) -> float:
     return total
 
 
-def start(conf: Path, state: Path, port: int, url: str | None, name: str
-          ) -> subprocess.Popen[bytes]:
+def start(conf: Path, state: Path, port: int, url: str | None, name: str,
+          peer_timeout: float = 10) -> subprocess.Popen[bytes]:
     argv = ["systemd-socket-activate", "-E", "NOTIFY_SOCKET", "-E", "PATH", "-E",
             "PYTHONPATH", "-l", f"127.0.0.1:{port}", ours("mandosd"), "--configdir",
-            str(conf), "--statedir", str(state), "--server-name", name]
+            str(conf), "--statedir", str(state), "--server-name", name,
+            "--peer-timeout", str(peer_timeout)]
     if url:
         argv += ["--state-url", url]
 
@@ -93,7 +94,7 @@ def write_conf(base: Path, sections: list[str]) -> Path:
 
 
 def herd_row(base: Path, pg: Postgres, idents: list[Identity], servers: int,
-             db: str | None) -> list[str]:
+             db: str | None, peer_timeout: float = 10) -> list[str]:
     url = pg.create_database(db) if db else None
     sections = [i.section() for i in idents]
     procs, ports = [], []
@@ -101,12 +102,13 @@ def herd_row(base: Path, pg: Postgres, idents: list[Identity], servers: int,
         for k in range(servers):
             conf = write_conf(base / f"s{k}", sections)
             port = free_port()
-            procs.append(start(conf, base / f"s{k}" / "state", port, url, f"ks{k}"))
+            procs.append(start(conf, base / f"s{k}" / "state", port, url, f"ks{k}",
+                               peer_timeout))
             ports.append(port)
         assert pg.proc is not None
         c0 = [cpu_seconds(p.pid) for p in procs]
         d0 = tree_cpu(pg.proc.pid)
-        res = asyncio.run(spread(ports, idents))
+        res = asyncio.run(spread(ports, idents, timeout=max(120, peer_timeout)))
         cpu = sum(cpu_seconds(p.pid) - c for p, c in zip(procs, c0, strict=True))
         dbcpu = tree_cpu(pg.proc.pid) - d0 if url else 0.0
     finally:
@@ -153,6 +155,9 @@ def main() -> int:
     ap.add_argument("--herd", type=int, default=1500, help="herd size (default: %(default)s)")
     ap.add_argument("--cold", type=int, default=10000,
                     help="clients at once against the three-server pool (0: skip)")
+    ap.add_argument("--cold-peer-timeout", type=float, default=120,
+                    help="mandosd --peer-timeout for the cold start: the load generator "
+                    "handshakes one client after another (default: %(default)s)")
     ap.add_argument("--checks", type=int, default=10000,
                     help="clients in the checker-pass rows (0: skip)")
     args = ap.parse_args()
@@ -170,11 +175,13 @@ def main() -> int:
         with tempdir("bench-pool-") as base:
             idents = make_identities(base / "ids", nmax)
             herd = idents[:args.herd]
-            rows.append(herd_row(base, pg, herd, 1, None))
-            rows.append(herd_row(base, pg, herd, 1, "one"))
-            rows.append(herd_row(base, pg, herd, 3, "three"))
+            if herd:
+                rows.append(herd_row(base, pg, herd, 1, None))
+                rows.append(herd_row(base, pg, herd, 1, "one"))
+                rows.append(herd_row(base, pg, herd, 3, "three"))
             if args.cold:
-                row = herd_row(base, pg, idents[:args.cold], 3, "cold")
+                row = herd_row(base, pg, idents[:args.cold], 3, "cold",
+                               args.cold_peer_timeout)
                 row[0] = "cold start: " + row[0]
                 rows.append(row)
             if args.checks:

@@ -477,3 +477,24 @@ def test_a_server_started_while_the_database_is_down_serves_when_it_returns(
             assert state(url)["last_secret_sent"] is not None
     finally:
         own.destroy()
+
+
+def test_the_database_password_reaches_no_log(tmp_path: Path, pg: pglib.Postgres,
+                                              client_keys: Path, client_section: str) -> None:
+    """A URL with a password (against the advice) and a database that refuses it:
+    the server's and mandos-ctl's messages name the database, never the password."""
+    import psycopg
+
+    with psycopg.connect(pg.url("postgres"), autocommit=True) as conn:
+        conn.execute("CREATE DATABASE pwtest")
+    secret = "Pw-" + uuid.uuid4().hex
+    url = (f"postgresql://nosuchrole:{secret}@/pwtest?host={pg.sockdir}&port={pg.port}"
+           f"&password={secret}")
+    with Mandosd(tmp_path / "srv", sections=[client_section],
+                 extra_args=["--state-url", url]) as srv:
+        assert fetch(client_keys, srv.address).stdout == b""
+        assert "MANDOS_REASON=state-unavailable" in srv.log()
+    p = ctl(srv, url, "--disable", "client1")
+    assert p.returncode == 1 and "PostgreSQL pwtest" in p.stderr
+    for text in (srv.log(), p.stdout + p.stderr):
+        assert secret not in text
