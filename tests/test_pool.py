@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -498,3 +499,25 @@ def test_the_database_password_reaches_no_log(tmp_path: Path, pg: pglib.Postgres
     assert p.returncode == 1 and "PostgreSQL pwtest" in p.stderr
     for text in (srv.log(), p.stdout + p.stderr):
         assert secret not in text
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None,
+                    reason="systemd-analyze is not installed")
+def test_remote_database_drop_in_keeps_the_unit_hardened(tmp_path: Path) -> None:
+    """units/pool/remote-database.conf opens IP for the database and nothing else."""
+    units = Path(__file__).resolve().parent.parent / "units"
+    shutil.copy(units / "mandosd.service", tmp_path)
+    shutil.copy(units / "mandosd.socket", tmp_path)
+    (tmp_path / "mandosd.service.d").mkdir()
+    shutil.copy(units / "pool" / "remote-database.conf",
+                tmp_path / "mandosd.service.d" / "pool.conf")
+    p = subprocess.run(["systemd-analyze", "security", "--offline=true", "--threshold=20",
+                        str(tmp_path / "mandosd.service")], capture_output=True, text=True,
+                       cwd=tmp_path)
+    assert p.returncode == 0, p.stdout + p.stderr
+    lines = p.stdout.splitlines()
+    # the drop-in took effect: IP sockets allowed, the rest of the sandbox unchanged
+    assert any("✗ PrivateNetwork=" in x for x in lines)
+    assert any("✓ CapabilityBoundingSet=" in x or "CapabilityBoundingSet=~" in x
+               for x in lines)
+    assert "Overall exposure level for mandosd.service: 1." in p.stdout
