@@ -521,3 +521,18 @@ def test_remote_database_drop_in_keeps_the_unit_hardened(tmp_path: Path) -> None
     assert any("✓ CapabilityBoundingSet=" in x or "CapabilityBoundingSet=~" in x
                for x in lines)
     assert "Overall exposure level for mandosd.service: 1." in p.stdout
+
+
+def test_a_removed_client_stays_refused_after_a_server_restarts(
+        tmp_path: Path, url: str, client_keys: Path, client_section: str) -> None:
+    """An admin removes a stolen machine's client through one server; restarting any
+    server, whose clients.conf still lists it, must not bring it back."""
+    with ExitStack() as stack:
+        srvs = servers(tmp_path, url, [[client_section]] * 2, stack)
+        assert ctl(srvs[0], url, "--remove", "client1").returncode == 0
+        assert fetch_all(client_keys, srvs) == [b""] * 2
+        srvs[1].stop()
+        srvs[1].start()
+        assert fetch_all(client_keys, srvs) == [b""] * 2
+        assert "client was removed with mandos-ctl --remove" in srvs[1].log()
+        assert state(url)["source"] == "removed"
