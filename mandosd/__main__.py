@@ -115,17 +115,19 @@ def _run_checkers(args: argparse.Namespace, configdir: Path, statedir: Path,
     import time
 
     from .checker import Limits, run_pass
-    from .stores import open_store, state_url_from
+    from .stores import copy_audit, open_store, state_url_from
 
     limits = Limits()
     if args.checker_concurrency is not None:
         limits = Limits(concurrency=max(1, args.checker_concurrency))
-    store = open_store(state_url_from(args.state_url, cfg.server), statedir,
-                       name=args.server_name)
+    state_url = state_url_from(args.state_url, cfg.server)
+    store = open_store(state_url, statedir, name=args.server_name)
+    close_audit = copy_audit(state_url, args.server_name)  # checker results: the pool's too
     try:
         store.sync_clients(cfg.clients.values(), time.time())
         report = run_pass(store, cfg.clients, configdir, limits=limits)
     finally:
+        close_audit()
         store.close()
     log.info("checker pass: %s", report.summary())
     _notify(f"STATUS=Checker pass: {report.summary()}")

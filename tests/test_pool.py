@@ -339,6 +339,14 @@ def test_one_pass_over_the_pool_runs_each_checker_once(tmp_path: Path, url: str)
         assert p.returncode == 0, err.decode()
     seen = counts.read_text().split()
     assert sorted(seen) == names  # every client once, none twice
+    # and the fleet audit table says which server checked which client
+    import psycopg
+
+    with psycopg.connect(url) as conn:
+        rows = conn.execute("SELECT client, server FROM audit"
+                            " WHERE outcome = 'checker-succeeded'").fetchall()
+    assert sorted(c for c, _ in rows) == names
+    assert {s for _, s in rows} <= {"srv0", "srv1", "srv2"}
 
 
 def test_a_pass_killed_mid_way_leaves_its_clients_to_another_server(
