@@ -40,6 +40,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--statedir", type=Path, default=None,
                    help="state directory (default: $STATE_DIRECTORY, else statedir= from "
                    f"mandos.conf, else {configmod.DEFAULT_STATEDIR})")
+    p.add_argument("--state-url", metavar="URL", default=None,
+                   help="share state with a pool of servers in this PostgreSQL database "
+                   "(libpq connection string, e.g. postgresql:///mandos?host=/run/postgresql; "
+                   "default: state_url= from mandos.conf, else SQLite in the state directory)")
+    p.add_argument("--server-name", metavar="NAME", default=None,
+                   help="this server's name in the pool's audit table (default: host name)")
     p.add_argument("--listen", metavar="ADDR:PORT", action="append", default=[],
                    help="listen here instead of on systemd's sockets (repeatable; "
                    "[::1]:PORT for IPv6; port 0 picks a free port and logs it)")
@@ -110,16 +116,19 @@ def _run_checkers(args: argparse.Namespace, configdir: Path, statedir: Path,
     import time
 
     from .checker import Limits, run_pass
-    from .state import SQLiteStore
+    from .stores import copy_audit, open_store, state_url_from
 
     limits = Limits()
     if args.checker_concurrency is not None:
         limits = Limits(concurrency=max(1, args.checker_concurrency))
-    store = SQLiteStore(statedir)
+    state_url = state_url_from(args.state_url, cfg.server)
+    store = open_store(state_url, statedir, name=args.server_name)
+    close_audit = copy_audit(state_url, args.server_name)  # checker results: the pool's too
     try:
         store.sync_clients(cfg.clients.values(), time.time())
         report = run_pass(store, cfg.clients, configdir, limits=limits)
     finally:
+        close_audit()
         store.close()
     log.info("checker pass: %s", report.summary())
     _notify(f"STATUS=Checker pass: {report.summary()}")
@@ -162,7 +171,12 @@ def main(argv: list[str] | None = None) -> int:
         socks, from_systemd = _sockets(args, cfg)
         limits = Limits(version_timeout=args.peer_timeout,
                         handshake_timeout=args.peer_timeout)
-        server = KeyServer(configdir, statedir, limits=limits)
+        from .stores import copy_audit, state_url_from
+
+        state_url = state_url_from(args.state_url, cfg.server)
+        server = KeyServer(configdir, statedir, limits=limits, state_url=state_url,
+                           server_name=args.server_name)
+        close_audit = copy_audit(state_url, args.server_name)
     except (configmod.ConfigError, StateError, listen.ListenError) as e:
         print(f"mandosd: {e}", file=sys.stderr)
         return 1
@@ -191,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         _notify("STOPPING=1")
         server.close()
+        close_audit()
         log.debug("stopped after serving %d secrets", server.served)
     return 0
 

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import enum
 import logging
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from mandos_core.log import event
 
@@ -82,6 +85,21 @@ _LEVEL = {
 }
 
 
+#: Where else entries go (the pool's audit table): each gets a mapping with ``at``,
+#: ``outcome``, ``message_id``, ``client``, ``key_id``, ``peer``, ``reason``,
+#: ``message`` and ``fields``; it must not block (queue and return).
+_sinks: list[Callable[[Mapping[str, Any]], None]] = []
+
+
+def add_sink(sink: Callable[[Mapping[str, Any]], None]) -> None:
+    _sinks.append(sink)
+
+
+def remove_sink(sink: Callable[[Mapping[str, Any]], None]) -> None:
+    if sink in _sinks:
+        _sinks.remove(sink)
+
+
 def audit(kind: Kind, message: str, /, *, client: str | None = None,
           key_id: str | None = None, peer: str | None = None, reason: str | None = None,
           **fields: object) -> None:
@@ -92,3 +110,12 @@ def audit(kind: Kind, message: str, /, *, client: str | None = None,
     event(log, level, message, MESSAGE_ID=kind.value, MANDOS_OUTCOME=kind.outcome,
           MANDOS_CLIENT=client, MANDOS_KEY_ID=key_id, MANDOS_PEER=peer,
           MANDOS_REASON=reason, **extra)
+    if _sinks:
+        entry = {"at": time.time(), "outcome": kind.outcome, "message_id": kind.value,
+                 "client": client, "key_id": key_id, "peer": peer, "reason": reason,
+                 "message": message, "fields": fields}
+        for sink in _sinks:
+            try:
+                sink(entry)
+            except Exception:  # an audit copy must never break a decision
+                log.exception("audit sink failed")

@@ -34,10 +34,13 @@ async def checker_schedule(server: KeyServer) -> None:
     """Run checker passes for as long as the server runs."""
     from .checker import CheckerPass
     from .checker_run import adopting_escapees
-    from .state import SQLiteStore, StateError
+    from .state import StateError
+    from .stores import open_store
 
     # its own connection: the server's store belongs to the server's database thread
-    store = await asyncio.to_thread(SQLiteStore, server.statedir)
+    store = await asyncio.to_thread(open_store, getattr(server, "state_url", None),
+                                    server.statedir, durable=True,
+                                    name=getattr(server, "server_name", None), lazy=True)
     try:
         while True:
             try:

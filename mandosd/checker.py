@@ -48,7 +48,7 @@ from .checker_run import (
 )
 from .config import Client
 from .durations import format_duration
-from .state import CheckRecord, ClientState, SQLiteStore, known_clients
+from .state import CheckRecord, ClientState, StateStore, known_clients
 
 log = logging.getLogger("mandosd.checker")
 
@@ -224,7 +224,7 @@ class _Job:
 class CheckerPass:
     """One pass over the due checkers.  Synchronous store calls run on one worker thread."""
 
-    def __init__(self, store: SQLiteStore, clients: Mapping[str, Client], configdir: Path, *,
+    def __init__(self, store: StateStore, clients: Mapping[str, Client], configdir: Path, *,
                  clock: Callable[[], float] = time.time, limits: Limits = Limits()) -> None:
         self.store = store
         self.configured = clients
@@ -252,7 +252,9 @@ class CheckerPass:
         states = await asyncio.to_thread(self.store.all)
         by_name = {s.name: s for s in states}
         clients = known_clients(self.configured, states, self.configdir)
-        await asyncio.to_thread(report_unsupported, clients.values(), self.store.path.parent)
+        store_path = getattr(self.store, "path", None)  # SQLite: remembered beside the state
+        await asyncio.to_thread(report_unsupported, clients.values(),
+                                store_path.parent if store_path is not None else None)
         wanted = set(only) if only is not None else None
         candidates: dict[str, float] = {}
         for st in states:
@@ -514,7 +516,7 @@ def keyscan_result(o: Outcome, patterns: Sequence[str], whole_line: bool,
     return 1, "host key differs from ssh_fingerprint"
 
 
-def run_pass(store: SQLiteStore, clients: Mapping[str, Client], configdir: Path, *,
+def run_pass(store: StateStore, clients: Mapping[str, Client], configdir: Path, *,
              clock: Callable[[], float] = time.time, limits: Limits = Limits(),
              only: Iterable[str] | None = None, force: bool = False) -> PassReport:
     """Synchronous entry point (``mandosd --run-checkers``, ``mandos-ctl --start-checker``)."""

@@ -104,6 +104,7 @@ SERVER_SETTINGS = (
     Setting("use_ipv6", _bool, "True"),
     Setting("restore", _bool, "True"),
     Setting("statedir", _optstr, ""),
+    Setting("state_url", _optstr, ""),
     Setting("foreground", _bool, "False"),
     Setting("socket", _optstr, ""),
     Setting("zeroconf", _bool, "True"),
@@ -144,6 +145,8 @@ class ServerConfig:
     use_ipv6: bool = True
     restore: bool = True
     statedir: str | None = None
+    #: a pool's PostgreSQL (libpq connection string); None: SQLite in statedir
+    state_url: str | None = None
     foreground: bool = False
     socket: str | None = None
     zeroconf: bool = True

@@ -31,7 +31,7 @@ from . import config as configmod
 from .audit import Kind, audit
 from .config import Client
 from .durations import DurationError, parse_duration
-from .state import ClientState, SQLiteStore, StateError, known_clients
+from .state import ClientState, SQLiteStore, StateError, StateStore, known_clients
 
 VERSION = "1.8.16"
 log = logging.getLogger("mandos-ctl")
@@ -78,6 +78,10 @@ def parser() -> argparse.ArgumentParser:
         epilog="""\
 With no action, prints a table of the named clients (all if none are named):
 Name, Enabled, Timeout, Last Successful Check; --verbose prints every field.
+
+A pool of servers sharing PostgreSQL (--state-url, or state_url= in mandos.conf):
+  mandos-ctl log [CLIENT]             the pool's audit table: who got what, when, where
+  mandos-ctl migrate-state --state-url URL   copy STATEDIR/clients.sqlite into it
 
 Escrowed backup passphrases (sent by luks-passphrase sync):
   mandos-ctl escrow list [--history]  packets stored, per machine and volume
@@ -163,6 +167,9 @@ changed; 2 usage error.""")
     p.add_argument("--statedir", type=Path, default=None,
                    help="state directory (default: as mandosd: $STATE_DIRECTORY, else "
                    f"statedir= from mandos.conf, else {configmod.DEFAULT_STATEDIR})")
+    p.add_argument("--state-url", metavar="URL", default=None,
+                   help="a pool's PostgreSQL database (as mandosd --state-url; default: "
+                   "state_url= from mandos.conf, else SQLite in the state directory)")
     p.add_argument("--debug", action="store_true", help="verbose logs")
     p.add_argument("client", nargs="*", help="client name")
     return p
@@ -281,7 +288,7 @@ class Ctl:
     """*write*: merge clients.conf into the store first (before a change); without it
     (listings) the merge is only computed, and nothing is written."""
 
-    def __init__(self, configdir: Path, store: SQLiteStore, clock: Callable[[], float],
+    def __init__(self, configdir: Path, store: StateStore, clock: Callable[[], float],
                  config: configmod.Config | None = None, *, write: bool = True) -> None:
         self.configdir = configdir
         self.store = store
@@ -476,6 +483,10 @@ def main(argv: list[str] | None = None, *, clock: Callable[[], float] = time.tim
         return escrow_cli.main(args_in[1:])
     if args_in[:1] == ["identity"]:  # the key_id client machines pin
         return identity_main(args_in[1:])
+    if args_in[:1] in (["log"], ["migrate-state"]):  # a pool's audit table; SQLite -> pool
+        from . import pool_cli
+
+        return pool_cli.main(args_in)
     p = parser()
     args = p.parse_args(argv)
     if args.actions is None:
@@ -483,14 +494,20 @@ def main(argv: list[str] | None = None, *, clock: Callable[[], float] = time.tim
     check_syntax(p, args)
     _setup_logging(args.debug)
     configdir = configmod.configdir_from(args.configdir)
-    store = None
+    store: StateStore | None = None
     # listings (no action, -j, -v, -V) read only: they never create, migrate or merge
     write = args.add is not None or any(a.kind in CHANGING and a.kind != "is-enabled"
                                         for a in args.actions)
+    close_audit: Callable[[], None] = lambda: None  # noqa: E731
     try:
         cfg = configmod.load(configdir)
-        store = SQLiteStore(configmod.statedir_from(args.statedir, cfg.server),
-                            readonly=not write)
+        from .stores import copy_audit, open_store, server_name, state_url_from
+
+        state_url = state_url_from(args.state_url, cfg.server)
+        statedir = configmod.statedir_from(args.statedir, cfg.server)
+        store = (open_store(state_url, statedir) if state_url
+                 else SQLiteStore(statedir, readonly=not write))
+        close_audit = copy_audit(state_url, f"mandos-ctl@{server_name()}")
         ctl = Ctl(configdir, store, clock, cfg, write=write)
         if args.add is not None:
             ctl.add(args.add)
@@ -501,6 +518,7 @@ def main(argv: list[str] | None = None, *, clock: Callable[[], float] = time.tim
         print(f"mandos-ctl: {e}", file=sys.stderr)
         return 1
     finally:
+        close_audit()
         if store is not None:
             store.close()
 

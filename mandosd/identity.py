@@ -91,6 +91,7 @@ def load_or_create(statedir: Path) -> Identity:
     for the admin's convenience only; the identity is always derived from the
     private key.
     """
+    statedir.mkdir(mode=0o700, parents=True, exist_ok=True)  # a pool server keeps no other state
     priv = statedir / PRIVATE
     try:
         fd = os.open(priv, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,

@@ -56,6 +56,9 @@ def effective(client: Client, state: ClientState | None) -> Client:
 
 def decide(client: Client | None, state: ClientState | None, now: float) -> Decision:
     """The decision when a request arrives."""
+    if client is None and state is not None:
+        # a pool: the shared state knows it, this server's clients.conf does not
+        return Decision(Verdict.UNKNOWN, "client is not in this server's clients.conf")
     if client is None or state is None:
         return Decision(Verdict.UNKNOWN, "no client has this key_id")
     if state.source == "removed":

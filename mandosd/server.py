@@ -45,7 +45,8 @@ from .connections import (
     accept_loop,
     raise_fd_limit,
 )
-from .state import ClientState, SQLiteStore, StateError, added_client
+from .state import ClientState, StateError, added_client
+from .stores import change_listener, open_store
 
 log = logging.getLogger("mandosd.server")
 T = TypeVar("T")
@@ -60,6 +61,8 @@ class Limits:
     max_peer_data: int = 4096
     #: re-check a waiting approval this often even without a change notification
     approval_recheck: float = 5.0
+    #: ... and this often while the change notifications are down (a pool's LISTEN)
+    approval_poll: float = 0.2
     #: cap on any approval wait, whatever approval_delay says
     max_approval_wait: float = 3600.0
     #: connections from one address; the oldest unproved one makes room for a newcomer
@@ -76,19 +79,33 @@ class KeyServer:
         *,
         limits: Limits = Limits(),
         clock: Callable[[], float] = time.time,
+        state_url: str | None = None,
+        server_name: str | None = None,
     ) -> None:
         self.configdir = configdir
         self.statedir = statedir
+        self.state_url = state_url
+        self.server_name = server_name
         self.limits = limits
         self.clock = clock
         self.db_thread = ThreadPoolExecutor(1, thread_name_prefix="mandosd-db")
         # NORMAL sync: a commit survives the process being killed; only a power cut may
         # lose the last "secret sent" (its deadline extension), which errs on the safe
         # side.  Admin changes (mandos-ctl) are written with FULL sync.
-        self.store = SQLiteStore(statedir, durable=False)
+        self.store = open_store(state_url, statedir, durable=False, name=server_name,
+                                lazy=True)
+        #: wakes approval waits when another server or mandos-ctl changes the client
+        self.changes = change_listener(state_url) if state_url else Changes(statedir)
         self.config: Config = configmod.load(configdir)
-        self.stamp = configmod.config_stamp(configdir, self.config.secfiles)
-        self.store.sync_clients(self.config.clients.values(), clock())
+        self.stamp: Any = configmod.config_stamp(configdir, self.config.secfiles)
+        try:
+            self.store.sync_clients(self.config.clients.values(), clock())
+        except StateError as e:
+            if not state_url:
+                raise
+            # a pool whose database is away: serve (refusing) and merge on a later request
+            log.error("state store: %s; will retry", e)
+            self.stamp = None
         self.active = 0
         self.last_activity = time.monotonic()
         self.served = 0
@@ -99,7 +116,6 @@ class KeyServer:
         self.credentials.set_rawpk(self.identity.spki_pem, self.identity.key_pem)
         self.conns = ConnectionTable(limits.per_address, limits.total)
         self.errors = RateLimitedLog(log)
-        self.changes: Changes | None = None
         audit(Kind.CONFIG_LOADED, f"loaded {len(self.config.clients)} clients from "
               f"{configdir}", clients=len(self.config.clients))
 
@@ -142,7 +158,8 @@ class KeyServer:
         client = self.config.by_key_id.get(kid) or added_client(self.store, kid,
                                                                 self.config.defaults)
         if client is None:
-            return None, None
+            # in a pool, another server's client: refused here with its own reason
+            return None, self.store.get_by_key_id(kid) if self.state_url else None
         state = self.store.get(client.name)
         return policy.effective(client, state), state
 
@@ -258,8 +275,10 @@ class KeyServer:
             client, state, decision, error = await self._db(self._decide, kid)
         except StateError as e:
             log.error("state store: %s", e)
+            audit(Kind.PROTOCOL_ERROR, f"{peername}: refused: state store unavailable",
+                  key_id=kid, peer=peername, reason="state-unavailable")
             return
-        name = client.name if client else None
+        name = client.name if client else state.name if state else None
         if decision.verdict is policy.Verdict.WAIT and client is not None:
             waited = await self._wait_for_approval(client, tls, kid, peername, self.clock(),
                                                    decision.wait_until or self.clock())
@@ -274,6 +293,8 @@ class KeyServer:
         if error is not None:
             # refuse rather than hand out a secret we could not record
             log.error("not sending to %s: state store: %s", name, error)
+            audit(Kind.PROTOCOL_ERROR, f"not sending to {name}: could not record it",
+                  client=name, key_id=kid, peer=peername, reason="state-unavailable")
             return
         if decision.verdict is policy.Verdict.SEND and client is not None:
             try:
@@ -333,16 +354,18 @@ class KeyServer:
         """Wait for an approve/deny, woken by changes to the state (not by polling)."""
         loop = tls.loop
         received = [0]
+        # registered before the state is read again: no change is lost in between
+        changed: asyncio.Future[None] = self.changes.waiter(client.name)
         while True:
             left = wait_until - self.clock()
+            # a live waker: re-read only when woken (and rarely, as a safety net);
+            # otherwise (a pool whose LISTEN connection is down) poll
+            recheck = (self.limits.approval_recheck if self.changes.live
+                       else self.limits.approval_poll)
             readable: asyncio.Future[None] = loop.create_future()
             loop.add_reader(tls.fd, _resolve, readable)
-            waits: set[asyncio.Future[Any]] = {readable}
-            changed = self.changes.next() if self.changes is not None else None
-            if changed is not None:
-                waits.add(changed)
             try:
-                await asyncio.wait(waits, timeout=max(0.0, min(left, self.limits.approval_recheck)),
+                await asyncio.wait({readable, changed}, timeout=max(0.0, min(left, recheck)),
                                    return_when=asyncio.FIRST_COMPLETED)
             finally:
                 loop.remove_reader(tls.fd)
@@ -353,18 +376,22 @@ class KeyServer:
                       "for approval", client=client.name, key_id=kid, peer=peername,
                       reason="disconnected-waiting")
                 return None
-            log.debug("%s: approval state re-read (%s)", client.name,
-                      "the state changed" if changed is not None and changed.done()
-                      else "the peer sent data" if readable.done() and not readable.cancelled()
-                      else "timer")
+            why = ("the state changed" if changed.done() and not changed.cancelled()
+                   else "the peer sent data" if readable.done() and not readable.cancelled()
+                   else "timer")
+            changed.cancel()
+            changed = self.changes.waiter(client.name)  # before reading: no lost wake-up
+            log.debug("%s: approval state re-read (%s)", client.name, why)
             try:
                 fresh, state = await self._db(self._lookup, kid)
             except StateError as e:
                 log.error("state store: %s", e)
+                changed.cancel()
                 return None
             decision = policy.decide_waiting(fresh or client, state, self.clock(),
                                              requested_at, wait_until)
             if decision.verdict is not policy.Verdict.WAIT:
+                changed.cancel()
                 if decision.verdict is policy.Verdict.SEND and state is not None and (
                         state.approval_decision == "approve"):
                     await self._db(lambda: self.store.update(
@@ -401,7 +428,6 @@ class KeyServer:
         fds = raise_fd_limit()
         self.conns.total = max(16, min(self.limits.total, fds - 64))
         loop = asyncio.get_running_loop()
-        self.changes = Changes(loop, self.statedir)
         acceptors = [loop.create_task(accept_loop(s, self.conns, self.handle,
                                                   self._refused_connection, self.errors))
                      for s in socks]
@@ -423,7 +449,7 @@ class KeyServer:
                 c.drop()
             tasks = [c.task for c in self.conns.all() if c.task is not None]
             await asyncio.gather(*acceptors, *bg, *tasks, return_exceptions=True)
-            self.changes.close()
+            await self.changes.aclose()
 
     def close(self) -> None:
         self.db_thread.shutdown(wait=True)

@@ -505,7 +505,7 @@ def known_clients(configured: Mapping[str, Client], states: Iterable[ClientState
     return out
 
 
-def added_client(store: SQLiteStore, key_id: str, defaults: Mapping[str, str]) -> Client | None:
+def added_client(store: StateStore, key_id: str, defaults: Mapping[str, str]) -> Client | None:
     """The client with *key_id* added by ``mandos-ctl --add`` (not in clients.conf), if any."""
     import logging
 

@@ -1,0 +1,652 @@
+"""The state store of a pool of key servers: one PostgreSQL database (psycopg 3).
+
+Same interface as :class:`mandosd.state.SQLiteStore`; every server of the pool,
+its checker passes and ``mandos-ctl --state-url`` open the same database, so a
+secret sent, a disable, an approval on any server holds for all at once.
+
+- Schema: versioned migrations (:data:`MIGRATIONS`), applied by whichever
+  server connects first, under a transaction-scoped advisory lock.
+- Unreachable database: every call raises :class:`StateError` (the server
+  refuses with reason ``state-unavailable``); the store reconnects on a later
+  call, no sooner than its back-off allows.  Nothing is half-written: each
+  change is one transaction.
+- Wake on change: a trigger sends ``NOTIFY mandos_clients, '<name>'`` when a
+  client's enabled/approval columns change; :class:`ChangeListener` turns that
+  into asyncio wake-ups for requests that wait for approval.
+- Fleet audit: :class:`AuditWriter` copies every audit entry into the
+  ``audit`` table from a thread of its own (bounded queue while the database
+  is away); journald keeps the per-server record as before.
+
+It must never log a connection string (it may hold a password): messages name
+the database by :func:`describe` only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import json
+import logging
+import queue
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+
+from .config import Client
+from .state import CheckRecord, ClientState, StateError
+
+log = logging.getLogger("mandosd.pgstate")
+
+SCHEMA_VERSION = 2
+#: pg_advisory_xact_lock key: "mandosd schema" (any constant all servers share)
+SCHEMA_LOCK = 0x6D616E646F73
+NOTIFY_CHANNEL = "mandos_clients"
+
+#: (version reached, statements): applied in order to a database at a lower version;
+#: never edit a released step, add one.
+MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
+    (1, (
+        """CREATE TABLE clients (
+            name TEXT PRIMARY KEY,
+            key_id TEXT,
+            enabled BOOLEAN NOT NULL,
+            deadline DOUBLE PRECISION,
+            last_enabled DOUBLE PRECISION,
+            last_checked_ok DOUBLE PRECISION,
+            last_checker_status INTEGER,
+            last_checker_time DOUBLE PRECISION,
+            checker_started DOUBLE PRECISION,
+            next_check DOUBLE PRECISION,
+            last_secret_sent DOUBLE PRECISION,
+            approved_until DOUBLE PRECISION,
+            approval_decision TEXT,
+            approval_decided_at DOUBLE PRECISION,
+            overrides TEXT NOT NULL DEFAULT '{}',
+            source TEXT NOT NULL DEFAULT 'config',
+            section TEXT,
+            created DOUBLE PRECISION,
+            last_approval_request DOUBLE PRECISION,
+            approval_pending_until DOUBLE PRECISION,
+            checker_stop_requested DOUBLE PRECISION)""",
+        "CREATE INDEX clients_key_id ON clients(key_id)",
+        "CREATE INDEX clients_next_check ON clients(next_check)",
+        """CREATE TABLE audit (
+            id BIGSERIAL PRIMARY KEY,
+            at TIMESTAMPTZ NOT NULL,
+            server TEXT NOT NULL,
+            outcome TEXT NOT NULL,
+            message_id TEXT NOT NULL,
+            client TEXT,
+            key_id TEXT,
+            peer TEXT,
+            reason TEXT,
+            message TEXT NOT NULL,
+            fields JSONB NOT NULL DEFAULT '{}')""",
+        "CREATE INDEX audit_client_at ON audit(client, at)",
+        "CREATE INDEX audit_at ON audit(at)",
+        f"""CREATE FUNCTION mandos_client_changed() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+                PERFORM pg_notify('{NOTIFY_CHANNEL}', NEW.name);
+                RETURN NULL;
+            END $$""",
+        """CREATE TRIGGER clients_changed AFTER UPDATE OF enabled, approval_decision,
+            approval_decided_at, approved_until, source, deadline ON clients
+            FOR EACH ROW EXECUTE FUNCTION mandos_client_changed()""",
+    )),
+    # clients.conf's values at the last load, so that a value changed there wins over the
+    # stored state (mandosd/merge.py), as in SQLite's schema 3
+    (2, ("ALTER TABLE clients ADD COLUMN config TEXT",)),
+)
+
+_COLUMNS = list(ClientState.__dataclass_fields__)
+_CONN_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError)
+
+#: a claim is lost (its server died mid-pass) after the check's interval plus this: a
+#: checker is killed at its interval and its result written within a second after
+CLAIM_SLACK = 2.0
+#: back-off between reconnection attempts (seconds): doubles up to the maximum
+BACKOFF_MIN = 0.2
+BACKOFF_MAX = 10.0
+
+
+def describe(url: str) -> str:
+    """The database a connection string names, without user or password."""
+    try:
+        info = psycopg.conninfo.conninfo_to_dict(url)
+    except psycopg.ProgrammingError:
+        return "PostgreSQL (unparsable connection string)"
+    where = info.get("host") or "local socket"
+    port = f":{info['port']}" if info.get("port") else ""
+    return f"PostgreSQL {info.get('dbname') or '(default database)'} on {where}{port}"
+
+
+def connect_args(url: str, timeout: float, name: str) -> dict[str, Any]:
+    """libpq parameters: the URL's, plus bounds on a database that stops answering.
+
+    A statement may take 10 s at most, and a TCP peer that vanishes without a
+    reset is noticed within about 10 s; the URL may set other values.
+    """
+    args: dict[str, Any] = dict(psycopg.conninfo.conninfo_to_dict(url))
+    args.setdefault("connect_timeout", max(1, round(timeout)))
+    args.setdefault("application_name", name[:63])
+    args.setdefault("keepalives_idle", 5)
+    args.setdefault("keepalives_interval", 2)
+    args.setdefault("keepalives_count", 3)
+    args.setdefault("tcp_user_timeout", 10000)
+    args.setdefault("options", "-c statement_timeout=10000")
+    return args
+
+
+def _row(row: Mapping[str, Any]) -> ClientState:
+    values = {k: row[k] for k in _COLUMNS}
+    values["overrides"] = json.loads(values["overrides"] or "{}")
+    values["config"] = json.loads(values["config"]) if values.get("config") else None
+    return ClientState(**values)
+
+
+def migrate(conn: psycopg.Connection[Any], where: str) -> int:
+    """Bring the schema to :data:`SCHEMA_VERSION`; returns the version found first.
+
+    The advisory lock is taken before anything is read, so servers that start at
+    the same moment apply each step once, one after the other; it is released at
+    commit.
+    """
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
+        conn.execute("CREATE TABLE IF NOT EXISTS mandos_schema (version INTEGER NOT NULL)")
+        cur = conn.cursor(row_factory=psycopg.rows.tuple_row)
+        row = cur.execute("SELECT max(version) FROM mandos_schema").fetchone()
+        version = row[0] if row and row[0] is not None else 0
+        if version > SCHEMA_VERSION:
+            raise StateError(f"{where}: made by a newer mandosd (schema {version} > "
+                             f"{SCHEMA_VERSION}); refusing to touch it")
+        for target, statements in MIGRATIONS:
+            if version < target:
+                for stmt in statements:
+                    conn.execute(stmt)  # type: ignore[arg-type]
+                conn.execute("INSERT INTO mandos_schema (version) VALUES (%s)", (target,))
+    return version
+
+
+class PostgresStore:
+    """The pool's state store.  One connection; calls come from one thread at a time."""
+
+    def __init__(self, url: str, *, server_name: str | None = None,
+                 connect_timeout: float = 5.0, clock: Callable[[], float] = time.monotonic,
+                 lazy: bool = False) -> None:
+        self.url = url
+        self.where = describe(url)
+        self.server_name = server_name or socket.gethostname()
+        self.connect_timeout = connect_timeout
+        self.clock = clock
+        self._conn: psycopg.Connection[Any] | None = None
+        self._lock = threading.RLock()
+        self._backoff = 0.0
+        self._next_try = 0.0
+        self._unreachable = False
+        try:
+            self._connect()
+        except StateError as e:
+            # *lazy* (a server): start anyway, refuse, and connect on a later call;
+            # otherwise (mandos-ctl) an unreachable database is an error now
+            if not lazy or not self._unreachable:
+                raise
+            log.error("%s", e)
+
+    # -- the connection ----------------------------------------------------------
+
+    def _connect(self) -> psycopg.Connection[Any]:
+        self._unreachable = False
+        try:
+            conn = psycopg.connect(**connect_args(self.url, self.connect_timeout,
+                                                  f"mandosd {self.server_name}"),
+                                   autocommit=True, row_factory=dict_row)
+        except psycopg.Error as e:
+            self._failed()
+            self._unreachable = True
+            raise StateError(f"{self.where}: unreachable: {_first_line(e)}") from None
+        try:
+            migrate(conn, self.where)
+        except psycopg.Error as e:
+            conn.close()
+            self._failed()
+            raise StateError(f"{self.where}: cannot prepare the schema: "
+                             f"{_first_line(e)}") from None
+        except StateError:
+            conn.close()
+            raise
+        if self._backoff:
+            log.info("%s: reconnected", self.where)
+        self._backoff = 0.0
+        self._conn = conn
+        return conn
+
+    def _failed(self) -> None:
+        self._backoff = min(BACKOFF_MAX, max(BACKOFF_MIN, self._backoff * 2))
+        self._next_try = self.clock() + self._backoff
+
+    def _get(self) -> psycopg.Connection[Any]:
+        if self._conn is not None and not self._conn.closed:
+            return self._conn
+        if self.clock() < self._next_try:
+            raise StateError(f"{self.where}: unreachable (next attempt in "
+                             f"{self._next_try - self.clock():.1f} s)")
+        return self._connect()
+
+    def _run(self, fn: Callable[[psycopg.Connection[Any]], Any], *, tx: bool = True) -> Any:
+        """Run *fn* in one transaction; a lost connection becomes a StateError.
+
+        *tx* false: *fn* runs one statement, which autocommit makes its own
+        transaction (one round trip instead of three: a request's cost).
+        """
+        with self._lock:
+            conn = self._get()
+            try:
+                if not tx:
+                    return fn(conn)
+                with conn.transaction():
+                    return fn(conn)
+            except _CONN_ERRORS as e:
+                if conn.closed or conn.broken:
+                    self._conn = None
+                    with _suppress():
+                        conn.close()
+                    self._failed()
+                    log.error("%s: connection lost: %s", self.where, _first_line(e))
+                raise StateError(f"{self.where}: {_first_line(e)}") from None
+            except psycopg.Error as e:
+                raise StateError(f"{self.where}: {_first_line(e)}") from None
+
+    # -- the StateStore interface -------------------------------------------------
+
+    def sync_clients(self, clients: Iterable[Client], now: float) -> None:
+        """Merge this server's configured clients into the shared state, as Mandos does
+        (mandosd/merge.py): a value changed in clients.conf since the last load wins over
+        the stored state, an unchanged one leaves it alone, each change is audited.
+
+        Unlike SQLite, only this server's own clients are considered: a client missing
+        from this server's clients.conf is neither deleted nor made a tombstone, since
+        other servers of the pool may still have it (this server refuses it, see the
+        server); and a removed client stays removed.
+        """
+        from .audit import audit
+        from .merge import plan
+
+        clients = list(clients)
+        names = [c.name for c in clients]
+
+        def tx(conn: psycopg.Connection[Any]) -> Any:
+            rows = [_row(r) for r in conn.execute(
+                "SELECT * FROM clients WHERE name = ANY(%s) ORDER BY name FOR UPDATE",
+                (names,)).fetchall()]
+            todo = plan(clients, rows, now)
+            with conn.cursor() as cur:
+                for row in todo.inserts:
+                    cols = list(row)
+                    cur.execute(f"INSERT INTO clients ({', '.join(cols)}) VALUES "  # noqa: S608
+                                f"({', '.join(['%s'] * len(cols))}) ON CONFLICT (name) DO NOTHING",
+                                [_db_value(k, row[k]) for k in cols])
+                for name, changes in todo.updates:
+                    bad = set(changes) - set(_COLUMNS)
+                    if bad:
+                        raise StateError(f"unknown state fields {sorted(bad)}")
+                    cols_set = ", ".join(f"{k}=%s" for k in changes)  # keys checked above
+                    cur.execute(f"UPDATE clients SET {cols_set} WHERE name=%s",  # noqa: S608
+                                [*(_db_value(k, v) for k, v in changes.items()), name])
+            return todo
+
+        todo = self._run(tx)
+        for ev in todo.events:
+            audit(ev.kind, ev.message, client=ev.client, key_id=ev.key_id, **ev.fields)
+
+    def merged(self, clients: Iterable[Client], now: float) -> list[ClientState]:
+        """The states as :meth:`sync_clients` would leave them, without writing anything."""
+        from .merge import plan
+
+        clients = list(clients)
+        names = {c.name for c in clients}
+        states = self.all()
+        return plan(clients, [s for s in states if s.name in names], now).apply(states)
+
+    def get(self, name: str) -> ClientState | None:
+        row = self._run(lambda c: c.execute("SELECT * FROM clients WHERE name=%s",
+                                            (name,)).fetchone(), tx=False)
+        return _row(row) if row else None
+
+    def get_by_key_id(self, key_id: str) -> ClientState | None:
+        row = self._run(lambda c: c.execute("SELECT * FROM clients WHERE key_id=%s",
+                                            (key_id,)).fetchone(), tx=False)
+        return _row(row) if row else None
+
+    def all(self) -> list[ClientState]:
+        rows = self._run(lambda c: c.execute("SELECT * FROM clients ORDER BY name").fetchall(),
+                         tx=False)
+        return [_row(r) for r in rows]
+
+    def update(self, name: str, **changes: Any) -> None:
+        bad = set(changes) - set(_COLUMNS) or ({"name"} & set(changes))
+        if bad:
+            raise ValueError(f"unknown state fields: {sorted(bad)}")
+        if "overrides" in changes:
+            changes["overrides"] = json.dumps(changes["overrides"], sort_keys=True)
+        if "enabled" in changes:
+            changes["enabled"] = bool(changes["enabled"])
+        cols = ", ".join(f"{k}=%s" for k in changes)  # keys checked against _COLUMNS
+
+        def tx(conn: psycopg.Connection[Any]) -> None:
+            cur = conn.execute(f"UPDATE clients SET {cols} WHERE name=%s",  # type: ignore[arg-type]
+                               (*changes.values(), name))
+            if cur.rowcount == 0:
+                raise StateError(f"no such client: {name}")
+        self._run(tx, tx=False)
+
+    def record_secret_sent(self, name: str, now: float, deadline: float) -> None:
+        """Record a secret about to be sent; refuses if the client changed meanwhile.
+
+        Another server or ``mandos-ctl`` may have disabled the client (or let its
+        deadline pass) between this server's read and this write: then nothing is
+        recorded and :class:`StateError` says so, and the secret is not sent.
+        """
+        def tx(conn: psycopg.Connection[Any]) -> None:
+            cur = conn.execute(
+                "UPDATE clients SET last_secret_sent=%s,"
+                " deadline=GREATEST(COALESCE(deadline, 0), %s)"
+                " WHERE name=%s AND enabled AND source <> 'removed'"
+                " AND (deadline IS NULL OR deadline >= %s)", (now, deadline, name, now))
+            if cur.rowcount == 0:
+                raise StateError(f"{name}: disabled or timed out by another server "
+                                 "meanwhile")
+        self._run(tx, tx=False)
+
+    def claim_checks(self, candidates: Mapping[str, float], now: float,
+                     force: bool = False) -> list[str]:
+        """Claim the due checks of *candidates* (name: interval) for this pass.
+
+        Row locks with ``SKIP LOCKED``: passes on other servers neither wait for this
+        one nor claim the same client; a claim older than the interval plus
+        :data:`CLAIM_SLACK` (its server died mid-pass) counts as lost and is taken
+        over by the next pass of any server.
+        """
+        if not candidates:
+            return []
+        names = list(candidates)
+        intervals = [candidates[n] for n in names]
+
+        def tx(conn: psycopg.Connection[Any]) -> list[str]:
+            rows = conn.execute(
+                "WITH due AS (SELECT c.name FROM clients c"
+                "   JOIN unnest(%s::text[], %s::float8[]) AS d(name, ival) ON c.name=d.name"
+                "   WHERE c.enabled AND (%s OR c.next_check IS NULL OR c.next_check<=%s)"
+                "   AND (c.checker_started IS NULL OR c.checker_started < %s - d.ival - %s)"
+                "   FOR UPDATE OF c SKIP LOCKED)"
+                " UPDATE clients SET checker_started=%s FROM due"
+                " WHERE clients.name=due.name RETURNING clients.name",
+                (names, intervals, force, now, now, CLAIM_SLACK, now)).fetchall()
+            return [r["name"] for r in rows]
+        claimed: list[str] = self._run(tx)
+        return sorted(claimed, key=names.index)
+
+    def record_checks(self, results: Iterable[CheckRecord]) -> None:
+        rows = [(r.status, r.finished, r.next_check,
+                 r.finished if r.deadline is not None else None,
+                 r.deadline, r.finished, r.deadline, r.name) for r in results]
+        if not rows:
+            return
+
+        def tx(conn: psycopg.Connection[Any]) -> None:
+            with conn.cursor() as cur:
+                cur.executemany(
+                    "UPDATE clients SET last_checker_status=%s, last_checker_time=%s,"
+                    " checker_started=NULL, next_check=%s,"
+                    " last_checked_ok=COALESCE(%s, last_checked_ok),"
+                    " deadline=CASE WHEN %s::float8 IS NOT NULL AND enabled"
+                    "   AND (deadline IS NULL OR deadline >= %s)"
+                    "   THEN GREATEST(COALESCE(deadline, 0), %s) ELSE deadline END"
+                    " WHERE name=%s", rows)
+        self._run(tx)
+
+    def disable_expired(self, now: float) -> list[ClientState]:
+        rows = self._run(lambda c: c.execute(
+            "UPDATE clients SET enabled=false WHERE enabled AND deadline IS NOT NULL"
+            " AND deadline<%s RETURNING *", (now,)).fetchall())
+        return [_row(r) for r in rows]
+
+    def stop_requested(self, names: Iterable[str], since: float) -> set[str]:
+        wanted = set(names)
+        rows = self._run(lambda c: c.execute(
+            "SELECT name FROM clients WHERE checker_stop_requested>=%s", (since,)).fetchall())
+        return {r["name"] for r in rows} & wanted
+
+    def add_client(self, name: str, key_id: str | None, section: str, now: float,
+                   timeout: float, enabled: bool = True) -> None:
+        def tx(conn: psycopg.Connection[Any]) -> None:
+            if conn.execute("SELECT 1 FROM clients WHERE name=%s", (name,)).fetchone():
+                raise StateError(f"client {name} exists already")
+            if key_id is not None and conn.execute(
+                    "SELECT 1 FROM clients WHERE key_id=%s", (key_id,)).fetchone():
+                raise StateError(f"client {name}: another client has key_id {key_id}")
+            conn.execute(
+                "INSERT INTO clients (name, key_id, enabled, deadline, last_enabled,"
+                " next_check, created, source, section)"
+                " VALUES (%s,%s,%s,%s,%s,%s,%s,'ctl',%s)",
+                (name, key_id, enabled, now + timeout, now, now, now, section))
+        self._run(tx)
+
+    def remove(self, name: str) -> None:
+        def tx(conn: psycopg.Connection[Any]) -> None:
+            if conn.execute("DELETE FROM clients WHERE name=%s", (name,)).rowcount == 0:
+                raise StateError(f"no such client: {name}")
+        self._run(tx)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                with _suppress():
+                    self._conn.close()
+                self._conn = None
+
+    # -- the pool only ---------------------------------------------------------------
+
+    def import_states(self, states: Iterable[ClientState]) -> int:
+        """Copy client states (from SQLite) into an empty table; returns how many."""
+        rows = [[_db_value(k, getattr(s, k)) for k in _COLUMNS] for s in states]
+        cols = ", ".join(_COLUMNS)
+        marks = ", ".join(["%s"] * len(_COLUMNS))
+
+        def tx(conn: psycopg.Connection[Any]) -> int:
+            conn.execute("LOCK TABLE clients IN EXCLUSIVE MODE")
+            if conn.execute("SELECT 1 FROM clients LIMIT 1").fetchone():
+                raise StateError(f"{self.where}: already holds clients; refusing to "
+                                 "merge another state into it")
+            with conn.cursor() as cur:
+                cur.executemany(f"INSERT INTO clients ({cols}) VALUES ({marks})",  # type: ignore[arg-type]
+                                rows)
+            return len(rows)
+        count: int = self._run(tx)
+        return count
+
+    def audit_log(self, client: str | None = None, limit: int = 100
+                  ) -> list[dict[str, Any]]:
+        """The newest *limit* audit rows (of *client*), oldest first."""
+        rows: list[dict[str, Any]] = self._run(lambda c: c.execute(
+            "SELECT * FROM (SELECT id, at, server, outcome, client, key_id, peer, reason,"
+            " message FROM audit WHERE %s::text IS NULL OR client=%s"
+            " ORDER BY id DESC LIMIT %s) t ORDER BY id", (client, client, limit)).fetchall())
+        return rows
+
+
+def _db_value(key: str, value: Any) -> Any:
+    if key in ("overrides", "config") and value is not None:
+        return json.dumps(dict(value), sort_keys=True)
+    return value
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0]
+
+
+class _suppress:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> bool:
+        return exc_type is not None and issubclass(exc_type, Exception)  # type: ignore[arg-type]
+
+
+# -- wake on change: LISTEN/NOTIFY -----------------------------------------------------
+
+class ChangeListener:
+    """Wakes requests waiting for approval when their client's row changes anywhere.
+
+    One asyncio task holds a LISTEN connection.  While it is not connected
+    (:attr:`live` false), waiters fall back to re-reading at the server's poll
+    interval; when the connection comes back, every waiter is woken once.
+    """
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.where = describe(url)
+        self.live = False
+        self._waiters: dict[str, set[asyncio.Future[None]]] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def waiter(self, name: str) -> asyncio.Future[None]:
+        """A future set at the next change of *name* (register before reading state)."""
+        loop = asyncio.get_running_loop()
+        if self._task is None:
+            self._task = loop.create_task(self._run())
+        fut: asyncio.Future[None] = loop.create_future()
+        self._waiters.setdefault(name, set()).add(fut)
+        fut.add_done_callback(lambda f: self._waiters.get(name, set()).discard(f))
+        return fut
+
+    def _wake(self, name: str | None) -> None:
+        names = [name] if name is not None else list(self._waiters)
+        for n in names:
+            for fut in list(self._waiters.get(n, ())):
+                if not fut.done():
+                    fut.set_result(None)
+
+    async def _run(self) -> None:
+        backoff = BACKOFF_MIN
+        while True:
+            try:
+                conn = await psycopg.AsyncConnection.connect(
+                    **connect_args(self.url, 5, "mandosd listener"), autocommit=True)
+                async with conn:
+                    await conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                    self.live = True
+                    backoff = BACKOFF_MIN
+                    self._wake(None)  # anything may have changed while we were away
+                    async for note in conn.notifies():
+                        self._wake(note.payload)
+            except Exception as e:  # whatever it was: fall back to polling, retry
+                log.debug("%s: change listener: %s", self.where, _first_line(e))
+            self.live = False
+            self._wake(None)
+            await asyncio.sleep(backoff)
+            backoff = min(BACKOFF_MAX, backoff * 2)
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with _suppress():
+                await self._task
+
+
+# -- the fleet audit table ---------------------------------------------------------------
+
+class AuditWriter:
+    """Copies audit entries into the ``audit`` table from a thread of its own.
+
+    Entries queue in memory (at most :attr:`limit`; beyond that the oldest are
+    dropped, with one error) while the database is unreachable; :meth:`close`
+    writes what is left, if it can.
+    """
+
+    def __init__(self, url: str, server_name: str, *, limit: int = 100_000) -> None:
+        self.url = url
+        self.where = describe(url)
+        self.server_name = server_name
+        self.limit = limit
+        self._queue: queue.Queue[tuple[Any, ...] | None] = queue.Queue()
+        self._conn: psycopg.Connection[Any] | None = None
+        self._thread = threading.Thread(target=self._loop, name="mandosd-audit", daemon=True)
+        self._thread.start()
+
+    def __call__(self, entry: Mapping[str, Any]) -> None:
+        """The audit sink (see :func:`mandosd.audit.add_sink`)."""
+        if self._queue.qsize() >= self.limit:
+            with _suppress():
+                self._queue.get_nowait()
+            log.error("%s: audit table unreachable; dropping the oldest entry", self.where)
+        fields = {k: v for k, v in entry["fields"].items() if v is not None}
+        at = datetime.datetime.fromtimestamp(entry["at"], datetime.UTC)
+        self._queue.put((at, self.server_name, entry["outcome"], entry["message_id"],
+                         entry.get("client"), entry.get("key_id"), entry.get("peer"),
+                         entry.get("reason"), entry["message"],
+                         json.dumps(fields, default=str, sort_keys=True)))
+
+    def _write(self, rows: list[tuple[Any, ...]]) -> bool:
+        try:
+            if self._conn is None or self._conn.closed:
+                self._conn = psycopg.connect(**connect_args(self.url, 5, "mandosd audit"),
+                                             autocommit=True)
+            # COPY: one round trip and little per-row work for a whole batch
+            with self._conn.transaction(), self._conn.cursor() as cur, cur.copy(
+                    "COPY audit (at, server, outcome, message_id, client, key_id, peer,"
+                    " reason, message, fields) FROM STDIN") as copy:
+                for row in rows:
+                    copy.write_row(row)
+            return True
+        except psycopg.Error as e:
+            log.debug("%s: audit table: %s", self.where, _first_line(e))
+            if self._conn is not None:
+                with _suppress():
+                    self._conn.close()
+            self._conn = None
+            return False
+
+    def _loop(self) -> None:
+        pending: list[tuple[Any, ...]] = []
+        backoff = BACKOFF_MIN
+        stop = False
+        while not stop or pending:
+            try:
+                item = self._queue.get(timeout=backoff if pending else None)
+                if item is None:
+                    stop = True
+                else:
+                    pending.append(item)
+                while True:  # take whatever else is queued
+                    item = self._queue.get_nowait()
+                    if item is None:
+                        stop = True
+                    else:
+                        pending.append(item)
+            except queue.Empty:
+                pass
+            if not pending:
+                continue
+            if self._write(pending):
+                pending, backoff = [], BACKOFF_MIN
+            elif stop:
+                log.error("%s: %d audit entries not written to the audit table "
+                          "(journald has them)", self.where, len(pending))
+                return
+            else:
+                backoff = min(BACKOFF_MAX, backoff * 2)
+                pending = pending[-self.limit:]
+
+    def close(self, timeout: float = 10.0) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout)
+        if self._conn is not None:
+            with _suppress():
+                self._conn.close()

@@ -1,0 +1,82 @@
+"""Which state store: SQLite under the state directory, or a pool's PostgreSQL.
+
+The one place that reads ``--state-url`` / ``state_url =``; everything else
+takes a :class:`mandosd.state.StateStore`.  psycopg is imported only when a
+URL is given, so a single server needs nothing beyond the standard library.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+from .config import ServerConfig
+from .state import SQLiteStore, StateError, StateStore
+
+
+def state_url_from(arg: str | None, server: ServerConfig) -> str | None:
+    """--state-url, else state_url= from mandos.conf, else None (SQLite)."""
+    url = arg if arg is not None else getattr(server, "state_url", None)
+    return url.strip() or None if url else None
+
+
+def server_name(arg: str | None = None) -> str:
+    """How this server signs the pool's audit rows: --server-name, else the host name."""
+    return arg or socket.gethostname()
+
+
+def open_store(state_url: str | None, statedir: Path, *, durable: bool = True,
+               name: str | None = None, lazy: bool = False) -> StateStore:
+    """The store for *state_url* if given (PostgreSQL), else SQLite in *statedir*.
+
+    *lazy* (servers): a database unreachable now is not an error; the store
+    refuses until it can connect.
+    """
+    if not state_url:
+        return SQLiteStore(statedir, durable=durable)
+    if not state_url.startswith(("postgresql:", "postgres:")) and "=" not in state_url:
+        raise StateError(f"state URL must be a PostgreSQL connection string "
+                         f"(postgresql://…), not {state_url.split(':')[0]!r}")
+    try:
+        from .pgstate import PostgresStore
+    except ImportError:
+        raise StateError("--state-url needs psycopg 3 (Debian: python3-psycopg; "
+                         "pip: mandos-nbde[postgresql])") from None
+    return PostgresStore(state_url, server_name=server_name(name), lazy=lazy)
+
+
+class Waiter(Protocol):
+    """Wakes requests that wait for approval when their client changes."""
+
+    live: bool
+
+    def waiter(self, name: str) -> asyncio.Future[None]: ...
+
+    async def aclose(self) -> None: ...
+
+
+def change_listener(state_url: str) -> Waiter:
+    """The pool's waker (LISTEN/NOTIFY); SQLite uses :class:`mandosd.changes.Changes`."""
+    from .pgstate import ChangeListener
+
+    return ChangeListener(state_url)
+
+
+def copy_audit(state_url: str | None, name: str | None = None) -> Callable[[], None]:
+    """With a pool, copy audit entries into its audit table; returns the closer."""
+    if not state_url:
+        return lambda: None
+    from .audit import add_sink, remove_sink
+    from .pgstate import AuditWriter
+
+    writer = AuditWriter(state_url, server_name(name))
+    add_sink(writer)
+
+    def close() -> None:
+        remove_sink(writer)
+        writer.close()
+    return close
+

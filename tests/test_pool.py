@@ -1,0 +1,552 @@
+"""A pool of key servers on one real PostgreSQL 15 (Debian's), started by the tests.
+
+Three real mandosd processes share one database (``--state-url``); clients
+fetch with the real ``mandos-client``; ``mandos-ctl --state-url`` acts through
+any server's configuration.  The database is stopped and started under the
+running servers, and a checker pass is killed with SIGKILL mid-way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
+
+import pytest
+
+from tests import pglib
+from tests.conftest import PASSWORD
+from tests.helpers import Mandosd, fetch, tool
+
+REASON_ELSEWHERE = "client is not in this server's clients.conf"
+
+
+@pytest.fixture(scope="module")
+def pg() -> Iterator[pglib.Postgres]:
+    why = pglib.available()
+    if why:
+        pytest.skip(why)
+    server = pglib.Postgres().start()
+    try:
+        yield server
+    finally:
+        server.destroy()
+
+
+@pytest.fixture()
+def url(pg: pglib.Postgres) -> str:
+    """A fresh, empty database for one test."""
+    return pg.create_database(f"pool_{uuid.uuid4().hex[:12]}")
+
+
+def servers(tmp_path: Path, url: str, sections: list[list[str]], stack: ExitStack
+            ) -> list[Mandosd]:
+    """Start one mandosd per entry of *sections* (its clients.conf), all at once."""
+    out = []
+    for i, secs in enumerate(sections, 1):
+        srv = Mandosd(tmp_path / f"srv{i}", sections=secs,
+                      extra_args=["--state-url", url, "--server-name", f"srv{i}"])
+        out.append(srv)
+    procs = []
+    for srv in out:  # Popen all first: three servers meet an empty database together
+        log = srv.logfile.open("ab")
+        env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
+        srv.proc = subprocess.Popen(srv.argv(), stdout=log, stderr=log, env=env)
+        procs.append(srv)
+        stack.callback(srv.stop)
+    for srv in procs:
+        _wait_log(srv, "MANDOS_OUTCOME=server-started")
+    return out
+
+
+def _wait_log(srv: Mandosd, text: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in srv.log():
+        assert srv.proc is not None
+        if srv.proc.poll() is not None:
+            raise AssertionError(f"mandosd exited {srv.proc.returncode}:\n{srv.log()}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{text!r} not logged:\n{srv.log()}")
+        time.sleep(0.05)
+
+
+def ctl(srv: Mandosd, url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    argv = [tool("mandos-ctl"), *args, "--configdir", str(srv.configdir),
+            "--state-url", url]
+    if args[:1] not in (("log",), ("migrate-state",)):
+        argv += ["--statedir", str(srv.statedir)]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60)
+
+
+def state(url: str, name: str = "client1") -> dict[str, object]:
+    import psycopg
+    from psycopg.rows import dict_row
+
+    with psycopg.connect(url, row_factory=dict_row) as conn:
+        row = conn.execute("SELECT * FROM clients WHERE name=%s", (name,)).fetchone()
+    assert row is not None
+    return row
+
+
+def fetch_all(keys: Path, srvs: list[Mandosd]) -> list[bytes]:
+    return [fetch(keys, s.address).stdout for s in srvs]
+
+
+# -- schema ---------------------------------------------------------------------------
+
+def test_three_servers_start_at_once_on_an_empty_database(
+        tmp_path: Path, url: str, client_keys: Path, client_section: str) -> None:
+    import psycopg
+
+    from mandosd.pgstate import MIGRATIONS, SCHEMA_VERSION
+
+    with ExitStack() as stack:
+        srvs = servers(tmp_path, url, [[client_section]] * 3, stack)
+        assert fetch_all(client_keys, srvs) == [PASSWORD] * 3
+        with psycopg.connect(url) as conn:
+            versions = [r[0] for r in conn.execute("SELECT version FROM mandos_schema")]
+            tables = conn.execute("SELECT count(*) FROM pg_tables WHERE tablename='clients'"
+                                  ).fetchone()
+        assert sorted(versions) == [v for v, _ in MIGRATIONS] and versions[-1] == SCHEMA_VERSION
+        assert tables == (1,)
+        for s in srvs:
+            assert "Traceback" not in s.log() and "ERROR" not in s.log()
+
+
+def test_newer_schema_is_refused(tmp_path: Path, url: str, client_section: str) -> None:
+    import psycopg
+
+    from mandosd.pgstate import PostgresStore
+    from mandosd.state import StateError
+
+    PostgresStore(url).close()
+    with psycopg.connect(url) as conn:
+        conn.execute("INSERT INTO mandos_schema VALUES (999)")
+    with pytest.raises(StateError, match="newer mandosd"):
+        PostgresStore(url)
+
+
+# -- one state for the pool -----------------------------------------------------------
+
+def test_disable_enable_deny_approve_hold_for_every_server(
+        tmp_path: Path, url: str, client_keys: Path, client_section: str) -> None:
+    section = client_section + "approval_duration = PT1H\n"
+    with ExitStack() as stack:
+        srvs = servers(tmp_path, url, [[section]] * 3, stack)
+        assert fetch_all(client_keys, srvs) == [PASSWORD] * 3
+
+        p = ctl(srvs[0], url, "--disable", "client1")
+        assert p.returncode == 0, p.stderr
+        assert fetch_all(client_keys, srvs) == [b""] * 3
+        for s in srvs:
+            assert "MANDOS_OUTCOME=refused-disabled" in s.log()
+        # mandos-ctl through another server's configuration sees the same
+        assert ctl(srvs[2], url, "--is-enabled", "client1").returncode == 1
+
+        assert ctl(srvs[1], url, "--enable", "client1").returncode == 0
+        assert fetch_all(client_keys, srvs) == [PASSWORD] * 3
+
+        assert ctl(srvs[2], url, "--deny", "client1").returncode == 0
+        assert fetch_all(client_keys, srvs) == [b""] * 3
+        for s in srvs:
+            assert "MANDOS_OUTCOME=refused-denied" in s.log()
+
+        assert ctl(srvs[0], url, "--approve", "client1").returncode == 0
+        assert fetch_all(client_keys, srvs) == [PASSWORD] * 3
+
+
+def test_a_secret_from_one_moves_the_deadline_seen_by_all(
+        tmp_path: Path, url: str, client_keys: Path, client_section: str) -> None:
+    section = client_section + "timeout = PT1M\nextended_timeout = PT2H\n"
+    with ExitStack() as stack:
+        srvs = servers(tmp_path, url, [[section]] * 3, stack)
+        before = state(url)
+        assert before["last_secret_sent"] is None
+        assert before["deadline"] < time.time() + 61  # type: ignore[operator]
+        assert fetch(client_keys, srvs[0].address).stdout == PASSWORD
+        after = state(url)
+        sent = after["last_secret_sent"]
+        assert isinstance(sent, float) and after["deadline"] == pytest.approx(sent + 7200)
+        for s in srvs[1:]:  # what the other servers' mandos-ctl shows
+            p = ctl(s, url, "--dump-json", "client1")
+            assert p.returncode == 0, p.stderr
+            expires = json.loads(p.stdout)["client1"]["Expires"]
+            assert expires.startswith(time.strftime(
+                "%Y-%m-%dT%H", time.gmtime(sent + 7200)))  # type: ignore[operator]
+
+
+def test_waiting_request_released_by_an_approval_through_another_server(
+        tmp_path: Path, url: str, client_keys: Path, client_section: str) -> None:
+    section = client_section + "approval_delay = PT1H\napproved_by_default = False\n"
+    with ExitStack() as stack:
+        srvs = servers(tmp_path, url, [[section]] * 3, stack)
+        argv = [tool("mandos-client"), "--keydir", str(client_keys), "--timeout", "300",
+                "--connect", srvs[0].address]
+        waiting = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        stack.callback(waiting.kill)
+        _wait_log(srvs[0], "MANDOS_OUTCOME=approval-requested")
+        deadline = time.monotonic() + 60
+        while state(url)["approval_pending_until"] is None:
+            assert time.monotonic() < deadline, srvs[0].log()
+            time.sleep(0.05)
+        # the approve goes through the third server's configuration; the first
+        # server waits on LISTEN (its approval_delay is an hour)
+        assert ctl(srvs[2], url, "--approve", "client1").returncode == 0
+        out, err = waiting.communicate(timeout=120)
+        assert out == PASSWORD, err
+        assert "approved by an administrator" in srvs[0].log()
+
+
+def test_client_missing_from_one_servers_config_is_refused_there(
+        tmp_path: Path, url: str, client_keys: Path, client_section: str) -> None:
+    with ExitStack() as stack:
+        srvs = servers(tmp_path, url, [[client_section], [client_section], []], stack)
+        assert fetch_all(client_keys, srvs) == [PASSWORD, PASSWORD, b""]
+        log = srvs[2].log()
+        assert "MANDOS_OUTCOME=refused-unknown" in log
+        assert f"MANDOS_REASON={REASON_ELSEWHERE}" in log
+        assert "refused client1" in log  # named: the pool knows who it is
+        # and the others still have it: the third server's load did not delete it
+        assert state(url)["enabled"] is True
+
+
+def test_fleet_audit_log_answers_who_got_what_from_which_server(
+        tmp_path: Path, url: str, client_keys: Path, client_section: str) -> None:
+    with ExitStack() as stack:
+        srvs = servers(tmp_path, url, [[client_section], [client_section], []], stack)
+        assert fetch(client_keys, srvs[1].address).stdout == PASSWORD
+        assert fetch(client_keys, srvs[2].address).stdout == b""
+        assert ctl(srvs[0], url, "--disable", "client1").returncode == 0
+        deadline = time.monotonic() + 60
+        while True:  # the audit rows are written by each server's writer thread
+            p = ctl(srvs[0], url, "log", "client1")
+            assert p.returncode == 0, p.stderr
+            lines = p.stdout.splitlines()
+            if (any("srv2" in x and "secret-sent" in x for x in lines)
+                    and any("srv3" in x and "refused-unknown" in x for x in lines)
+                    and any("admin-disabled" in x for x in lines)):
+                break
+            assert time.monotonic() < deadline, p.stdout
+            time.sleep(0.1)
+        assert lines[0].split()[:3] == ["When", "Server", "Outcome"]
+        assert all(x.split()[4] == "client1" for x in lines[1:])
+        assert any("127.0.0.1:" in x for x in lines if "secret-sent" in x)
+
+
+# -- the database goes away and comes back -----------------------------------------
+
+def test_database_down_refuses_without_crash_then_serves_again(
+        tmp_path: Path, client_keys: Path, client_section: str) -> None:
+    why = pglib.available()
+    if why:
+        pytest.skip(why)
+    own = pglib.Postgres().start()  # its own: this test stops it
+    try:
+        url = own.create_database("pool")
+        with ExitStack() as stack:
+            srvs = servers(tmp_path, url, [[client_section]] * 3, stack)
+            assert fetch_all(client_keys, srvs) == [PASSWORD] * 3
+            sent_before = [s.log().count("MANDOS_OUTCOME=secret-sent") for s in srvs]
+            own.stop()
+            assert fetch_all(client_keys, srvs) == [b""] * 3
+            for s, n in zip(srvs, sent_before, strict=True):
+                assert s.proc is not None and s.proc.poll() is None  # still running
+                assert "MANDOS_REASON=state-unavailable" in s.log()
+                # never a secret it could not record
+                assert s.log().count("MANDOS_OUTCOME=secret-sent") == n
+            own.start()
+            for s in srvs:  # back-off: each reconnects on a later request
+                deadline = time.monotonic() + 60
+                while fetch(client_keys, s.address).stdout != PASSWORD:
+                    assert time.monotonic() < deadline, s.log()
+                    time.sleep(0.2)
+                assert s.proc is not None and s.proc.poll() is None
+                assert "Traceback" not in s.log()
+            assert state(url)["last_secret_sent"] is not None
+    finally:
+        own.destroy()
+
+
+def test_herd_over_three_servers_survives_kill_9_of_one(
+        tmp_path: Path, url: str, client_keys: Path, client_section: str) -> None:
+    with ExitStack() as stack:
+        srvs = servers(tmp_path, url, [[client_section]] * 3, stack)
+        results: list[bytes] = []
+        lock = threading.Lock()
+        half = threading.Event()
+
+        def one(i: int) -> None:
+            order = [srvs[(i + k) % 3].address for k in range(3)]
+            out = fetch(client_keys, *order, timeout=30).stdout
+            with lock:
+                results.append(out)
+                if len(results) >= 10:
+                    half.set()
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(30)]
+        for t in threads[:15]:
+            t.start()
+        half.wait(120)
+        assert srvs[0].proc is not None
+        srvs[0].proc.send_signal(signal.SIGKILL)
+        srvs[0].proc.wait()
+        for t in threads[15:]:
+            t.start()
+        for t in threads:
+            t.join(180)
+        assert results == [PASSWORD] * 30
+
+
+# -- checkers: once per interval across the pool ---------------------------------------
+
+def _checker_conf(base: Path, names: list[str], checker: str, interval: str) -> Path:
+    conf = base / "conf"
+    conf.mkdir(parents=True)
+    lines = []
+    for i, name in enumerate(names, 1):
+        lines += [f"[{name}]", f"key_id = {i:064X}", "secret = cGdw", f"host = {name}",
+                  f"checker = {checker}", f"interval = {interval}", "timeout = PT1H"]
+    (conf / "clients.conf").write_text("\n".join(lines) + "\n")
+    (conf / "clients.conf").chmod(0o600)
+    return conf
+
+
+def _run_checkers(conf: Path, url: str, name: str, **kw: object
+                  ) -> subprocess.Popen[bytes]:
+    argv = [sys.executable, "-m", "mandosd", "--configdir", str(conf), "--statedir",
+            str(conf.parent / "state"), "--state-url", url, "--server-name", name,
+            "--run-checkers"]
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            **kw)  # type: ignore[call-overload]
+
+
+def test_one_pass_over_the_pool_runs_each_checker_once(tmp_path: Path, url: str) -> None:
+    names = [f"c{i:02}" for i in range(24)]
+    # checkers run as the unprivileged checker user: their files live where it can write
+    counts = Path(tempfile.mkdtemp(prefix="mandos-pool-", dir="/tmp")) / "counts"
+    counts.parent.chmod(0o1777)
+    checker = f"/bin/sh -c 'echo %%(name)s >> {counts}'"
+    confs = [_checker_conf(tmp_path / f"srv{i}", names, checker, "PT1H") for i in range(3)]
+    procs = [_run_checkers(c, url, f"srv{i}") for i, c in enumerate(confs)]
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err.decode()
+    seen = counts.read_text().split()
+    assert sorted(seen) == names  # every client once, none twice
+    # and the fleet audit table says which server checked which client
+    import psycopg
+
+    with psycopg.connect(url) as conn:
+        rows = conn.execute("SELECT client, server FROM audit"
+                            " WHERE outcome = 'checker-succeeded'").fetchall()
+    assert sorted(c for c, _ in rows) == names
+    assert {s for _, s in rows} <= {"srv0", "srv1", "srv2"}
+
+
+def test_a_pass_killed_mid_way_leaves_its_clients_to_another_server(
+        tmp_path: Path, url: str) -> None:
+    names = [f"c{i:02}" for i in range(6)]
+    shared = Path(tempfile.mkdtemp(prefix="mandos-pool-", dir="/tmp"))
+    shared.chmod(0o1777)  # checkers run as the unprivileged checker user
+    started = shared / "started"
+    checked = shared / "checked"
+    hang = f"/bin/sh -c 'echo %%(name)s >> {started}; exec sleep 60'"
+    quick = f"/bin/sh -c 'echo %%(name)s >> {checked}'"
+    conf_a = _checker_conf(tmp_path / "a", names, hang, "PT5S")
+    conf_b = _checker_conf(tmp_path / "b", names, quick, "PT5S")
+    a = _run_checkers(conf_a, url, "a", start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not started.exists() or len(started.read_text().split()) < len(names):
+            assert a.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        os.killpg(a.pid, signal.SIGKILL)  # the server and its checkers, mid-pass
+        a.wait()
+    # the claims of the dead pass expire after the interval (+ slack); the next
+    # pass of another server then runs every one of them
+    deadline = time.monotonic() + 90
+    while not checked.exists() or sorted(set(checked.read_text().split())) != names:
+        assert time.monotonic() < deadline, checked.read_text() if checked.exists() else ""
+        b = _run_checkers(conf_b, url, "b")
+        _, err = b.communicate(timeout=60)
+        assert b.returncode == 0, err.decode()
+        time.sleep(0.5)
+    assert sorted(checked.read_text().split()) == names  # each exactly once
+
+
+# -- SQLite to PostgreSQL -------------------------------------------------------------
+
+def test_migrate_state_keeps_every_clients_state(
+        tmp_path: Path, url: str, client_keys: Path, client_section: str) -> None:
+    from mandosd.pgstate import PostgresStore
+    from mandosd.state import SQLiteStore
+
+    single = Mandosd(tmp_path / "single", sections=[client_section])
+    with single:
+        assert fetch(client_keys, single.address).stdout == PASSWORD
+        base = [tool("mandos-ctl"), "--configdir", str(single.configdir), "--statedir",
+                str(single.statedir)]
+        subprocess.run([*base, "--disable", "--interval", "PT7M", "client1"], check=True)
+        extra = [("key_id = " + "AB" * 32) if x.startswith("key_id") else x
+                 for x in client_section.replace("[client1]", "[added]").splitlines()]
+        subprocess.run([*base, "--add", "-"], input="\n".join(extra).encode(), check=True)
+    old = SQLiteStore(single.statedir)
+    before = old.all()
+    old.close()
+    assert {s.name for s in before} == {"client1", "added"}
+
+    p = subprocess.run([tool("mandos-ctl"), "migrate-state", "--configdir",
+                        str(single.configdir), "--statedir", str(single.statedir),
+                        "--state-url", url], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert "copied 2 clients" in p.stdout
+    pool = PostgresStore(url)
+    try:
+        assert pool.all() == before  # every field, the overrides and added sections too
+    finally:
+        pool.close()
+    again = subprocess.run([tool("mandos-ctl"), "migrate-state", "--configdir",
+                            str(single.configdir), "--statedir", str(single.statedir),
+                            "--state-url", url], capture_output=True, text=True, timeout=60)
+    assert again.returncode == 1 and "already holds clients" in again.stderr
+
+    # and a server on the pool keeps the state: still disabled
+    with ExitStack() as stack:
+        srv = servers(tmp_path / "pool", url, [[client_section]], stack)[0]
+        assert fetch(client_keys, srv.address).stdout == b""
+        assert "MANDOS_OUTCOME=refused-disabled" in srv.log()
+
+
+def test_a_secret_is_not_recorded_for_a_client_disabled_meanwhile(tmp_path: Path,
+                                                                  url: str) -> None:
+    """The race a pool adds: server A reads "enabled", an admin disables through B,
+    then A records its secret.  The record must fail (so A sends nothing)."""
+    from mandosd.config import load_clients
+    from mandosd.pgstate import PostgresStore
+    from mandosd.state import StateError
+
+    a, b = PostgresStore(url, server_name="a"), PostgresStore(url, server_name="b")
+    try:
+        conf = _checker_conf(tmp_path, ["c01"], "true", "PT1M")
+        clients = load_clients(conf / "clients.conf", conf)
+        now = time.time()
+        a.sync_clients(clients.values(), now)
+        seen = a.get("c01")
+        assert seen is not None and seen.enabled          # A decides to send...
+        b.update("c01", enabled=False)                    # ...B's admin disables...
+        with pytest.raises(StateError, match="disabled or timed out"):
+            a.record_secret_sent("c01", now, now + 900)   # ...A may not send
+        after = b.get("c01")
+        assert after is not None and after.last_secret_sent is None
+    finally:
+        a.close()
+        b.close()
+
+
+def test_state_url_in_mandos_conf(tmp_path: Path, url: str, client_keys: Path,
+                                  client_section: str) -> None:
+    """state_url= in mandos.conf [DEFAULT] selects the pool for mandosd and mandos-ctl."""
+    with ExitStack() as stack:
+        srvs = []
+        for i in (1, 2):
+            srv = Mandosd(tmp_path / f"srv{i}", sections=[client_section])
+            (srv.configdir / "mandos.conf").write_text(f"[DEFAULT]\nstate_url = {url}\n")
+            stack.enter_context(srv)
+            srvs.append(srv)
+        base = [tool("mandos-ctl"), "--configdir", str(srvs[0].configdir)]
+        assert subprocess.run([*base, "--disable", "client1"]).returncode == 0
+        assert fetch_all(client_keys, srvs) == [b""] * 2
+        assert state(url)["enabled"] is False
+        assert not (srvs[0].statedir / "clients.sqlite").exists()
+
+
+def test_a_server_started_while_the_database_is_down_serves_when_it_returns(
+        tmp_path: Path, client_keys: Path, client_section: str) -> None:
+    why = pglib.available()
+    if why:
+        pytest.skip(why)
+    own = pglib.Postgres().start()
+    try:
+        url = own.create_database("pool")
+        own.stop()
+        with Mandosd(tmp_path / "srv", sections=[client_section],
+                     extra_args=["--state-url", url]) as srv:
+            assert fetch(client_keys, srv.address).stdout == b""
+            assert "MANDOS_REASON=state-unavailable" in srv.log()
+            own.start()
+            deadline = time.monotonic() + 60
+            while fetch(client_keys, srv.address).stdout != PASSWORD:
+                assert time.monotonic() < deadline, srv.log()
+                time.sleep(0.2)
+            assert state(url)["last_secret_sent"] is not None
+    finally:
+        own.destroy()
+
+
+def test_the_database_password_reaches_no_log(tmp_path: Path, pg: pglib.Postgres,
+                                              client_keys: Path, client_section: str) -> None:
+    """A URL with a password (against the advice) and a database that refuses it:
+    the server's and mandos-ctl's messages name the database, never the password."""
+    import psycopg
+
+    with psycopg.connect(pg.url("postgres"), autocommit=True) as conn:
+        conn.execute("CREATE DATABASE pwtest")
+    secret = "Pw-" + uuid.uuid4().hex
+    url = (f"postgresql://nosuchrole:{secret}@/pwtest?host={pg.sockdir}&port={pg.port}"
+           f"&password={secret}")
+    with Mandosd(tmp_path / "srv", sections=[client_section],
+                 extra_args=["--state-url", url]) as srv:
+        assert fetch(client_keys, srv.address).stdout == b""
+        assert "MANDOS_REASON=state-unavailable" in srv.log()
+    p = ctl(srv, url, "--disable", "client1")
+    assert p.returncode == 1 and "PostgreSQL pwtest" in p.stderr
+    for text in (srv.log(), p.stdout + p.stderr):
+        assert secret not in text
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None,
+                    reason="systemd-analyze is not installed")
+def test_remote_database_drop_in_keeps_the_unit_hardened(tmp_path: Path) -> None:
+    """units/pool/remote-database.conf opens IP for the database and nothing else."""
+    units = Path(__file__).resolve().parent.parent / "units"
+    shutil.copy(units / "mandosd.service", tmp_path)
+    shutil.copy(units / "mandosd.socket", tmp_path)
+    (tmp_path / "mandosd.service.d").mkdir()
+    shutil.copy(units / "pool" / "remote-database.conf",
+                tmp_path / "mandosd.service.d" / "pool.conf")
+    p = subprocess.run(["systemd-analyze", "security", "--offline=true", "--threshold=20",
+                        str(tmp_path / "mandosd.service")], capture_output=True, text=True,
+                       cwd=tmp_path)
+    assert p.returncode == 0, p.stdout + p.stderr
+    lines = p.stdout.splitlines()
+    # the drop-in took effect: IP sockets allowed, the rest of the sandbox unchanged
+    assert any("✗ PrivateNetwork=" in x for x in lines)
+    assert any("✓ CapabilityBoundingSet=" in x or "CapabilityBoundingSet=~" in x
+               for x in lines)
+    assert "Overall exposure level for mandosd.service: 1." in p.stdout
+
+
+def test_a_removed_client_stays_refused_after_a_server_restarts(
+        tmp_path: Path, url: str, client_keys: Path, client_section: str) -> None:
+    """An admin removes a stolen machine's client through one server; restarting any
+    server, whose clients.conf still lists it, must not bring it back."""
+    with ExitStack() as stack:
+        srvs = servers(tmp_path, url, [[client_section]] * 2, stack)
+        assert ctl(srvs[0], url, "--remove", "client1").returncode == 0
+        assert fetch_all(client_keys, srvs) == [b""] * 2
+        srvs[1].stop()
+        srvs[1].start()
+        assert fetch_all(client_keys, srvs) == [b""] * 2
+        assert "client was removed with mandos-ctl --remove" in srvs[1].log()
+        assert state(url)["source"] == "removed"
