@@ -212,7 +212,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version",
                    version=f"luks-passphrase (mandos-nbde) {_version()}")
     _global_options(p, after_command=False)
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                           help="what to do (COMMAND --help tells more)")
 
     def command(name: str, summary: str) -> argparse.ArgumentParser:
         c = sub.add_parser(name, help=summary, description=_SUB[name], formatter_class=_RAW)
