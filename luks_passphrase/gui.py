@@ -158,9 +158,9 @@ class App:
         self.progress = ttk.Progressbar(frm, mode="indeterminate", length=300)
         self.progress.grid(row=6, column=0, columnspan=2, sticky="ew", pady=(10, 2))
         self.progress.grid_remove()
-        self.status = ttk.Label(frm, text="", wraplength=420, justify="left")
+        self.status = ttk.Label(frm, text="", wraplength=540, justify="left")
         self.status.grid(row=7, column=0, columnspan=2, sticky="w")
-        self.result = tk.Label(frm, text="", wraplength=420, justify="left")
+        self.result = tk.Label(frm, text="", wraplength=540, justify="left")
         self.result.grid(row=8, column=0, columnspan=2, sticky="w", pady=(4, 8))
         buttons = ttk.Frame(frm)
         buttons.grid(row=9, column=0, columnspan=2, sticky="e")
@@ -177,7 +177,8 @@ class App:
             self.change_button.state(["disabled"])
             self._show(Result(False, problem))
         self.current.focus_set()
-        root.after(100, self._poll)
+        self._after = root.after(100, self._poll)
+        root.bind("<Destroy>", self._destroyed, add="+")
 
     def _entry(self, frm: ttk.Frame, row: int, label: str) -> ttk.Entry:
         ttk.Label(frm, text=label).grid(row=row, column=0, sticky="w", padx=(0, 8))
@@ -249,7 +250,11 @@ class App:
                     self._done(value)
         except queue.Empty:
             pass
-        self.root.after(100, self._poll)
+        self._after = self.root.after(100, self._poll)
+
+    def _destroyed(self, event: tk.Event) -> None:  # type: ignore[type-arg]
+        if event.widget is self.root:
+            self.root.after_cancel(self._after)
 
     def _done(self, res: Result) -> None:
         self.busy = False

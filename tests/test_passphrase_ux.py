@@ -11,7 +11,7 @@ import select
 import socket
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -47,15 +47,29 @@ class Journal:
         self.sock.setblocking(False)
 
     def messages(self) -> list[str]:
+        """The messages logged since the last call."""
         out = []
         while True:
             try:
                 data = self.sock.recv(65536)
             except BlockingIOError:
                 return out
-            for line in data.split(b"\n"):
-                if line.startswith(b"MESSAGE="):
-                    out.append(line[8:].decode())
+            out += self._message(data)
+
+    @staticmethod
+    def _message(data: bytes) -> list[str]:
+        return [line[8:].decode() for line in data.split(b"\n") if line.startswith(b"MESSAGE=")]
+
+    def wait_for(self, prefix: str, context: Callable[[], str] = str, timeout: float = 60) -> str:
+        """Block until a message starting with *prefix* arrives; return it."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self.sock], [], [], left)[0]:
+                raise AssertionError(f"no log record {prefix!r} arrived; {context()}")
+            for m in self._message(self.sock.recv(65536)):
+                if m.startswith(prefix):
+                    return m
 
 
 @pytest.fixture
@@ -240,7 +254,7 @@ def test_three_differing_repeats_change_nothing(tmp_path: Path) -> None:
     t = Terminal([*_common(tmp_path), "change", str(image)])
     t.expect("Current passphrase")
     t.type(USER0)
-    for i in range(3):
+    for _ in range(3):
         t.expect("New passphrase: ")
         t.type(NEW)
         t.expect("Repeat new passphrase: ")
