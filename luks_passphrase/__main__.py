@@ -11,21 +11,20 @@ import logging
 import os
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from mandos_core import escrow_packet
 from mandos_core import log as plog
-from mandos_core.log import event
 from mandos_core.run import CommandError
 from mandos_core.secret import Secret
 
-from . import pkexec
+from . import dialogue, pkexec
 from .backend import open_volume
-from .flows import MIN_PASSPHRASE, FlowError, Outcome, Refused, Tool, strength_hint
+from .flows import FlowError, Outcome, Refused, Tool
 from .libcryptsetup import LuksError, NotLuks, WrongPassphrase
-from .messages import RECOVERY_WARNING, plain
-from .prompt import TRIES, InputError, Interrupted, Mismatch, Prompter
+from .messages import plain
+from .prompt import InputError, Interrupted, Mismatch, Prompter
 from .state import DEFAULT_STATE_DIR, StateError, StateStore
 from .volumes import DEFAULT_CRYPTTAB, UnknownVolume, Volume, find, list_volumes
 
@@ -300,86 +299,15 @@ def cmd_change(ctx: Context) -> Outcome:
     p = ctx.prompter
     if not p.interactive:  # scripted: three lines, the flow checks them
         current = p.ask(f"Current passphrase for {vol}: ")
-        try:
-            out = ctx.tool.change(vol.device, current, p.ask_new)
-        finally:
-            current.wipe()
-        return Outcome(out.kind, plain(out), out.header_backup)
-    current, role = _ask_current(ctx, vol)
-
-    def get_new() -> Secret:
-        if role == "backup":
-            p.say(RECOVERY_WARNING)
-            if not p.confirm("Go on with the recovery?"):
-                raise Refused("recovery cancelled; nothing was changed")
-        return p.ask_new("New passphrase", check=lambda new: _problem(new, current),
-                         strength=_strength)
-
+        get_new: Callable[[], Secret] = p.ask_new
+    else:
+        current, role = dialogue.ask_current(p, ctx.store, vol)
+        get_new = dialogue.new_passphrase(p, role, current)
     try:
         out = ctx.tool.change(vol.device, current, get_new)
     finally:
         current.wipe()
     return Outcome(out.kind, plain(out), out.header_backup)
-
-
-def _ask_current(ctx: Context, vol: Volume) -> tuple[Secret, str]:
-    """Up to three tries for the current passphrase; it and what it is ("user", "backup", ...)."""
-    p = ctx.prompter
-    for left in range(TRIES - 1, -1, -1):
-        retry = f" Try again ({left} {'try' if left == 1 else 'tries'} left)." if left else ""
-        try:
-            current = p.ask(f"Current passphrase for {vol}: ")
-        except Interrupted:
-            raise
-        except InputError:
-            if not left:
-                raise InputError("no passphrase typed; nothing was changed") from None
-            p.say("Nothing typed." + retry)
-            continue
-        try:
-            return current, _role(ctx, vol, current)
-        except WrongPassphrase:
-            current.wipe()
-            event(log, logging.INFO, f"{vol}: wrong passphrase typed", LUKS_PATH=vol.device)
-            if not left:
-                raise WrongPassphrase(f"that passphrase does not open {vol} either ({TRIES} "
-                                      "tries); nothing was changed") from None
-            p.say(f"That passphrase does not open {vol}." + retry)
-    raise AssertionError("unreachable")
-
-
-def _role(ctx: Context, vol: Volume, current: Secret) -> str:
-    """What the slot *current* opens is: "user", "backup" or "pending" (reads only).
-
-    The flow decides again under the volume's lock; this is only to talk to the
-    person before the new passphrase is asked for.
-    """
-    with open_volume(vol.device) as lv:
-        slot = lv.open_slot(current)
-        st = ctx.store.load(lv.uuid)
-        salt = lv.salt(slot)
-    for ref, name in ((st.pending_backup, "pending"), (st.current_backup, "backup")):
-        if ref is not None and ref.slot == slot and ref.salt == salt:
-            return name
-    return "user"
-
-
-def _problem(new: Secret, current: Secret) -> str | None:
-    """Why *new* cannot be the new passphrase (the flow's own rules, asked before the repeat)."""
-    if len(new) < MIN_PASSPHRASE:
-        return f"Too short: at least {MIN_PASSPHRASE} characters."
-    if new == current:
-        return "That is the current passphrase."
-    return None
-
-
-def _strength(new: Secret) -> tuple[str, bool]:
-    """The strength line to show, and whether to ask before taking a weak passphrase."""
-    hint = strength_hint(new.reveal())
-    if hint == "weak":
-        return ("Strength: weak. It would be easy to guess; a few unrelated words are "
-                "better.", True)
-    return f"Strength: {hint}.", False
 
 
 def cmd_resume(ctx: Context) -> Outcome:
