@@ -107,8 +107,10 @@ Prompt for the current passphrase of VOLUME and learn which key slot it opens.
                        passphrase in another slot, queue its escrow packet
                        (the used backup slot goes after sync);
   the pending backup   refused (exit status 4).
-Without a terminal, reads the current passphrase, then the new one twice, one
-per line from stdin.  VOLUME: crypttab name, UUID=..., device or image path.""",
+On a terminal: three tries for the current passphrase; the new one is checked
+(length, strength) before it is asked again; a recovery is said and confirmed
+first.  Without a terminal, reads the current passphrase, then the new one
+twice, one per line from stdin.""",
     "resume": """\
 Finish or roll back an operation a previous run left unfinished (any command
 does this first).  If a new backup passphrase still has to be made, asks for
