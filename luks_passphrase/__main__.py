@@ -537,8 +537,7 @@ def main(argv: Sequence[str] | None = None, prompter: Prompter | None = None) ->
     except (LuksError, FlowError, StateError, UnknownVolume, InputError, CommandError,
             escrow_packet.PacketError) as e:
         return _fail(args, e, EXIT_ERROR)
-    except KeyboardInterrupt:
-        sys.stderr.write("\n")  # ^C may have come in the middle of a line
+    except KeyboardInterrupt:  # (at a prompt it is Interrupted, and the line was ended)
         print("luks-passphrase: interrupted; run 'luks-passphrase resume' if a change was under "
               "way", file=sys.stderr)
         return EXIT_INTERRUPTED
