@@ -9,20 +9,23 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from mandos_core import escrow_packet
 from mandos_core import log as plog
 from mandos_core.hardening import disable_core_dumps
 from mandos_core.run import CommandError
+from mandos_core.secret import Secret
 
-from . import pkexec
+from . import dialogue, pkexec
 from .backend import open_volume
 from .flows import FlowError, Outcome, Refused, Tool
-from .libcryptsetup import LuksError, WrongPassphrase
-from .prompt import InputError, Mismatch, Prompter
+from .libcryptsetup import LuksError, NotLuks, WrongPassphrase
+from .messages import plain
+from .prompt import InputError, Interrupted, Mismatch, Prompter
 from .state import DEFAULT_STATE_DIR, StateError, StateStore
 from .volumes import DEFAULT_CRYPTTAB, UnknownVolume, Volume, find, list_volumes
 
@@ -34,6 +37,7 @@ EXIT_USAGE = 2
 EXIT_WRONG_PASSPHRASE = 3
 EXIT_REFUSED = 4
 EXIT_NOT_CONFIRMED = 5
+EXIT_INTERRUPTED = 130
 
 DESCRIPTION = """\
 Change the passphrase of a LUKS volume safely, and recover a forgotten one
@@ -45,7 +49,7 @@ with a backup passphrase that the helpdesk reads from escrow.
            The backup passphrase (recovery): clears every slot but the backup
            slot, sets your new passphrase, makes a new random backup
            passphrase in another slot and queues its escrow packet; the used
-           backup passphrase is removed only after `sync` has the escrow
+           backup passphrase is removed only after sync has the escrow
            server's confirmation.
            The new backup passphrase, while pending: refused.
   sync     sends queued escrow packets to the escrow server (over TLS with
@@ -55,7 +59,7 @@ with a backup passphrase that the helpdesk reads from escrow.
            packets the installer left (volume_key format 3).
   resume   finishes or rolls back an operation that was interrupted.
   status   shows the volumes, their key slots and what the tool knows.
-  gui      a small window for `change`.
+  gui      a small window for change.
 """
 
 EPILOG = f"""\
@@ -74,13 +78,14 @@ safety:
 
 pkexec:
   Started through pkexec (the GUI's polkit action), the tool accepts only
-  `change VOLUME`, VOLUME from /etc/crypttab or an active dm-crypt mapping,
+  "change VOLUME", VOLUME from /etc/crypttab or an active dm-crypt mapping,
   no option; the state directory must be root's alone (mode 0700).
 
 exit status:
   {EXIT_OK} success, {EXIT_ERROR} error, {EXIT_USAGE} usage,
   {EXIT_WRONG_PASSPHRASE} wrong passphrase, {EXIT_REFUSED} refused (nothing changed),
-  {EXIT_NOT_CONFIRMED} sync: a packet was not confirmed by any escrow server.
+  {EXIT_NOT_CONFIRMED} sync: a packet was not confirmed by any escrow server,
+  {EXIT_INTERRUPTED} interrupted (Ctrl-C).
 
 files:
   {DEFAULT_STATE_DIR}/UUID.json       state per volume (0600, directory 0700)
@@ -101,10 +106,12 @@ Prompt for the current passphrase of VOLUME and learn which key slot it opens.
   the backup one       recovery: remove every other slot and any pending backup,
                        set the new passphrase, make a new random backup
                        passphrase in another slot, queue its escrow packet
-                       (the used backup slot goes after `sync`);
+                       (the used backup slot goes after sync);
   the pending backup   refused (exit status 4).
-Without a terminal, reads the current passphrase, then the new one twice, one
-per line from stdin.  VOLUME: crypttab name, UUID=..., device or image path.""",
+On a terminal: three tries for the current passphrase; the new one is checked
+(length, strength) before it is asked again; a recovery is said and confirmed
+first.  Without a terminal, reads the current passphrase, then the new one
+twice, one per line from stdin.""",
     "resume": """\
 Finish or roll back an operation a previous run left unfinished (any command
 does this first).  If a new backup passphrase still has to be made, asks for
@@ -113,18 +120,18 @@ your passphrase (one line on stdin without a terminal).""",
               "slot, whether an escrow packet is queued, and unfinished work.",
     "import": """\
 Read volume_key escrow packets (format 3, asymmetric_wrap_secret_only, the
-default of `volume_key --save -c CERT --create-random-passphrase`) and record
+default of "volume_key --save -c CERT --create-random-passphrase") and record
 the key slot they name as the volume's current backup slot.  The volume is
 found by the packet's UUID (crypttab, dmsetup, /dev/disk/by-uuid, the packet's
 path) unless --volume names it.""",
     "sync": """\
-Send every queued escrow packet to the escrow server (mandosd; `escrow 1` over
+Send every queued escrow packet to the escrow server (mandosd; "escrow 1" over
 TLS 1.3, identified by this machine's Mandos TLS key).  For each packet the
 server confirms by SHA-256, destroy the old backup slot and make the pending
 one current.  Unconfirmed packets stay queued (exit status 5).""",
     "gui": """\
-A small window for `change`.  As root it runs the core itself; as a user it
-runs `pkexec luks-passphrase change` (see docs/passphrase-tool.md for the
+A small window for change.  As root it runs the core itself; as a user it
+runs "pkexec luks-passphrase change VOLUME" (see docs/passphrase-tool.md for the
 polkit action).""",
 }
 
@@ -152,49 +159,90 @@ class _Parser(argparse.ArgumentParser):
         return ns
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="luks-passphrase", description=DESCRIPTION, epilog=EPILOG,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR, metavar="DIR",
-                   help=f"root-only state directory (default {DEFAULT_STATE_DIR})")
-    p.add_argument("--crypttab", type=Path, default=DEFAULT_CRYPTTAB, metavar="FILE",
+def _version() -> str:
+    """This project's version (the package's metadata, or setup.cfg in a checkout)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("mandos-nbde")
+    except metadata.PackageNotFoundError:
+        pass
+    try:
+        for line in (Path(__file__).resolve().parent.parent / "setup.cfg").read_text().splitlines():
+            key, sep, value = line.partition("=")
+            if sep and key.strip() == "version":
+                return value.strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+def _global_options(p: argparse.ArgumentParser, after_command: bool) -> None:
+    """The options every command takes, before the command or after it.
+
+    After the command their defaults are SUPPRESS, so that a value given
+    before the command is not overwritten by the subcommand's default.
+    """
+    def default(value: object) -> object:
+        return argparse.SUPPRESS if after_command else value
+
+    p.add_argument("--state-dir", "--statedir", dest="state_dir", type=Path,
+                   default=default(DEFAULT_STATE_DIR), metavar="DIR",
+                   help=f"root-only state directory (default {DEFAULT_STATE_DIR}); "
+                        "--statedir is the same option, spelt as in mandosd and mandos-ctl")
+    p.add_argument("--crypttab", type=Path, default=default(DEFAULT_CRYPTTAB), metavar="FILE",
                    help=f"crypttab to list volumes from (default {DEFAULT_CRYPTTAB})")
-    p.add_argument("--dmsetup-table", type=Path, metavar="FILE",
-                   help="read `dmsetup table` output from FILE instead of running dmsetup")
-    p.add_argument("--certificate", type=Path, metavar="PEM",
+    p.add_argument("--dmsetup-table", type=Path, default=default(None), metavar="FILE",
+                   help="read the output of 'dmsetup table' from FILE instead of running "
+                        "dmsetup")
+    p.add_argument("--certificate", type=Path, default=default(None), metavar="PEM",
                    help="escrow certificate (default STATE_DIR/escrow-cert.pem)")
-    p.add_argument("--keep-header-backups", action="store_true",
+    p.add_argument("--keep-header-backups", action="store_true", default=default(False),
                    help="keep header backups after success (they still open with the old "
                         "passphrases)")
-    p.add_argument("--debug", action="store_true", help="debug logging, tracebacks")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    c = sub.add_parser("change", help="change your passphrase, or recover with the backup one",
-                       description=_SUB["change"], formatter_class=_RAW)
-    c.add_argument("volume", nargs="?", metavar="VOLUME",
-                   help="crypttab name, UUID=..., device or image path")
-    r = sub.add_parser("resume", help="finish an interrupted operation",
-                       description=_SUB["resume"], formatter_class=_RAW)
-    r.add_argument("volume", nargs="?", metavar="VOLUME")
-    s = sub.add_parser("status", help="volumes, key slots, backup slots, queue",
-                       description=_SUB["status"], formatter_class=_RAW)
-    s.add_argument("volume", nargs="?", metavar="VOLUME")
-    i = sub.add_parser("import", help="learn the backup slot from volume_key packets",
-                       description=_SUB["import"], formatter_class=_RAW)
+    p.add_argument("--debug", action="store_true", default=default(False),
+                   help="log lines on the terminal too (they always go to the journal), "
+                        "tracebacks")
+
+
+_VOLUME_HELP = "crypttab name, UUID=..., device or image path (default: the only volume)"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="luks-passphrase", description=DESCRIPTION, epilog=EPILOG,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version",
+                   version=f"luks-passphrase (mandos-nbde) {_version()}")
+    _global_options(p, after_command=False)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                           help="what to do (COMMAND --help tells more)")
+
+    def command(name: str, summary: str) -> argparse.ArgumentParser:
+        c = sub.add_parser(name, help=summary, description=_SUB[name], formatter_class=_RAW)
+        _global_options(c, after_command=True)
+        return c
+
+    c = command("change", "change your passphrase, or recover with the backup one")
+    c.add_argument("volume", nargs="?", metavar="VOLUME", help=_VOLUME_HELP)
+    r = command("resume", "finish an interrupted operation")
+    r.add_argument("volume", nargs="?", metavar="VOLUME", help=_VOLUME_HELP)
+    s = command("status", "volumes, key slots, backup slots, queue")
+    s.add_argument("volume", nargs="?", metavar="VOLUME",
+                   help="crypttab name, UUID=..., device or image path (default: every volume "
+                        "in crypttab and dmsetup)")
+    i = command("import", "learn the backup slot from volume_key packets")
     i.add_argument("packets", nargs="*", metavar="PACKET",
                    help=f"volume_key packets (default: {INSTALLER_PACKETS})")
     i.add_argument("--volume", metavar="VOLUME",
                    help="the volume (default: found by the packet's UUID or path)")
-    y = sub.add_parser("sync", help="send queued escrow packets, finish on confirmation",
-                       description=_SUB["sync"], formatter_class=_RAW)
+    y = command("sync", "send queued escrow packets, finish on confirmation")
     y.add_argument("--server", action="append", default=[], metavar="HOST:PORT",
                    help="escrow (mandosd) server; repeat for several "
                         "(default: STATE_DIR/escrow-servers)")
     y.add_argument("--keydir", type=Path, default=Path("/etc/keys/mandos"), metavar="DIR",
                    help="this machine's Mandos TLS key (default /etc/keys/mandos)")
-    g = sub.add_parser("gui", help="a small window for change",
-                       description=_SUB["gui"], formatter_class=_RAW)
-    g.add_argument("volume", nargs="?", metavar="VOLUME")
-    g.add_argument("--screenshot", type=Path, metavar="PNG", help=argparse.SUPPRESS)
+    g = command("gui", "a small window for change")
+    g.add_argument("volume", nargs="?", metavar="VOLUME", help=_VOLUME_HELP)
     return p
 
 
@@ -220,7 +268,7 @@ class Context:
             raise StateError(f"{cert_path}: {e.strerror}") from None
         self.tool = Tool(self.store, certificate=cert,
                          keep_header_backups=args.keep_header_backups,
-                         progress=lambda m: print(m, file=sys.stderr))
+                         progress=prompter.say)
 
     def volumes(self) -> list[Volume]:
         return list_volumes(self.args.crypttab, self.args.dmsetup_table)
@@ -235,8 +283,8 @@ class Context:
                                     "dm-crypt mappings can be changed")
             return vol
         if not vols:
-            raise UnknownVolume(f"no encrypted volumes in {self.args.crypttab} or dmsetup; "
-                                "name one")
+            raise UnknownVolume(_NO_VOLUMES.format(crypttab=self.args.crypttab,
+                                                   command=self.args.command))
         if len(vols) == 1:
             return vols[0]
         if not (self.prompter.interactive and sys.stdin.isatty()):
@@ -245,13 +293,24 @@ class Context:
         return vols[self.prompter.choose("Which volume?", [str(v) for v in vols])]
 
 
+_NO_VOLUMES = ("no encrypted volumes in {crypttab} or among the active dm-crypt mappings; "
+               "name the encrypted partition: luks-passphrase {command} /dev/DEVICE")
+
+
 def cmd_change(ctx: Context) -> Outcome:
     vol = ctx.volume(ctx.args.volume)
-    current = ctx.prompter.ask(f"Current passphrase for {vol}: ")
+    p = ctx.prompter
+    if not p.interactive:  # scripted: three lines, the flow checks them
+        current = p.ask(f"Current passphrase for {vol}: ")
+        get_new: Callable[[], Secret] = p.ask_new
+    else:
+        current, role = dialogue.ask_current(p, ctx.store, vol)
+        get_new = dialogue.new_passphrase(p, role, current)
     try:
-        return ctx.tool.change(vol.device, current, ctx.prompter.ask_new)
+        out = ctx.tool.change(vol.device, current, get_new)
     finally:
         current.wipe()
+    return Outcome(out.kind, plain(out), out.header_backup)
 
 
 def cmd_resume(ctx: Context) -> Outcome:
@@ -264,14 +323,22 @@ def cmd_resume(ctx: Context) -> Outcome:
 
 def cmd_status(ctx: Context) -> Outcome:
     vols = [ctx.volume(ctx.args.volume)] if ctx.args.volume else ctx.volumes()
+    if not vols:
+        raise UnknownVolume(_NO_VOLUMES.format(crypttab=ctx.args.crypttab, command="status"))
+    unreadable = []
     for v in vols:
         try:
             with open_volume(v.device) as lv:
                 st = ctx.store.load(lv.uuid)
                 print(f"{v}: {lv.type} UUID={lv.uuid} active slots {lv.active_slots()} "
                       f"of {lv.keyslot_max}")
+        except NotLuks:
+            unreadable.append(f"{v}: not a LUKS volume; name the encrypted partition itself "
+                              "(the one 'cryptsetup isLuks' accepts), not the opened "
+                              "/dev/mapper device")
+            continue
         except LuksError as e:
-            print(f"{v}: {e}")
+            unreadable.append(f"{v}: {e}")
             continue
         cur, pend = st.current_backup, st.pending_backup
         print(f"  current backup slot: {cur.slot if cur else '-'}"
@@ -279,6 +346,9 @@ def cmd_status(ctx: Context) -> Outcome:
               f"  queued packet: {'yes' if st.queue else 'no'}"
               + ("  backup passphrase needed" if st.backup_needed else "")
               + (f"  INTERRUPTED: {st.journal.get('op')}" if st.journal else ""))
+    if unreadable:
+        sys.stdout.flush()
+        raise FlowError("\nluks-passphrase: ".join(unreadable))
     return Outcome("nothing", "")
 
 
@@ -411,7 +481,7 @@ class _NotConfirmed(Exception):
 def cmd_gui(ctx: Context) -> Outcome:
     from .gui import run_gui
 
-    run_gui(ctx.tool, ctx.volumes(), ctx.args.volume, screenshot=ctx.args.screenshot)
+    run_gui(ctx.tool, ctx.volumes(), ctx.args.volume)
     return Outcome("nothing", "")
 
 
@@ -419,10 +489,41 @@ COMMANDS = {"change": cmd_change, "resume": cmd_resume, "status": cmd_status,
             "import": cmd_import, "sync": cmd_sync, "gui": cmd_gui}
 
 
+def _setup_logging(debug: bool) -> None:
+    """Log lines go to the journal, and to the terminal only with --debug.
+
+    Without a journal (a container, a rescue shell), warnings and errors still
+    reach standard error; the rest is dropped rather than printed between the
+    prompts.
+    """
+    plog.setup("luks-passphrase", debug)  # the level (SYSTEMD_LOG_LEVEL, --debug)
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    journal: logging.Handler | None = plog.JournalHandler("luks-passphrase")
+    assert isinstance(journal, plog.JournalHandler)
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+    try:
+        probe.connect(journal.path)
+    except OSError:
+        journal.close()
+        journal = None
+    finally:
+        probe.close()
+    if journal is not None:
+        root.addHandler(journal)
+    if debug or journal is None:
+        terminal = logging.StreamHandler(sys.stderr)
+        terminal.setFormatter(plog.StderrFormatter())
+        if not debug:
+            terminal.setLevel(logging.WARNING)
+        root.addHandler(terminal)
+
+
 def main(argv: Sequence[str] | None = None, prompter: Prompter | None = None) -> int:
     disable_core_dumps()  # first: no core file may hold a key
     args = _parser().parse_args(argv)
-    plog.setup("luks-passphrase", args.debug)
+    _setup_logging(args.debug)
     os.umask(0o077)
     try:
         ctx = Context(args, prompter or Prompter())
@@ -433,13 +534,15 @@ def main(argv: Sequence[str] | None = None, prompter: Prompter | None = None) ->
         return _fail(args, e, EXIT_REFUSED)
     except _NotConfirmed as e:
         return _fail(args, e, EXIT_NOT_CONFIRMED)
+    except Interrupted as e:
+        return _fail(args, e, EXIT_INTERRUPTED)
     except (LuksError, FlowError, StateError, UnknownVolume, InputError, CommandError,
             escrow_packet.PacketError) as e:
         return _fail(args, e, EXIT_ERROR)
-    except KeyboardInterrupt:
-        print("luks-passphrase: interrupted; run `luks-passphrase resume` if a change was under "
+    except KeyboardInterrupt:  # (at a prompt it is Interrupted, and the line was ended)
+        print("luks-passphrase: interrupted; run 'luks-passphrase resume' if a change was under "
               "way", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     if outcome.message:
         print(outcome.message)
     return EXIT_OK

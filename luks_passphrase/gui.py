@@ -1,7 +1,15 @@
 """A small Tk window for ``luks-passphrase change``, on the same core.
 
 Choose the volume, type the current passphrase and the new one twice, watch
-a strength hint, press Change, read the result.  The window itself never
+a strength hint, press Change (or Return), read the result in plain words.
+Nothing moves before the person asks for something: the progress bar shows
+only while a change runs, the strength only once something is typed, and a
+missing pkexec is said as the window opens.  A wrong current passphrase
+clears that field alone.
+
+Tk's ``send`` (any client of the X display may run Tcl in a Tk program
+through it) is removed before the window is shown: this window may run as
+root on someone's display.  The window itself never
 needs root: as root it calls the core in-process; as a user it runs
 ``pkexec luks-passphrase change VOLUME`` and hands it the passphrases on
 standard input (the CLI's scripted mode), so polkit asks for authorisation
@@ -11,6 +19,7 @@ polkit action.
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import shutil
@@ -20,22 +29,29 @@ import threading
 import tkinter as tk
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from tkinter import ttk
 
+from mandos_core.log import event
 from mandos_core.secret import Secret
 
-from .flows import Refused, Tool, strength_hint
+from .flows import MIN_PASSPHRASE, Refused, Tool, strength_hint
 from .libcryptsetup import LuksError, WrongPassphrase
+from .messages import plain
 from .volumes import Volume
 
+log = logging.getLogger("luks_passphrase.gui")
+
 PKEXEC_CLI = "/usr/bin/luks-passphrase"
+
+
+WRONG = "The current passphrase is wrong."
 
 
 @dataclass(frozen=True)
 class Result:
     ok: bool
     message: str
+    wrong_current: bool = False
 
 
 Progress = Callable[[str], None]
@@ -56,10 +72,13 @@ class InProcessBackend:
         try:
             out = self.tool.change(device, current, lambda: new)
         except WrongPassphrase:
-            return Result(False, "The current passphrase is wrong.")
+            return Result(False, WRONG, wrong_current=True)
         except (Refused, FlowError, LuksError, StateError, InputError) as e:
             return Result(False, str(e))
-        return Result(True, out.message)
+        return Result(True, plain(out))
+
+    def problem(self) -> str | None:
+        return None
 
 
 class PkexecBackend:
@@ -70,9 +89,18 @@ class PkexecBackend:
         self.cli = cli or shutil.which("luks-passphrase") or PKEXEC_CLI
         self.extra = extra_args or []
 
-    def change(self, device: str, current: Secret, new: Secret, progress: Progress) -> Result:
+    def problem(self) -> str | None:
+        """What stops this window from working at all, said as it opens."""
         if shutil.which("pkexec") is None:
-            return Result(False, "pkexec is not installed (apt-get install pkexec)")
+            return ("pkexec is not installed, so this window cannot change a passphrase for you: "
+                    "ask an administrator to install it (apt-get install pkexec), or run "
+                    "luks-passphrase change as root.")
+        return None
+
+    def change(self, device: str, current: Secret, new: Secret, progress: Progress) -> Result:
+        problem = self.problem()
+        if problem is not None:
+            return Result(False, problem)
         progress("Asking for authorisation…")
         data = current.prefixed(b"") + b"\n" + new.prefixed(b"") + b"\n" + new.prefixed(b"") + b"\n"
         try:
@@ -84,7 +112,7 @@ class PkexecBackend:
         if proc.returncode in (126, 127):
             return Result(False, "Not authorised.")
         if proc.returncode == 3:
-            return Result(False, "The current passphrase is wrong.")
+            return Result(False, WRONG, wrong_current=True)
         if proc.returncode == 0:
             return Result(True, proc.stdout.decode(errors="replace").strip())
         errors = [ln.removeprefix("luks-passphrase: ")
@@ -94,7 +122,7 @@ class PkexecBackend:
 
 
 class App:
-    """The window.  Widgets are attributes so tests can drive them like a person."""
+    """The window.  Widgets are attributes so tests can look at them."""
 
     def __init__(self, root: tk.Tk, backend: InProcessBackend | PkexecBackend,
                  volumes: list[Volume], preselect: str | None = None) -> None:
@@ -103,6 +131,7 @@ class App:
         self.volumes = volumes
         self.events: queue.Queue[tuple[str, object]] = queue.Queue()
         self.busy = False
+        disable_send(root)
         root.title("Change disk passphrase")
         root.resizable(False, False)
         frm = ttk.Frame(root, padding=14)
@@ -122,23 +151,34 @@ class App:
         self.new = self._entry(frm, 3, "New passphrase:")
         self.repeat = self._entry(frm, 4, "Repeat new passphrase:")
         ttk.Label(frm, text="Strength:").grid(row=5, column=0, sticky="w")
-        self.strength = ttk.Label(frm, text="-")
+        self.strength = ttk.Label(frm, text="")
         self.strength.grid(row=5, column=1, sticky="w")
         self.new.bind("<KeyRelease>", lambda _e: self._update_strength())
+        # shown only while a change runs
         self.progress = ttk.Progressbar(frm, mode="indeterminate", length=300)
         self.progress.grid(row=6, column=0, columnspan=2, sticky="ew", pady=(10, 2))
-        self.status = ttk.Label(frm, text="", wraplength=420, justify="left")
+        self.progress.grid_remove()
+        self.status = ttk.Label(frm, text="", wraplength=540, justify="left")
         self.status.grid(row=7, column=0, columnspan=2, sticky="w")
-        self.result = tk.Label(frm, text="", wraplength=420, justify="left")
+        self.result = tk.Label(frm, text="", wraplength=540, justify="left")
         self.result.grid(row=8, column=0, columnspan=2, sticky="w", pady=(4, 8))
         buttons = ttk.Frame(frm)
         buttons.grid(row=9, column=0, columnspan=2, sticky="e")
         self.close_button = ttk.Button(buttons, text="Close", command=root.destroy)
         self.close_button.grid(row=0, column=0, padx=4)
-        self.change_button = ttk.Button(buttons, text="Change", command=self.start)
+        self.change_button = ttk.Button(buttons, text="Change", command=self.start,
+                                        default="active")
         self.change_button.grid(row=0, column=1)
+        for key in ("<Return>", "<KP_Enter>"):
+            root.bind(key, lambda _e: self.start())
+        root.bind("<Escape>", lambda _e: root.destroy())
+        problem = backend.problem()
+        if problem is not None:  # said now, not after the person typed everything
+            self.change_button.state(["disabled"])
+            self._show(Result(False, problem))
         self.current.focus_set()
-        root.after(100, self._poll)
+        self._after = root.after(100, self._poll)
+        root.bind("<Destroy>", self._destroyed, add="+")
 
     def _entry(self, frm: ttk.Frame, row: int, label: str) -> ttk.Entry:
         ttk.Label(frm, text=label).grid(row=row, column=0, sticky="w", padx=(0, 8))
@@ -147,7 +187,8 @@ class App:
         return e
 
     def _update_strength(self) -> None:
-        self.strength.configure(text=strength_hint(self.new.get().encode()))
+        typed = self.new.get().encode()
+        self.strength.configure(text=strength_hint(typed) if typed else "")
 
     def _device(self) -> str:
         text = self.volume.get().strip()
@@ -156,25 +197,33 @@ class App:
                 return v.device
         return text
 
+    def _refuse(self, message: str, field: ttk.Entry) -> None:
+        self._show(Result(False, message))
+        field.focus_set()
+
     def start(self) -> None:
-        if self.busy:
+        if self.busy or self.change_button.instate(["disabled"]):
             return
         device = self._device()
+        if not device:
+            return self._refuse("Choose a volume.", self.current)
+        if not self.current.get():
+            return self._refuse("Type the current passphrase.", self.current)
+        if len(self.new.get().encode()) < MIN_PASSPHRASE:
+            return self._refuse(f"The new passphrase is too short (at least {MIN_PASSPHRASE} "
+                                "characters).", self.new)
+        if self.new.get() != self.repeat.get():
+            self.repeat.delete(0, "end")
+            return self._refuse("The two new passphrases differ: type the new one again.",
+                                self.repeat)
+        if self.new.get() == self.current.get():
+            return self._refuse("The new passphrase is the same as the current one.", self.new)
         current = Secret(self.current.get().encode())
         new = Secret(self.new.get().encode())
-        again = Secret(self.repeat.get().encode())
-        if not device:
-            return self._show(Result(False, "Choose a volume."))
-        if not current:
-            return self._show(Result(False, "Type the current passphrase."))
-        if new != again:
-            return self._show(Result(False, "The two new passphrases differ."))
-        for e in (self.current, self.new, self.repeat):
-            e.delete(0, "end")
         self.busy = True
         self.change_button.state(["disabled"])
         self.result.configure(text="")
-        self.progress.configure(mode="indeterminate")
+        self.progress.grid()
         self.progress.start(12)
 
         def work() -> None:
@@ -198,24 +247,47 @@ class App:
                     self.status.configure(text=str(value))
                 elif kind == "done":
                     assert isinstance(value, Result)
-                    self.busy = False
-                    self.progress.stop()
-                    self.progress.configure(mode="determinate", value=100 if value.ok else 0)
-                    if value.ok:
-                        self.status.configure(text="")
-                    self.change_button.state(["!disabled"])
-                    self._show(value)
+                    self._done(value)
         except queue.Empty:
             pass
-        self.root.after(100, self._poll)
+        self._after = self.root.after(100, self._poll)
+
+    def _destroyed(self, event: tk.Event) -> None:  # type: ignore[type-arg]
+        if event.widget is self.root:
+            self.root.after_cancel(self._after)
+
+    def _done(self, res: Result) -> None:
+        self.busy = False
+        self.progress.stop()
+        self.progress.grid_remove()
+        self.status.configure(text="")
+        self.change_button.state(["!disabled"])
+        if res.ok:
+            for e in (self.current, self.new, self.repeat):
+                e.delete(0, "end")
+            self._update_strength()
+        elif res.wrong_current:  # only that field: the new passphrase was fine
+            self.current.delete(0, "end")
+            self.current.focus_set()
+        self._show(res)
+        event(log, logging.INFO, f"window: {res.message}",
+              LUKS_PATH=self._device())
 
     def _show(self, res: Result) -> None:
         self.result.configure(text=("✔ " if res.ok else "✘ ") + res.message,
                               fg="#1a7f37" if res.ok else "#b42318")
 
 
-def run_gui(tool: Tool, volumes: list[Volume], preselect: str | None,
-            screenshot: Path | None = None) -> None:
+def disable_send(root: tk.Tk) -> None:
+    """Remove Tk's ``send``: deleting the command unregisters the program, so no other
+    X client can run Tcl in it (as root, when an administrator opens the window)."""
+    try:
+        root.tk.call("rename", "send", "")
+    except tk.TclError:
+        pass  # already gone
+
+
+def run_gui(tool: Tool, volumes: list[Volume], preselect: str | None) -> None:
     if os.geteuid() == 0:
         backend: InProcessBackend | PkexecBackend = InProcessBackend(tool)
     else:
@@ -227,11 +299,5 @@ def run_gui(tool: Tool, volumes: list[Volume], preselect: str | None,
 
         raise FlowError(f"cannot open a window: {e}") from None
     App(root, backend, volumes, preselect)
-    if screenshot is not None:  # used by hand: an XWD dump of the screen, then quit
-        def shoot() -> None:
-            subprocess.run(["xwd", "-root", "-silent", "-out", str(screenshot)], check=False)
-            root.destroy()
-
-        root.after(1500, shoot)
     root.mainloop()
     sys.stdout.flush()

@@ -16,8 +16,9 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import time
 from pathlib import Path
+
+from tests.helpers import WaitTimeout, wait_for
 
 PGBIN = Path("/usr/lib/postgresql/15/bin")
 
@@ -84,18 +85,20 @@ class Postgres:
     def _wait_ready(self, timeout: float) -> None:
         import psycopg
 
-        deadline = time.monotonic() + timeout
-        while True:
+        def ready() -> bool:
             assert self.proc is not None
             if self.proc.poll() is not None:
                 raise RuntimeError(f"postgres exited {self.proc.returncode}:\n{self.log()}")
             try:
                 with psycopg.connect(self.url("postgres"), connect_timeout=2):
-                    return
+                    return True
             except psycopg.OperationalError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"postgres did not start:\n{self.log()}") from None
-                time.sleep(0.05)
+                return False
+
+        try:
+            wait_for(ready, timeout, "postgres to accept connections", interval=0.05)
+        except WaitTimeout:
+            raise RuntimeError(f"postgres did not start:\n{self.log()}") from None
 
     def create_database(self, name: str) -> str:
         import psycopg

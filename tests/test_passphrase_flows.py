@@ -27,7 +27,7 @@ from luks_passphrase.libcryptsetup import LuksVolume, WrongPassphrase
 from luks_passphrase.state import StateStore
 from mandos_core import escrow_packet
 from mandos_core.secret import Secret
-from tests.test_passphrase_helpers import (
+from tests.lukslib import (
     BACKUP0,
     ROOT,
     USER0,
@@ -41,6 +41,7 @@ from tests.test_passphrase_helpers import (
     make_image,
     opens,
     opens_fast,
+    setup_volume,
 )
 
 KINDS = ["luks1", "luks2"]
@@ -71,21 +72,6 @@ class Crash(BaseException):
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory: pytest.TempPathFactory) -> EscrowKeys:
     return make_escrow_keys(tmp_path_factory.mktemp("escrow"))
-
-
-def setup_volume(tmp: Path, kind: str, keys: EscrowKeys, extra_user: bool = False
-                 ) -> tuple[Path, StateStore]:
-    """USER0 in slot 0, the escrowed BACKUP0 in slot 1 (imported), OTHER in slot 2."""
-    tmp.mkdir(parents=True, exist_ok=True)
-    image = make_image(tmp / "vol.img", kind)
-    add_key(image, USER0, BACKUP0, 1, tmp)
-    if extra_user:
-        add_key(image, USER0, OTHER, 2, tmp)
-    store = StateStore(tmp / "state")
-    packet = escrow_packet.build(keys.cert_pem, Secret(BACKUP0), escrow_packet.Metadata(
-        "testhost", luks_uuid(image), str(image), "crypt_LUKS", 1))
-    Tool(store, certificate=keys.cert_pem).import_packet(str(image), escrow_packet.parse(packet))
-    return image, store
 
 
 def tool(store: StateStore, keys: EscrowKeys, crash_at: str | None = None,

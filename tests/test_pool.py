@@ -25,8 +25,7 @@ from pathlib import Path
 import pytest
 
 from tests import pglib
-from tests.conftest import PASSWORD
-from tests.helpers import Mandosd, fetch, tool
+from tests.helpers import PASSWORD, Mandosd, fetch, tool, wait_for
 
 REASON_ELSEWHERE = "client is not in this server's clients.conf"
 
@@ -70,17 +69,16 @@ def servers(tmp_path: Path, url: str, sections: list[list[str]], stack: ExitStac
 
 
 def _wait_log(srv: Mandosd, text: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while text not in srv.log():
+    def logged() -> bool:
         assert srv.proc is not None
         if srv.proc.poll() is not None:
             raise AssertionError(f"mandosd exited {srv.proc.returncode}:\n{srv.log()}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{text!r} not logged:\n{srv.log()}")
-        time.sleep(0.05)
+        return text in srv.log()
+
+    wait_for(logged, timeout, f"{text!r} in the log", interval=0.05)
 
 
-def ctl(srv: Mandosd, url: str, *args: str) -> subprocess.CompletedProcess[str]:
+def pool_ctl(srv: Mandosd, url: str, *args: str) -> subprocess.CompletedProcess[str]:
     argv = [tool("mandos-ctl"), *args, "--configdir", str(srv.configdir),
             "--state-url", url]
     if args[:1] not in (("log",), ("migrate-state",)):
@@ -145,23 +143,23 @@ def test_disable_enable_deny_approve_hold_for_every_server(
         srvs = servers(tmp_path, url, [[section]] * 3, stack)
         assert fetch_all(client_keys, srvs) == [PASSWORD] * 3
 
-        p = ctl(srvs[0], url, "--disable", "client1")
+        p = pool_ctl(srvs[0], url, "--disable", "client1")
         assert p.returncode == 0, p.stderr
         assert fetch_all(client_keys, srvs) == [b""] * 3
         for s in srvs:
             assert "MANDOS_OUTCOME=refused-disabled" in s.log()
         # mandos-ctl through another server's configuration sees the same
-        assert ctl(srvs[2], url, "--is-enabled", "client1").returncode == 1
+        assert pool_ctl(srvs[2], url, "--is-enabled", "client1").returncode == 1
 
-        assert ctl(srvs[1], url, "--enable", "client1").returncode == 0
+        assert pool_ctl(srvs[1], url, "--enable", "client1").returncode == 0
         assert fetch_all(client_keys, srvs) == [PASSWORD] * 3
 
-        assert ctl(srvs[2], url, "--deny", "client1").returncode == 0
+        assert pool_ctl(srvs[2], url, "--deny", "client1").returncode == 0
         assert fetch_all(client_keys, srvs) == [b""] * 3
         for s in srvs:
             assert "MANDOS_OUTCOME=refused-denied" in s.log()
 
-        assert ctl(srvs[0], url, "--approve", "client1").returncode == 0
+        assert pool_ctl(srvs[0], url, "--approve", "client1").returncode == 0
         assert fetch_all(client_keys, srvs) == [PASSWORD] * 3
 
 
@@ -178,7 +176,7 @@ def test_a_secret_from_one_moves_the_deadline_seen_by_all(
         sent = after["last_secret_sent"]
         assert isinstance(sent, float) and after["deadline"] == pytest.approx(sent + 7200)
         for s in srvs[1:]:  # what the other servers' mandos-ctl shows
-            p = ctl(s, url, "--dump-json", "client1")
+            p = pool_ctl(s, url, "--dump-json", "client1")
             assert p.returncode == 0, p.stderr
             expires = json.loads(p.stdout)["client1"]["Expires"]
             assert expires.startswith(time.strftime(
@@ -195,13 +193,11 @@ def test_waiting_request_released_by_an_approval_through_another_server(
         waiting = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         stack.callback(waiting.kill)
         _wait_log(srvs[0], "MANDOS_OUTCOME=approval-requested")
-        deadline = time.monotonic() + 60
-        while state(url)["approval_pending_until"] is None:
-            assert time.monotonic() < deadline, srvs[0].log()
-            time.sleep(0.05)
+        wait_for(lambda: state(url)["approval_pending_until"] is not None, 60,
+                 "the pending approval in the pool's state", interval=0.05)
         # the approve goes through the third server's configuration; the first
         # server waits on LISTEN (its approval_delay is an hour)
-        assert ctl(srvs[2], url, "--approve", "client1").returncode == 0
+        assert pool_ctl(srvs[2], url, "--approve", "client1").returncode == 0
         out, err = waiting.communicate(timeout=120)
         assert out == PASSWORD, err
         assert "approved by an administrator" in srvs[0].log()
@@ -226,18 +222,18 @@ def test_fleet_audit_log_answers_who_got_what_from_which_server(
         srvs = servers(tmp_path, url, [[client_section], [client_section], []], stack)
         assert fetch(client_keys, srvs[1].address).stdout == PASSWORD
         assert fetch(client_keys, srvs[2].address).stdout == b""
-        assert ctl(srvs[0], url, "--disable", "client1").returncode == 0
-        deadline = time.monotonic() + 60
-        while True:  # the audit rows are written by each server's writer thread
-            p = ctl(srvs[0], url, "log", "client1")
+        assert pool_ctl(srvs[0], url, "--disable", "client1").returncode == 0
+        def logged() -> list[str] | None:  # each server's writer thread adds its rows
+            p = pool_ctl(srvs[0], url, "log", "client1")
             assert p.returncode == 0, p.stderr
             lines = p.stdout.splitlines()
             if (any("srv2" in x and "secret-sent" in x for x in lines)
                     and any("srv3" in x and "refused-unknown" in x for x in lines)
                     and any("admin-disabled" in x for x in lines)):
-                break
-            assert time.monotonic() < deadline, p.stdout
-            time.sleep(0.1)
+                return lines
+            return None
+
+        lines = wait_for(logged, 60, "the three servers' rows in the audit table", interval=0.1)
         assert lines[0].split()[:3] == ["When", "Server", "Outcome"]
         assert all(x.split()[4] == "client1" for x in lines[1:])
         assert any("127.0.0.1:" in x for x in lines if "secret-sent" in x)
@@ -266,10 +262,8 @@ def test_database_down_refuses_without_crash_then_serves_again(
                 assert s.log().count("MANDOS_OUTCOME=secret-sent") == n
             own.start()
             for s in srvs:  # back-off: each reconnects on a later request
-                deadline = time.monotonic() + 60
-                while fetch(client_keys, s.address).stdout != PASSWORD:
-                    assert time.monotonic() < deadline, s.log()
-                    time.sleep(0.2)
+                wait_for(lambda s=s: fetch(client_keys, s.address).stdout == PASSWORD, 60,
+                         "the server to serve again", interval=0.2)
                 assert s.proc is not None and s.proc.poll() is None
                 assert "Traceback" not in s.log()
             assert state(url)["last_secret_sent"] is not None
@@ -366,22 +360,25 @@ def test_a_pass_killed_mid_way_leaves_its_clients_to_another_server(
     conf_b = _checker_conf(tmp_path / "b", names, quick, "PT5S")
     a = _run_checkers(conf_a, url, "a", start_new_session=True)
     try:
-        deadline = time.monotonic() + 60
-        while not started.exists() or len(started.read_text().split()) < len(names):
-            assert a.poll() is None and time.monotonic() < deadline
-            time.sleep(0.05)
+        def all_started() -> bool:
+            assert a.poll() is None
+            return started.exists() and len(started.read_text().split()) >= len(names)
+
+        wait_for(all_started, 60, "every checker of the first pass to start", interval=0.05)
     finally:
         os.killpg(a.pid, signal.SIGKILL)  # the server and its checkers, mid-pass
         a.wait()
     # the claims of the dead pass expire after the interval (+ slack); the next
     # pass of another server then runs every one of them
-    deadline = time.monotonic() + 90
-    while not checked.exists() or sorted(set(checked.read_text().split())) != names:
-        assert time.monotonic() < deadline, checked.read_text() if checked.exists() else ""
-        b = _run_checkers(conf_b, url, "b")
+    def all_checked() -> bool:
+        if checked.exists() and sorted(set(checked.read_text().split())) == names:
+            return True
+        b = _run_checkers(conf_b, url, "b")  # another server's pass, as its timer would
         _, err = b.communicate(timeout=60)
         assert b.returncode == 0, err.decode()
-        time.sleep(0.5)
+        return False
+
+    wait_for(all_checked, 90, "another server to check every client", interval=0.5)
     assert sorted(checked.read_text().split()) == names  # each exactly once
 
 
@@ -485,10 +482,8 @@ def test_a_server_started_while_the_database_is_down_serves_when_it_returns(
             assert fetch(client_keys, srv.address).stdout == b""
             assert "MANDOS_REASON=state-unavailable" in srv.log()
             own.start()
-            deadline = time.monotonic() + 60
-            while fetch(client_keys, srv.address).stdout != PASSWORD:
-                assert time.monotonic() < deadline, srv.log()
-                time.sleep(0.2)
+            wait_for(lambda: fetch(client_keys, srv.address).stdout == PASSWORD, 60,
+                     "the server to serve once the database is back", interval=0.2)
             assert state(url)["last_secret_sent"] is not None
     finally:
         own.destroy()
@@ -509,7 +504,7 @@ def test_the_database_password_reaches_no_log(tmp_path: Path, pg: pglib.Postgres
                  extra_args=["--state-url", url]) as srv:
         assert fetch(client_keys, srv.address).stdout == b""
         assert "MANDOS_REASON=state-unavailable" in srv.log()
-    p = ctl(srv, url, "--disable", "client1")
+    p = pool_ctl(srv, url, "--disable", "client1")
     assert p.returncode == 1 and "PostgreSQL pwtest" in p.stderr
     for text in (srv.log(), p.stdout + p.stderr):
         assert secret not in text
@@ -543,7 +538,7 @@ def test_a_removed_client_stays_refused_after_a_server_restarts(
     server, whose clients.conf still lists it, must not bring it back."""
     with ExitStack() as stack:
         srvs = servers(tmp_path, url, [[client_section]] * 2, stack)
-        assert ctl(srvs[0], url, "--remove", "client1").returncode == 0
+        assert pool_ctl(srvs[0], url, "--remove", "client1").returncode == 0
         assert fetch_all(client_keys, srvs) == [b""] * 2
         srvs[1].stop()
         srvs[1].start()
