@@ -1,0 +1,201 @@
+"""Our server package under a real systemd PID 1: a full Debian 12 VM.
+
+The root file system is built from Debian's archive with mmdebstrap (cached),
+the packages with dpkg-buildpackage from this checkout; the guest boots under
+QEMU (TCG) with systemd as PID 1 and no network but one forwarded port.  From
+the host, through the test runner on the second serial port, it shows:
+
+1. ``dpkg -i`` enables and starts mandosd.socket and mandosd-checker.timer the
+   Debian way, creates the _mandos user and the default /etc/mandos;
+2. the first connection (our mandos-client on the host, through QEMU's
+   hostfwd) starts mandosd.service, which serves the secret; the service
+   exits when idle and the next connection starts it again;
+3. the hardened unit really runs: no sandbox failure in the journal, and the
+   running process has seccomp, no_new_privs, no capabilities and its own
+   network namespace; ``systemctl show`` has the sandbox;
+4. mandosd-checker.timer fires and the checker's success lands in the state
+   (``mandos-ctl -v``);
+5. ``journalctl MANDOS_CLIENT=…`` shows the decision with its MESSAGE_ID, and
+   ``journalctl --catalog`` explains it;
+6. ``dpkg --purge`` leaves no unit, no enablement link, no user, no state.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests import pid1lib, vmlib
+from tests.helpers import enroll, fetch, free_port, make_keys
+
+pytestmark = pytest.mark.vm
+
+_reason = pid1lib.skip_reason()
+if _reason:
+    pytest.skip(_reason, allow_module_level=True)
+
+PASSWORD = b"pid1 passphrase \xc3\xa9 !"
+SECRET_SENT = "c89c15b2b5a2472f9bb353e320140d6f"
+CHECKER_OK = "f2653064d33f4dc09ab048ac8ad9bdb5"
+SERVER_DEBS = ("python3-mandos-nbde", "mandos-nbde-server")
+
+
+@dataclass
+class Booted:
+    guest: pid1lib.Guest
+    keys: Path
+    port: int
+    timings: dict[str, float]
+
+
+@pytest.fixture(scope="module")
+def booted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Booted]:
+    work = tmp_path_factory.mktemp("pid1")
+    timings: dict[str, float] = {}
+    t = time.monotonic()
+    rootfs = pid1lib.cached_rootfs(work / "mmdebstrap.log")
+    timings["rootfs (mmdebstrap, cached)"] = time.monotonic() - t
+    t = time.monotonic()
+    debs = pid1lib.build_debs(work)
+    timings["dpkg-buildpackage"] = time.monotonic() - t
+    assert set(SERVER_DEBS) <= set(debs), f"built: {sorted(debs)}"
+    found = vmlib.find_kernel()
+    assert found
+    kernel, kver = found
+    t = time.monotonic()
+    initrd = pid1lib.cached_initrd(work, kver)
+    image = pid1lib.make_image(work, rootfs, [debs[p] for p in SERVER_DEBS])
+    timings["initrd + image"] = time.monotonic() - t
+    keys = make_keys(work / "keys", "client1")
+    port = free_port()
+    guest = pid1lib.Guest(kernel, initrd, image, work, port)
+    t = time.monotonic()
+    guest.start()
+    try:
+        guest.connect_runner(timeout=300)
+        timings["boot to runner"] = time.monotonic() - t
+        yield Booted(guest, keys, port, timings)
+    finally:
+        guest.stop()
+        print("\n".join(f"pid1 VM: {k}: {v:.1f} s" for k, v in timings.items()))
+
+
+def test_server_package_under_systemd(booted: Booted) -> None:
+    g, timings = booted.guest, booted.timings
+    assert g.run("cat", "/proc/1/comm").check().out.strip() == "systemd"
+
+    # -- 1. install: the socket and the timer are enabled and started by the package
+    t = time.monotonic()
+    debs = g.sh("ls /root/debs/*.deb").check().out.split()
+    g.run("dpkg", "-i", *debs, timeout=600).check()
+    timings["dpkg -i"] = time.monotonic() - t
+    for unit in ("mandosd.socket", "mandosd-checker.timer"):
+        assert g.run("systemctl", "is-enabled", unit).out.strip() == "enabled", unit
+        assert g.run("systemctl", "is-active", unit).out.strip() == "active", unit
+    assert g.run("systemctl", "is-active", "mandosd.service").out.strip() == "inactive"
+    assert g.run("getent", "passwd", "_mandos").rc == 0
+    assert g.sh("stat -c '%a %U' /etc/mandos/clients.conf").check().out.split() == ["600", "root"]
+    listen = g.run("systemctl", "show", "-p", "Listen", "mandosd.socket").check().out
+    assert "0.0.0.0:9439 (Stream)" in listen and "[::]:9439 (Stream)" in listen
+
+    # Enroll the client; a short idle timeout (the documented /etc/default knob).
+    section = enroll(booted.keys, PASSWORD, "client1", host="127.0.0.1")
+    g.run("tee", "-a", "/etc/mandos/clients.conf", stdin=section.encode()).check()
+    g.run("sed", "-i", 's/^MANDOSD_OPTIONS=.*/MANDOSD_OPTIONS="--idle-timeout 15"/',
+          "/etc/default/mandosd").check()
+
+    # -- 2. the first connection starts the service, which serves the secret
+    t = time.monotonic()
+    got = fetch(booted.keys, f"127.0.0.1:{booted.port}", timeout=90)
+    timings["first fetch (socket activation)"] = time.monotonic() - t
+    assert got.returncode == 0, got.stderr.decode()
+    assert got.stdout == PASSWORD
+    first = g.run("systemctl", "show", "-p", "InvocationID", "--value", "mandosd.service")
+    assert first.check().out.strip()
+
+    # -- 3. the sandbox is applied and the hardened service ran without a failure
+    props = dict(line.split("=", 1) for line in g.run(
+        "systemctl", "show", "mandosd.service", "-p", "NoNewPrivileges", "-p", "ProtectSystem",
+        "-p", "PrivateNetwork", "-p", "PrivateUsers", "-p", "CapabilityBoundingSet",
+        "-p", "RestrictAddressFamilies", "-p", "SystemCallFilter", "-p", "MainPID",
+        "-p", "ProtectProc", "-p", "MemoryDenyWriteExecute").check().out.splitlines())
+    assert props["NoNewPrivileges"] == "yes"
+    assert props["ProtectSystem"] == "strict"
+    assert props["PrivateNetwork"] == "yes" and props["PrivateUsers"] == "yes"
+    assert props["CapabilityBoundingSet"] == ""
+    assert props["RestrictAddressFamilies"] == "AF_UNIX"
+    assert props["ProtectProc"] == "invisible" and props["MemoryDenyWriteExecute"] == "yes"
+    assert len(props["SystemCallFilter"].split()) > 50
+    pid = props["MainPID"]
+    status = g.run("cat", f"/proc/{pid}/status").check().out
+    fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+    assert fields["Seccomp"].strip() == "2", "no seccomp filter on the running server"
+    assert fields["NoNewPrivs"].strip() == "1"
+    assert int(fields["CapEff"], 16) == 0 and int(fields["CapBnd"], 16) == 0
+    netns_server = g.run("readlink", f"/proc/{pid}/ns/net").check().out
+    assert netns_server != g.run("readlink", "/proc/1/ns/net").check().out
+    journal = g.run("journalctl", "-b", "-o", "cat", "-u", "mandosd.service",
+                    "-u", "mandosd.socket", "-u", "mandosd-checker.service").check().out
+    for bad in ("SystemCallFilter", "Operation not permitted", "Read-only file system",
+                "status=31/SYS", "Permission denied", "Traceback", "Failed to"):
+        assert bad not in journal, f"{bad!r} in the journal:\n{journal}"
+
+    # -- the service exits when idle; the next connection starts it again
+    g.wait_until("! systemctl -q is-active mandosd.service", timeout=120).check()
+    assert g.run("systemctl", "is-active", "mandosd.socket").out.strip() == "active"
+    got = fetch(booted.keys, f"127.0.0.1:{booted.port}", timeout=90)
+    assert got.returncode == 0 and got.stdout == PASSWORD, got.stderr.decode()
+    second = g.run("systemctl", "show", "-p", "InvocationID", "--value", "mandosd.service")
+    assert second.check().out.strip() not in ("", first.out.strip())
+    result = g.run("systemctl", "show", "-p", "NRestarts", "--value", "mandosd.service").check()
+    assert result.out.strip() == "0"
+
+    # -- 4. the checker timer fires and the result lands in the state
+    t = time.monotonic()
+    g.wait_until(f"journalctl -q -o cat MESSAGE_ID={CHECKER_OK} MANDOS_CLIENT=client1 | grep -q .",
+                 timeout=180).check()
+    timings["checker success after enrolling"] = time.monotonic() - t
+    ctl = g.run("mandos-ctl", "-j", "client1").check().out
+    client = json.loads(ctl)["client1"]
+    assert client["LastCheckedOK"], ctl
+    assert client["LastCheckerStatus"] == 0, ctl
+    verbose = g.run("mandos-ctl", "-v", "client1").check().out
+    assert "client1" in verbose
+    assert g.run("systemctl", "show", "-p", "Result", "--value",
+                 "mandosd-checker.service").check().out.strip() == "success"
+
+    # -- 5. the audit: the decision, its MESSAGE_ID, and the catalog's words
+    entries = [json.loads(line) for line in g.run(
+        "journalctl", "-o", "json", "MANDOS_CLIENT=client1",
+        f"MESSAGE_ID={SECRET_SENT}").check().out.splitlines()]
+    assert len(entries) >= 2, entries
+    assert all(e["MANDOS_OUTCOME"] == "secret-sent" for e in entries)
+    assert entries[0]["_SYSTEMD_UNIT"] == "mandosd.service"
+    explained = g.run("journalctl", "--catalog", "--no-pager", "MANDOS_CLIENT=client1",
+                      f"MESSAGE_ID={SECRET_SENT}").check().out
+    assert "Subject: Mandos: secret sent to client1" in explained, explained
+    assert "never" in explained  # "it never appears in the journal"
+
+    # -- 6. purge: no unit, no enablement, no user, no state left
+    t = time.monotonic()
+    g.run("dpkg", "--purge", *SERVER_DEBS[::-1], timeout=600).check()
+    timings["dpkg --purge"] = time.monotonic() - t
+    left = g.sh("ls -d /lib/systemd/system/mandosd* /usr/lib/systemd/system/mandosd* "
+                "/etc/systemd/system/*/mandosd* /etc/systemd/system/mandosd* "
+                "/usr/lib/sysusers.d/mandos-nbde* /var/lib/mandosd /usr/bin/mandosd "
+                "/usr/bin/mandos-ctl /etc/default/mandosd 2>/dev/null").out
+    assert left == "", f"left behind:\n{left}"
+    assert g.run("getent", "passwd", "_mandos").rc == 2
+    assert g.run("systemctl", "is-active", "mandosd.socket").out.strip() != "active"
+    units = g.run("systemctl", "list-units", "--all", "--plain", "--no-legend", "mandosd*").out
+    assert all("not-found" in line for line in units.splitlines()), units
+    # clients.conf now holds a client: the admin's data stays, the untouched default goes.
+    assert g.run("test", "-e", "/etc/mandos/mandos.conf").rc == 1
+    assert g.run("test", "-e", "/etc/mandos/clients.conf").rc == 0
+    refused = g.run("python3", "-c", "import socket; socket.create_connection(('127.0.0.1', 9439), 5)")
+    assert "ConnectionRefusedError" in refused.err
