@@ -5,9 +5,11 @@
   :data:`CACHE` keyed by the package list and the sources.
 - :func:`build_debs` runs ``dpkg-buildpackage -us -uc -b`` on a copy of the
   checkout (never in the working tree).
-- :func:`make_image` unpacks the root into a plain ext4 image (``mkfs.ext4
-  -d``), with the packages under ``/root/debs``, DHCP by systemd-networkd and
-  a tiny command runner (:data:`RUNNER`) started by systemd on ``ttyS1``.
+- :func:`cached_base_image` unpacks the root into a plain ext4 image
+  (``mkfs.ext4 -d``, cached too), with DHCP by systemd-networkd and a tiny
+  command runner (:data:`RUNNER`) started by systemd on ``ttyS1``;
+  :func:`make_image` copies it and puts the packages under ``/root/debs``
+  with ``debugfs``.
 - :class:`Guest` boots it under QEMU (TCG) with the host's Debian kernel and a
   lean dracut initrd, ``restrict=on`` user networking with one ``hostfwd`` to
   the guest's port 9439, and runs commands through the runner: base64 JSON
@@ -45,6 +47,8 @@ INITRD_MODULES = ["systemd", "systemd-initrd", "dracut-systemd", "rootfs-block",
                   "base", "fs-lib"]
 INITRD_DRIVERS = ["virtio_pci", "virtio_net", "virtio_blk", "virtio_console", "ext4"]
 GUEST_PORT = 9439
+MASKED = ["apt-daily.timer", "apt-daily-upgrade.timer", "e2scrub_all.timer", "fstrim.timer",
+          "dpkg-db-backup.timer", "systemd-networkd-wait-online.service"]
 NICE = ["nice", "-n", "10"]
 CLEAN_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C.UTF-8", "HOME": "/root"}
 
@@ -88,6 +92,8 @@ while True:
 
 RUNNER_UNIT = """[Unit]
 Description=mandos-nbde test command runner (ttyS1)
+# Early: the host can start while the rest of the boot goes on.
+DefaultDependencies=no
 After=systemd-journald.socket local-fs.target
 
 [Service]
@@ -184,14 +190,37 @@ def cached_initrd(workdir: Path, kver: str) -> Path:
     return out
 
 
-def make_image(workdir: Path, rootfs_tar: Path, debs: Sequence[Path], size_mb: int = 2048) -> Path:
-    """An ext4 image of the root file system, ready to boot with systemd."""
-    tree = workdir / "rootfs"
-    if tree.exists():
-        shutil.rmtree(tree)
-    tree.mkdir()
-    with tarfile.open(rootfs_tar) as tf:
-        tf.extractall(tree, numeric_owner=True)  # noqa: S202 - our own mmdebstrap tarball
+def cached_base_image(rootfs_tar: Path, size_mb: int = 2048) -> Path:
+    """An ext4 image of the root file system, ready to boot with systemd (cached
+    per rootfs tarball and guest set-up: this module's source)."""
+    key = hashlib.sha256(rootfs_tar.name.encode() + Path(__file__).read_bytes())
+    out = CACHE / f"image-{key.hexdigest()[:16]}.img"
+    with open(CACHE / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if out.exists():
+            return out
+        for old in CACHE.glob("image-*.img"):
+            old.unlink()  # one base image at a time: they are 2 GB (sparse)
+        tree = CACHE / "rootfs.tmp"
+        if tree.exists():
+            shutil.rmtree(tree)
+        tree.mkdir()
+        try:
+            with tarfile.open(rootfs_tar) as tf:
+                tf.extractall(tree, numeric_owner=True)  # noqa: S202 - our own mmdebstrap tarball
+            _set_up_guest(tree)
+            tmp = out.with_suffix(".part")
+            with tmp.open("wb") as f:
+                f.truncate(size_mb << 20)
+            subprocess.run([*NICE, "mkfs.ext4", "-q", "-F", "-L", "root", "-d", str(tree),
+                            str(tmp)], check=True, capture_output=True, timeout=900)
+            tmp.rename(out)
+        finally:
+            shutil.rmtree(tree)
+        return out
+
+
+def _set_up_guest(tree: Path) -> None:
     (tree / "etc/hostname").write_text("mandos-pid1\n")
     (tree / "etc/fstab").write_text("/dev/vda / ext4 rw,errors=remount-ro 0 1\n")
     net = tree / "etc/systemd/network/20-dhcp.network"
@@ -202,18 +231,21 @@ def make_image(workdir: Path, rootfs_tar: Path, debs: Sequence[Path], size_mb: i
     runner.write_text(RUNNER)
     runner.chmod(0o755)
     (tree / "etc/systemd/system/mandos-test-runner.service").write_text(RUNNER_UNIT)
-    debdir = tree / "root/debs"
-    debdir.mkdir(parents=True, exist_ok=True)
-    for deb in debs:
-        shutil.copy2(deb, debdir / deb.name)
+    (tree / "root/debs").mkdir(parents=True, exist_ok=True)
     subprocess.run(["systemctl", "--root", str(tree), "enable", "systemd-networkd.service",
                     "mandos-test-runner.service"], check=True, capture_output=True)
+    # Nothing periodic of Debian's own under TCG while the test runs.
+    subprocess.run(["systemctl", "--root", str(tree), "mask", *MASKED], check=True,
+                   capture_output=True)
+
+
+def make_image(workdir: Path, base: Path, debs: Sequence[Path]) -> Path:
+    """A copy of the base image with *debs* in /root/debs (debugfs: no mount needed)."""
     img = workdir / "root.img"
-    with img.open("wb") as f:
-        f.truncate(size_mb << 20)
-    subprocess.run([*NICE, "mkfs.ext4", "-q", "-F", "-L", "root", "-d", str(tree), str(img)],
-                   check=True, capture_output=True, timeout=600)
-    shutil.rmtree(tree)
+    subprocess.run(["cp", "--sparse=always", str(base), str(img)], check=True, timeout=600)
+    for deb in debs:
+        subprocess.run(["debugfs", "-w", "-R", f"write {deb} /root/debs/{deb.name}", str(img)],
+                       check=True, capture_output=True, timeout=120)
     return img
 
 
@@ -264,10 +296,10 @@ class Guest(vmlib.VM):
                 s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 s.connect(str(self.cmdsock))
                 self._conn = s
-            except OSError:
+            except OSError as e:
                 s.close()
                 if time.monotonic() > deadline or (self.proc and self.proc.poll() is not None):
-                    raise TimeoutError(f"no runner socket; console:\n{self.console[-3000:]}")
+                    raise TimeoutError(f"no runner socket; console:\n{self.console[-3000:]}") from e
                 time.sleep(0.05)  # qemu creates the socket as it starts
         self._readline(b"MANDOS-RUNNER-READY", deadline)
 
