@@ -46,6 +46,10 @@ PACKAGES = [
 INITRD_MODULES = ["systemd", "systemd-initrd", "dracut-systemd", "rootfs-block", "udev-rules",
                   "base", "fs-lib"]
 INITRD_DRIVERS = ["virtio_pci", "virtio_net", "virtio_blk", "virtio_console", "ext4"]
+#: A Mandos key server as Debian ships it, plus what our server package needs:
+#: the machine that tests moving over (in a chroot, no boot needed).
+MANDOS_PACKAGES = ["mandos", "systemd", "python3-sdnotify", "python3-cryptography", "fping",
+                   "gpg", "gpg-agent", "libgnutls30"]
 GUEST_PORT = 9439
 MASKED = ["apt-daily.timer", "apt-daily-upgrade.timer", "e2scrub_all.timer", "fstrim.timer",
           "dpkg-db-backup.timer", "systemd-networkd-wait-online.service"]
@@ -133,18 +137,18 @@ def _sources() -> Path:
     raise FileNotFoundError("no apt sources for mmdebstrap")
 
 
-def cached_rootfs(log: Path) -> Path:
+def cached_rootfs(log: Path, packages: Sequence[str] = PACKAGES) -> Path:
     """The Debian root file system tarball, built once per package list and sources."""
     sources = _sources()
-    key = hashlib.sha256(json.dumps([SUITE, sorted(PACKAGES), sources.read_text()]).encode())
+    key = hashlib.sha256(json.dumps([SUITE, sorted(packages), sources.read_text()]).encode())
     CACHE.mkdir(parents=True, exist_ok=True)
     tar = CACHE / f"rootfs-{SUITE}-{key.hexdigest()[:16]}.tar"
     with open(CACHE / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if tar.exists():
             return tar
-        tmp = tar.with_suffix(".tar.part")
-        argv = [*NICE, "mmdebstrap", "--variant=minbase", f"--include={','.join(PACKAGES)}",
+        tmp = tar.with_name(tar.stem + ".part.tar")  # mmdebstrap picks the format by suffix
+        argv = [*NICE, "mmdebstrap", "--variant=minbase", f"--include={','.join(packages)}",
                 '--aptopt=Acquire::Check-Valid-Until "false"', SUITE, str(tmp), str(sources)]
         with log.open("wb") as out:
             subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT, check=True, timeout=1800,
@@ -192,8 +196,9 @@ def cached_initrd(workdir: Path, kver: str) -> Path:
 
 def cached_base_image(rootfs_tar: Path, size_mb: int = 2048) -> Path:
     """An ext4 image of the root file system, ready to boot with systemd (cached
-    per rootfs tarball and guest set-up: this module's source)."""
-    key = hashlib.sha256(rootfs_tar.name.encode() + Path(__file__).read_bytes())
+    per rootfs tarball and guest set-up)."""
+    setup = json.dumps([rootfs_tar.name, RUNNER, RUNNER_UNIT, DHCP_NETWORK, MASKED, size_mb])
+    key = hashlib.sha256(setup.encode())
     out = CACHE / f"image-{key.hexdigest()[:16]}.img"
     with open(CACHE / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)

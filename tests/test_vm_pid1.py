@@ -18,11 +18,18 @@ the host, through the test runner on the second serial port, it shows:
 5. ``journalctl MANDOS_CLIENT=…`` shows the decision with its MESSAGE_ID, and
    ``journalctl --catalog`` explains it;
 6. ``dpkg --purge`` leaves no unit, no enablement link, no user, no state.
+
+And, in a chroot of a Debian Mandos server (no boot needed): replacing Debian's
+``mandos`` with our server keeps an edited /etc/mandos as it was, without a
+conffile question, mandosd loads it, and a later purge of the replaced
+``mandos`` no longer deletes it.
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
+import tarfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -54,16 +61,21 @@ class Booted:
 
 
 @pytest.fixture(scope="module")
-def booted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Booted]:
+def debs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    t = time.monotonic()
+    built = pid1lib.build_debs(tmp_path_factory.mktemp("debs"))
+    print(f"\npid1 VM: dpkg-buildpackage: {time.monotonic() - t:.1f} s")
+    assert set(SERVER_DEBS) <= set(built), f"built: {sorted(built)}"
+    return built
+
+
+@pytest.fixture(scope="module")
+def booted(tmp_path_factory: pytest.TempPathFactory, debs: dict[str, Path]) -> Iterator[Booted]:
     work = tmp_path_factory.mktemp("pid1")
     timings: dict[str, float] = {}
     t = time.monotonic()
     rootfs = pid1lib.cached_rootfs(work / "mmdebstrap.log")
     timings["rootfs (mmdebstrap, cached)"] = time.monotonic() - t
-    t = time.monotonic()
-    debs = pid1lib.build_debs(work)
-    timings["dpkg-buildpackage"] = time.monotonic() - t
-    assert set(SERVER_DEBS) <= set(debs), f"built: {sorted(debs)}"
     found = vmlib.find_kernel()
     assert found
     kernel, kver = found
@@ -195,8 +207,60 @@ def test_server_package_under_systemd(booted: Booted) -> None:
     assert g.run("systemctl", "is-active", "mandosd.socket").out.strip() != "active"
     units = g.run("systemctl", "list-units", "--all", "--plain", "--no-legend", "mandosd*").out
     assert all("not-found" in line for line in units.splitlines()), units
-    # clients.conf now holds a client: the admin's data stays, the untouched default goes.
-    assert g.run("test", "-e", "/etc/mandos/mandos.conf").rc == 1
-    assert g.run("test", "-e", "/etc/mandos/clients.conf").rc == 0
+    assert g.run("test", "-e", "/etc/mandos").rc == 1  # purge: the conffiles too
     refused = g.run("python3", "-c", "import socket; socket.create_connection(('127.0.0.1', 9439), 5)")
     assert "ConnectionRefusedError" in refused.err
+
+
+ADMIN_SECTION = """
+[web1]
+host = 192.0.2.7
+key_id = 3BB532A0A3BC927CD9D8D236D2BEAD58C64D1D68E88B0B9DE135D38A8D0052CF
+fingerprint = F18392827A27DF4B684B0C97DF365E03787F8CAE
+secret = aGVsbG8=
+"""
+
+
+def test_replacing_debian_mandos_keeps_etc_mandos(tmp_path: Path, debs: dict[str, Path]) -> None:
+    tar = pid1lib.cached_rootfs(tmp_path / "mmdebstrap.log", pid1lib.MANDOS_PACKAGES)
+    root = tmp_path / "root"
+    root.mkdir()
+    with tarfile.open(tar) as tf:
+        tf.extractall(root, numeric_owner=True)  # noqa: S202 - our own mmdebstrap tarball
+    etc = root / "etc/mandos"
+    # A Mandos server in use: a client in clients.conf, a port in mandos.conf.
+    with (etc / "clients.conf").open("a") as f:
+        f.write(ADMIN_SECTION)
+    conf = (etc / "mandos.conf").read_text().replace("\n;port = \n", "\nport = 4711\n")
+    (etc / "mandos.conf").write_text(conf)
+    before = {p.name: p.read_bytes() for p in etc.glob("*.conf")}
+    (root / "root/debs").mkdir()
+    for name in SERVER_DEBS:
+        (root / "root/debs" / debs[name].name).write_bytes(debs[name].read_bytes())
+
+    def chroot(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["chroot", str(root), *argv], stdin=subprocess.DEVNULL,
+                              capture_output=True, text=True, timeout=600,
+                              env={**pid1lib.CLEAN_ENV, "DEBIAN_FRONTEND": "noninteractive"})
+
+    assert chroot("dpkg-query", "-W", "-f=${db:Status-Abbrev}", "mandos").stdout == "ii "
+    # apt removes Debian's mandos (Conflicts) and installs ours; stdin is /dev/null,
+    # so a conffile question would fail the installation.
+    inst = chroot("apt-get", "install", "-y", *(f"/root/debs/{debs[n].name}" for n in SERVER_DEBS))
+    assert inst.returncode == 0, inst.stdout + inst.stderr
+    assert "Removing mandos " in inst.stdout
+    assert chroot("dpkg-query", "-W", "-f=${db:Status-Abbrev}", "mandos").stdout == "rc "
+    assert {p.name: p.read_bytes() for p in etc.glob("*.conf")} == before
+    assert (etc / "clients.conf").stat().st_mode & 0o777 == 0o600
+    check = chroot("mandosd", "--check-config")
+    assert check.returncode == 0 and "(1 clients)" in check.stdout + check.stderr, check
+
+    # The replaced package's purge used to delete Debian's conffiles, the files
+    # mandosd now reads: dpkg moved them over to our package.
+    purge = chroot("dpkg", "--purge", "mandos")
+    assert purge.returncode == 0, purge.stdout + purge.stderr
+    assert {p.name: p.read_bytes() for p in etc.glob("*.conf")} == before
+    owner = chroot("dpkg-query", "-S", "/etc/mandos/clients.conf")
+    assert owner.stdout.startswith("mandos-nbde-server:"), owner
+    check = chroot("mandosd", "--check-config")
+    assert check.returncode == 0 and "(1 clients)" in check.stdout + check.stderr, check
