@@ -17,6 +17,8 @@ the host, through the test runner on the second serial port, it shows:
    (``mandos-ctl -v``);
 5. ``journalctl MANDOS_CLIENT=…`` shows the decision with its MESSAGE_ID, and
    ``journalctl --catalog`` explains it;
+5b. the LUKS2 test VM (vmlib), its initrd built from our client packages'
+   dracut module, unlocks its root with the secret from the server VM;
 6. ``dpkg --purge`` leaves no unit, no enablement link, no user, no state.
 
 And, in a chroot of a Debian Mandos server (no boot needed): replacing Debian's
@@ -47,6 +49,7 @@ if _reason:
     pytest.skip(_reason, allow_module_level=True)
 
 PASSWORD = b"pid1 passphrase \xc3\xa9 !"
+LUKS_PASSPHRASE = b"luks root from the server VM"
 SECRET_SENT = "c89c15b2b5a2472f9bb353e320140d6f"
 CHECKER_OK = "f2653064d33f4dc09ab048ac8ad9bdb5"
 SERVER_DEBS = ("python3-mandos-nbde", "mandos-nbde-server")
@@ -194,6 +197,48 @@ def test_server_package_under_systemd(booted: Booted) -> None:
     assert "Subject: Mandos: secret sent to client1" in explained, explained
     assert "never" in explained  # "it never appears in the journal"
 
+
+def test_client_vm_unlocks_from_server_vm(booted: Booted, debs: dict[str, Path],
+                                          tmp_path: Path) -> None:
+    """The LUKS2 test VM, its initrd built with the dracut module and the agent from
+    our client packages, unlocks its root with the secret from the server VM (its
+    guestfwd relay reaches the host's end of the server VM's hostfwd)."""
+    g = booted.guest
+    pkgroot = tmp_path / "pkgroot"
+    for name in ("python3-mandos-nbde", "mandos-nbde-client"):
+        subprocess.run(["dpkg-deb", "-x", str(debs[name]), str(pkgroot)], check=True)
+    module = pkgroot / "usr/lib/dracut/modules.d/90mandos-nbde"
+    assert (module / "module-setup.sh").exists()
+    found = vmlib.find_kernel()
+    assert found
+    kernel, kver = found
+    keys = make_keys(tmp_path / "keys", "luks1")
+    image = vmlib.make_root_image(tmp_path, LUKS_PASSPHRASE)
+    section = enroll(keys, LUKS_PASSPHRASE, "luks1", host="127.0.0.1")
+    g.run("tee", "-a", "/etc/mandos/clients.conf", stdin=section.encode()).check()
+    t = time.monotonic()
+    initrd = tmp_path / "initrd.img"
+    conf = (f'mandos_keydir="{keys}"\n'
+            f'mandos_servers="{vmlib.GUEST_SERVER_ADDR}:{vmlib.GUEST_SERVER_PORT}"\n'
+            f'mandos_pythonpath="{pkgroot / "usr/lib/python3/dist-packages"}"\n')
+    tree = vmlib.private_dracut_tree(tmp_path, module_src=module)
+    vmlib.build_initrd(tmp_path, initrd, kver, modules=[vmlib.MODULE_NAME], conf=conf,
+                       dracut_tree=tree)
+    booted.timings["client initrd from the package"] = time.monotonic() - t
+    t = time.monotonic()
+    cmdline = vmlib.kernel_cmdline(image, net=False)
+    with vmlib.VM(kernel, initrd, image, cmdline, tmp_path / "client-boot.log",
+                  server_port=booted.port) as vm:
+        result = vm.boot(600)
+    booted.timings["client VM boot to its real root"] = time.monotonic() - t
+    assert result.reached_root, "client root not reached:\n" + result.console[-4000:]
+    sent = g.run("journalctl", "-o", "json", "MANDOS_CLIENT=luks1",
+                 f"MESSAGE_ID={SECRET_SENT}").check().out.splitlines()
+    assert sent and json.loads(sent[-1])["MANDOS_OUTCOME"] == "secret-sent"
+
+
+def test_purge_leaves_nothing(booted: Booted) -> None:
+    g, timings = booted.guest, booted.timings
     # -- 6. purge: no unit, no enablement, no user, no state left
     t = time.monotonic()
     g.run("dpkg", "--purge", *SERVER_DEBS[::-1], timeout=600).check()
@@ -210,6 +255,7 @@ def test_server_package_under_systemd(booted: Booted) -> None:
     assert g.run("test", "-e", "/etc/mandos").rc == 1  # purge: the conffiles too
     refused = g.run("python3", "-c", "import socket; socket.create_connection(('127.0.0.1', 9439), 5)")
     assert "ConnectionRefusedError" in refused.err
+
 
 
 ADMIN_SECTION = """
