@@ -50,6 +50,10 @@ INITRD_DRIVERS = ["virtio_pci", "virtio_net", "virtio_blk", "virtio_console", "e
 #: the machine that tests moving over (in a chroot, no boot needed).
 MANDOS_PACKAGES = ["mandos", "systemd", "python3-sdnotify", "python3-cryptography", "fping",
                    "gpg", "gpg-agent", "libgnutls30"]
+#: A Mandos client as Debian ships it (keys made by its postinst), plus what our
+#: client package needs.
+MANDOS_CLIENT_PACKAGES = ["mandos-client", "systemd", "python3-cryptography", "gpg", "gpg-agent",
+                          "cryptsetup-bin", "libcryptsetup12", "libgnutls30"]
 GUEST_PORT = 9439
 MASKED = ["apt-daily.timer", "apt-daily-upgrade.timer", "e2scrub_all.timer", "fstrim.timer",
           "dpkg-db-backup.timer", "systemd-networkd-wait-online.service"]

@@ -310,3 +310,43 @@ def test_replacing_debian_mandos_keeps_etc_mandos(tmp_path: Path, debs: dict[str
     assert owner.stdout.startswith("mandos-nbde-server:"), owner
     check = chroot("mandosd", "--check-config")
     assert check.returncode == 0 and "(1 clients)" in check.stdout + check.stderr, check
+
+
+def test_replacing_debian_mandos_client_keeps_the_keys(tmp_path: Path,
+                                                       debs: dict[str, Path]) -> None:
+    """Debian's mandos-client made this machine's keys; ours replaces it and uses
+    them as they are: same files, same key_id, no new keys, nothing printed."""
+    from mandos_core.keyfiles import KeyFiles
+
+    tar = pid1lib.cached_rootfs(tmp_path / "mmdebstrap.log", pid1lib.MANDOS_CLIENT_PACKAGES)
+    root = tmp_path / "root"
+    root.mkdir()
+    with tarfile.open(tar) as tf:
+        tf.extractall(root, numeric_owner=True)  # noqa: S202 - our own mmdebstrap tarball
+    keydir = root / "etc/keys/mandos"
+    before = {p.name: p.read_bytes() for p in keydir.iterdir()}
+    assert {"seckey.txt", "pubkey.txt", "tls-privkey.pem", "tls-pubkey.pem"} <= set(before)
+    debian_key_id = KeyFiles.from_dir(keydir).key_id()
+    names = ("python3-mandos-nbde", "mandos-nbde-client")
+    (root / "root/debs").mkdir()
+    for name in names:
+        (root / "root/debs" / debs[name].name).write_bytes(debs[name].read_bytes())
+
+    def chroot(*argv: str, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run(["chroot", str(root), *argv], input=stdin, capture_output=True,
+                              timeout=600,
+                              env={**pid1lib.CLEAN_ENV, "DEBIAN_FRONTEND": "noninteractive"})
+
+    inst = chroot("apt-get", "install", "-y", *(f"/root/debs/{debs[n].name}" for n in names))
+    out = (inst.stdout + inst.stderr).decode(errors="replace")
+    assert inst.returncode == 0, out
+    assert "Removing mandos-client " in out
+    assert {p.name: p.read_bytes() for p in keydir.iterdir()} == before
+    assert not (root / "var/lib/mandos-nbde-client/keys-created-by-package").exists()
+    assert "do not purge the replaced package 'mandos-client'" in out
+    for secret in ("seckey.txt", "tls-privkey.pem"):
+        assert before[secret].decode(errors="replace").strip().splitlines()[1] not in out
+    # Our mandos-keygen enrolls with Debian's keys: the server's key_id stays valid.
+    section = chroot("mandos-keygen", "--passfile", "/dev/stdin", stdin=b"pass")
+    assert section.returncode == 0, section.stderr
+    assert f"key_id = {debian_key_id}" in section.stdout.decode()
