@@ -332,8 +332,9 @@ def test_replacing_debian_mandos_client_keeps_the_keys(tmp_path: Path,
     for name in names:
         (root / "root/debs" / debs[name].name).write_bytes(debs[name].read_bytes())
 
-    def chroot(*argv: str, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
-        return subprocess.run(["chroot", str(root), *argv], input=stdin, capture_output=True,
+    def chroot(*argv: str) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run(["chroot", str(root), *argv], stdin=subprocess.DEVNULL,
+                              capture_output=True,
                               timeout=600,
                               env={**pid1lib.CLEAN_ENV, "DEBIAN_FRONTEND": "noninteractive"})
 
@@ -344,9 +345,29 @@ def test_replacing_debian_mandos_client_keeps_the_keys(tmp_path: Path,
     assert {p.name: p.read_bytes() for p in keydir.iterdir()} == before
     assert not (root / "var/lib/mandos-nbde-client/keys-created-by-package").exists()
     assert "do not purge the replaced package 'mandos-client'" in out
+    # The initrd is rebuilt through the trigger (initramfs-tools here, dracut alike).
+    assert "Processing triggers for initramfs-tools" in out
     for secret in ("seckey.txt", "tls-privkey.pem"):
         assert before[secret].decode(errors="replace").strip().splitlines()[1] not in out
     # Our mandos-keygen enrolls with Debian's keys: the server's key_id stays valid.
-    section = chroot("mandos-keygen", "--passfile", "/dev/stdin", stdin=b"pass")
+    passfile = root / "root/luks-pass"
+    passfile.write_bytes(b"pass")
+    passfile.chmod(0o600)
+    section = chroot("mandos-keygen", "--passfile", "/root/luks-pass")
     assert section.returncode == 0, section.stderr
     assert f"key_id = {debian_key_id}" in section.stdout.decode()
+
+    # What the warning is about: Debian's purge destroys the keys ours uses.
+    assert chroot("dpkg", "--purge", "mandos-client").returncode == 0
+    assert not (keydir / "seckey.txt").exists()
+    # A machine without keys: our package makes them (0600 in 0700) and its
+    # purge destroys them again.
+    assert chroot("dpkg", "--purge", *names[::-1]).returncode == 0
+    inst = chroot("apt-get", "install", "-y", *(f"/root/debs/{debs[n].name}" for n in names))
+    assert inst.returncode == 0, (inst.stdout + inst.stderr).decode(errors="replace")
+    assert (root / "var/lib/mandos-nbde-client/keys-created-by-package").exists()
+    assert keydir.stat().st_mode & 0o777 == 0o700
+    for name in ("seckey.txt", "tls-privkey.pem", "tls-pubkey.pem", "pubkey.txt"):
+        assert (keydir / name).stat().st_mode & 0o777 == 0o600, name
+    assert chroot("dpkg", "--purge", *names[::-1]).returncode == 0
+    assert not keydir.exists()
