@@ -30,6 +30,7 @@ conffile question, mandosd loads it, and a later purge of the replaced
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import tarfile
 import time
@@ -70,6 +71,16 @@ def debs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     print(f"\npid1 VM: dpkg-buildpackage: {time.monotonic() - t:.1f} s")
     assert set(SERVER_DEBS) <= set(built), f"built: {sorted(built)}"
     return built
+
+
+def test_lintian_clean(debs: dict[str, Path]) -> None:
+    """No lintian error or warning; each override in debian/*.lintian-overrides says why."""
+    if shutil.which("lintian") is None:
+        pytest.skip("lintian missing (apt-get install lintian)")
+    proc = subprocess.run(["lintian", "--fail-on", "error,warning", "--pedantic",
+                           *map(str, debs.values())], capture_output=True, text=True,
+                          timeout=600, env=pid1lib.CLEAN_ENV)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 @pytest.fixture(scope="module")
