@@ -486,6 +486,11 @@ def main(argv: list[str] | None = None) -> int:
             return agent.run(ino)
     finally:
         agent.close()
+        # the clean-up is done: a stop signal now (systemd at switch-root) has nothing
+        # left to stop, and must not turn a clean exit into death by signal while the
+        # interpreter shuts down (which would restore the default handlers)
+        for s in STOP_SIGNALS:
+            signal.signal(s, signal.SIG_IGN)
 
 
 if __name__ == "__main__":

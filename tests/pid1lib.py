@@ -309,7 +309,7 @@ class Guest(vmlib.VM):
                 s.close()
                 if time.monotonic() > deadline or (self.proc and self.proc.poll() is not None):
                     raise TimeoutError(f"no runner socket; console:\n{self.console[-3000:]}") from e
-                time.sleep(0.05)  # qemu creates the socket as it starts
+                time.sleep(0.05)  # not a wait on a condition we can watch: qemu makes the socket as it starts
         self._readline(b"MANDOS-RUNNER-READY", deadline)
 
     def _readline(self, prefix: bytes, deadline: float) -> bytes:
