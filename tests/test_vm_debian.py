@@ -6,11 +6,13 @@ and our initrd against Debian's Mandos server.
   does: dracut in host-only mode (its check() wants it), the module added with
   ``--add mandos``, the client's keys made by Debian's ``mandos-keygen`` in
   ``/etc/keys/mandos`` (bind-mounted for dracut alone, so the host's own keys
-  stay out), and the server given the way Mandos's documentation says for a
-  systemd initrd: a drop-in for ``ask-password-mandos.service`` setting
-  ``MANDOS_CLIENT_OPTIONS=--connect=ADDRESS:PORT`` (the ``mandos=connect``
-  kernel argument and ``plugin-runner.conf`` are read only by the non-systemd
-  initrd).  The guest's mandos-client reaches mandosd on the host's loopback
+  stay out), and the server given through the service's own hook: its
+  ``ExecStart=`` ends in ``$MANDOS_CLIENT_OPTIONS``, and the module copies the
+  host's drop-ins for ``ask-password-mandos.service``; here the drop-in setting
+  ``MANDOS_CLIENT_OPTIONS=--connect=ADDRESS:PORT`` goes in with ``--include``,
+  as the host's would (the ``mandos=connect`` kernel argument and
+  ``plugin-runner.conf`` are read only by the non-systemd initrd's
+  plugin-runner).  The guest's mandos-client reaches mandosd on the host's loopback
   through the guestfwd relay and the root opens; mandosd's audit shows the
   secret sent to a raw-public-key client.
 - Our initrd (tests/test_vm_boot.py's, built once per session) boots with the
