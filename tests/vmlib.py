@@ -15,7 +15,9 @@ Everything stays inside a temporary directory and on the host's loopback:
   connects stdin/stdout to ``127.0.0.1:PORT``.  The serial console is read
   with a deadline, and the VM is always killed on exit.
 
-Run as a program, ``python3 vmlib.py relay HOST PORT`` is that relay.
+Run as a program, ``python3 vmlib.py relay HOST PORT`` is that relay, and
+``vmlib.py bind-exec SRC DEST ... -- ARGV`` runs dracut with bind mounts
+(:func:`build_initrd`'s *binds*).
 """
 
 from __future__ import annotations
@@ -319,11 +321,15 @@ class VM:
             self._lock_fd = os.open(lockfile, os.O_RDWR | os.O_CREAT, 0o600)
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
         self.started = time.monotonic()
-        self.proc = subprocess.Popen(self.argv(),
-                                     stdin=subprocess.PIPE if self.interactive
-                                     else subprocess.DEVNULL,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        try:
+            self.proc = subprocess.Popen(self.argv(),
+                                         stdin=subprocess.PIPE if self.interactive
+                                         else subprocess.DEVNULL,
+                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+        except BaseException:
+            self.stop()  # releases the lock
+            raise
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         return self
@@ -396,19 +402,21 @@ class VM:
                           self.proc.returncode if self.proc else None)
 
     def stop(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.proc.wait(10)
-        if self._reader is not None:
-            self._reader.join(10)
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)  # releases the lock
-            self._lock_fd = None
+        try:
+            if self.proc is None:
+                return
+            if self.proc.poll() is None:
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                self.proc.wait(10)
+            if self._reader is not None:
+                self._reader.join(10)
+        finally:
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)  # releases the lock
+                self._lock_fd = None
 
     def __enter__(self) -> VM:
         return self.start()
