@@ -9,7 +9,12 @@ question -> answer (``Starting systemd-cryptsetup@`` to systemd-cryptsetup's
 ``Set cipher`` line, i.e. the passphrase accepted), question -> unlocked,
 total to the real root (guest clock), and initrd sizes.
 
-Run as root: ``bench/boot [--runs N] [--json FILE]``.
+Run as root: ``bench/boot [--runs N] [--json FILE]``.  ``--no-boot`` builds and
+sizes the initrds only; ``--also-ours DIR`` adds a row for our module from another
+checkout (``git archive REV | tar -x -C DIR``), e.g. the last ``ssl`` agent (e210bdd)
+against the GnuTLS one.  Debian's module reads the keys at the fixed path
+``/etc/keys/mandos``: the bench bind-mounts keys from Debian's ``mandos-keygen`` there
+for dracut alone, so the host's own keys never go into a bench initrd.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests import vmlib  # noqa: E402
+from tests.debianlib import debian_keys  # noqa: E402
 from tests.helpers import Mandosd, enroll, free_port, make_keys  # noqa: E402
 
 PASSPHRASE = b"bench root passphrase"
@@ -137,6 +143,9 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=1, help="boots per variant (default 1)")
     ap.add_argument("--json", type=Path, help="also write the figures here")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    ap.add_argument("--no-boot", action="store_true", help="build and size the initrds only")
+    ap.add_argument("--also-ours", type=Path, metavar="DIR",
+                    help="also build our module from another checkout (size only)")
     args = ap.parse_args()
     reason = vmlib.skip_reason()
     if reason:
@@ -169,6 +178,12 @@ def main() -> int:
         section = enroll(keys, PASSPHRASE, "bench", host="127.0.0.1")
         tree = vmlib.private_dracut_tree(work)
         mandos_debian = debian_mandos_module(tree)
+        other_tree = None
+        if args.also_ours:
+            (work / "other").mkdir()
+            other_tree = vmlib.private_dracut_tree(work / "other",
+                                                   module_src=args.also_ours / "dracut-module")
+        deb_keys = debian_keys(work / "debian-keys") if mandos_debian else None
         conf = (f'mandos_keydir="{keys}"\n'
                 f'mandos_servers="{vmlib.GUEST_SERVER_ADDR}:{vmlib.GUEST_SERVER_PORT}"\n'
                 f'mandos_pythonpath="{vmlib.ROOT}"\n')
@@ -176,15 +191,27 @@ def main() -> int:
                                           "clevis": CLEVIS_MODULES}
         if mandos_debian:
             variants["mandos (Debian)"] = [mandos_debian]
+        if other_tree is not None:
+            variants[f"ours ({args.also_ours})"] = [vmlib.MODULE_NAME]
         initrds: dict[str, Path] = {}
         build_s: dict[str, float] = {}
-        for name, mods in variants.items():
-            d = work / f"build-{name.split()[0]}"
+        for i, (name, mods) in enumerate(variants.items()):
+            d = work / f"build-{i}-{name.split()[0]}"
             d.mkdir()
             out = d / "initrd.img"
             t0 = time.monotonic()
+            this_tree, this_conf = tree, conf
+            binds: list[tuple[Path, str]] = []
+            if name.startswith("ours (") and other_tree is not None and args.also_ours:
+                this_tree = other_tree
+                this_conf = conf.replace(f'mandos_pythonpath="{vmlib.ROOT}"',
+                                         f'mandos_pythonpath="{args.also_ours.resolve()}"')
+            if name == "mandos (Debian)" and deb_keys is not None \
+                    and Path("/etc/keys/mandos").is_dir():
+                binds = [(deb_keys, "/etc/keys/mandos")]
             try:
-                vmlib.build_initrd(d, out, kver, modules=mods, conf=conf, dracut_tree=tree)
+                vmlib.build_initrd(d, out, kver, modules=mods, conf=this_conf,
+                                   dracut_tree=this_tree, binds=binds)
             except RuntimeError as e:
                 print(f"bench/boot: {name}: initrd build failed: {e}", file=sys.stderr)
                 continue
@@ -195,7 +222,7 @@ def main() -> int:
         cmdline_extra = ["ip=dhcp", "rd.neednet=1"]
         boots: list[Boot] = []
         with Mandosd(work / "srv", sections=[section]) as srv:
-            for i in range(args.runs):
+            for i in range(0 if args.no_boot else args.runs):
                 for name, img, port in (("ours", base_img, srv.port),
                                         ("clevis", clevis_img, tang.port)):
                     cmd = vmlib.kernel_cmdline(img, *cmdline_extra, net=False)

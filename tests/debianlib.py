@@ -9,6 +9,7 @@ its whole process group is killed at the end.
 
 from __future__ import annotations
 
+import ast
 import os
 import shutil
 import signal
@@ -109,6 +110,21 @@ class DebianMandos:
     def log(self) -> str:
         return (self.base / "mandos.log").read_text(errors="replace")
 
+    def logged(self) -> list[str]:
+        """Mandos's log records, formatted (``debuglevel=``; syslog being absent)."""
+        out, fmt = [], None
+        for line in self.log().splitlines():
+            if line.startswith("Message: "):
+                fmt = ast.literal_eval(line.removeprefix("Message: "))
+            elif line.startswith("Arguments: ") and isinstance(fmt, str):
+                try:
+                    args = ast.literal_eval(line.removeprefix("Arguments: "))
+                    out.append(fmt % args)
+                except (ValueError, SyntaxError, TypeError):
+                    out.append(f"{fmt} {line.removeprefix('Arguments: ')}")
+                fmt = None
+        return out
+
 
 def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 30) -> bool:
     """Mandos listens (read from /proc/net/tcp6: no probe connection is made)."""
@@ -120,8 +136,14 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 30) ->
 
 
 @contextmanager
-def debian_mandos(clients_conf: str) -> Iterator[DebianMandos]:
-    """Debian's real Mandos server on [::1]:PORT serving *clients_conf*."""
+def debian_mandos(clients_conf: str, *, debuglevel: str | None = None
+                  ) -> Iterator[DebianMandos]:
+    """Debian's real Mandos server on [::1]:PORT serving *clients_conf*.
+
+    Mandos logs only to syslog (``/dev/log``, absent here); with *debuglevel*
+    (``"INFO"``) each record it fails to send is printed by ``logging`` to the
+    log file as ``Message: '...'`` and ``Arguments: (...)`` lines: see
+    :meth:`DebianMandos.logged`."""
     base = Path(tempfile.mkdtemp(prefix="debian-mandos-"))
     os.chmod(base, 0o755)  # _mandos must reach the bus socket and the state directory
     conf = base / "conf"
@@ -148,7 +170,9 @@ def debian_mandos(clients_conf: str) -> Iterator[DebianMandos]:
         log = (base / "mandos.log").open("wb")
         srv = subprocess.Popen([MANDOS_SERVER, "--address", "::1", "--port", str(port),
                                 "--no-zeroconf", "--no-dbus", "--foreground", "--configdir",
-                                str(conf), "--statedir", str(state)], env=env, stdout=log,
+                                str(conf), "--statedir", str(state),
+                                *([f"--debuglevel={debuglevel}"] if debuglevel else [])],
+                               env=env, stdout=log,
                                stderr=log, start_new_session=True)
         if not _wait_port(port, srv):
             raise RuntimeError("Debian's Mandos server did not start:\n"

@@ -15,11 +15,14 @@ Everything stays inside a temporary directory and on the host's loopback:
   connects stdin/stdout to ``127.0.0.1:PORT``.  The serial console is read
   with a deadline, and the VM is always killed on exit.
 
-Run as a program, ``python3 vmlib.py relay HOST PORT`` is that relay.
+Run as a program, ``python3 vmlib.py relay HOST PORT`` is that relay, and
+``vmlib.py bind-exec SRC DEST ... -- ARGV`` runs dracut with bind mounts
+(:func:`build_initrd`'s *binds*).
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import selectors
@@ -193,12 +196,18 @@ def private_dracut_tree(workdir: Path, module_src: Path = MODULE_SRC,
 def build_initrd(workdir: Path, out: Path, kver: str, *, modules: Sequence[str] = (),
                  conf: str = "", include: Sequence[tuple[Path, str]] = (),
                  dracut_tree: Path | None = None, drivers: Sequence[str] = DRIVERS,
-                 base_modules: Sequence[str] = BASE_MODULES,
+                 base_modules: Sequence[str] = BASE_MODULES, add: Sequence[str] = (),
+                 hostonly: bool = False, binds: Sequence[tuple[Path, str]] = (),
                  timeout: float = 300) -> subprocess.CompletedProcess[bytes]:
     """Build *out* for kernel *kver* with dracut from a private module tree.
 
     *conf* is a dracut.conf snippet (sourced shell: ``mandos_servers="..."``);
-    *include* pairs (host path, initrd path) go in with ``--include``.
+    *include* pairs (host path, initrd path) go in with ``--include``.  *add*
+    modules are asked for with ``--add`` (their check() still runs, in host-only
+    mode with *hostonly*).  *binds* (host directory, path) are bind-mounted for
+    dracut alone, in a private mount namespace: a module that reads fixed host
+    paths (Debian's ``90mandos`` reads ``/etc/keys/mandos``) sees the test's
+    files, and the host's stay untouched.
     """
     tree = dracut_tree or private_dracut_tree(workdir)
     confdir = workdir / "dracut.conf.d"
@@ -207,14 +216,23 @@ def build_initrd(workdir: Path, out: Path, kver: str, *, modules: Sequence[str] 
     conffile.write_text(conf)
     tmp = workdir / "dracut-tmp"
     tmp.mkdir(exist_ok=True)
-    argv = ["dracut", "--force", "--no-hostonly", "--no-hostonly-cmdline", "--no-early-microcode",
+    argv = ["dracut", "--force", "--hostonly" if hostonly else "--no-hostonly",
+            "--no-hostonly-cmdline", "--no-early-microcode",
             "--conf", str(conffile), "--confdir", str(confdir), "--tmpdir", str(tmp),
             "--kver", kver, "--zstd",
             "-m", " ".join([*base_modules, *modules]),
             "--add-drivers", " ".join(drivers)]
+    if add:
+        argv += ["--add", " ".join(add)]
     for src, dest in include:
         argv += ["--include", str(src), dest]
     argv.append(str(out))
+    if binds:
+        wrap = ["unshare", "--mount", "--propagation", "private",
+                sys.executable, str(Path(__file__).resolve()), "bind-exec"]
+        for src, dest in binds:
+            wrap += [str(src), dest]
+        argv = [*wrap, "--", *argv]
     env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C.UTF-8",
            "dracutbasedir": str(tree), "TMPDIR": str(tmp)}
     return run(argv, env=env, timeout=timeout)
@@ -273,15 +291,18 @@ class VM:
     interactive: bool = False
     memory_mb: int = 1024
     smp: int = 2
+    #: where the relay connects on the host (Debian's Mandos listens on ::1)
+    server_host: str = "127.0.0.1"
     proc: subprocess.Popen[bytes] | None = None
     _lines: list[str] = field(default_factory=list)
     _cond: threading.Condition = field(default_factory=threading.Condition)
     _reader: threading.Thread | None = None
+    _lock_fd: int | None = None
 
     def argv(self) -> list[str]:
         netdev = "user,id=n0,restrict=on"
         if self.server_port is not None:
-            cmd = relay_command(self.server_port).replace(",", ",,")
+            cmd = relay_command(self.server_port, self.server_host).replace(",", ",,")
             netdev += f",guestfwd=tcp:{GUEST_SERVER_ADDR}:{GUEST_SERVER_PORT}-cmd:{cmd}"
         return [
             QEMU, "-accel", "tcg,thread=multi", "-cpu", "max", "-smp", str(self.smp),
@@ -293,12 +314,22 @@ class VM:
         ]
 
     def start(self) -> VM:
+        # One VM at a time on a shared machine: MANDOS_VM_LOCK names a lock file
+        # (flock(2), the same lock as flock(1)) held while the VM runs.
+        lockfile = os.environ.get("MANDOS_VM_LOCK")
+        if lockfile:
+            self._lock_fd = os.open(lockfile, os.O_RDWR | os.O_CREAT, 0o600)
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
         self.started = time.monotonic()
-        self.proc = subprocess.Popen(self.argv(),
-                                     stdin=subprocess.PIPE if self.interactive
-                                     else subprocess.DEVNULL,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        try:
+            self.proc = subprocess.Popen(self.argv(),
+                                         stdin=subprocess.PIPE if self.interactive
+                                         else subprocess.DEVNULL,
+                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+        except BaseException:
+            self.stop()  # releases the lock
+            raise
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         return self
@@ -371,16 +402,21 @@ class VM:
                           self.proc.returncode if self.proc else None)
 
     def stop(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.proc.wait(10)
-        if self._reader is not None:
-            self._reader.join(10)
+        try:
+            if self.proc is None:
+                return
+            if self.proc.poll() is None:
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                self.proc.wait(10)
+            if self._reader is not None:
+                self._reader.join(10)
+        finally:
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)  # releases the lock
+                self._lock_fd = None
 
     def __enter__(self) -> VM:
         return self.start()
@@ -472,8 +508,26 @@ def relay(host: str, port: int) -> int:
     return 0
 
 
+def bind_exec(args: Sequence[str]) -> int:
+    """``SRC DEST ... -- ARGV``: bind-mount each SRC on DEST, then exec ARGV.
+
+    Run under ``unshare --mount --propagation private`` (see :func:`build_initrd`):
+    the mounts vanish with the namespace.
+    """
+    sep = list(args).index("--")
+    pairs, argv = list(args[:sep]), list(args[sep + 1:])
+    if len(pairs) % 2 or not argv:
+        print("usage: vmlib.py bind-exec SRC DEST ... -- ARGV", file=sys.stderr)
+        return 2
+    for src, dest in zip(pairs[::2], pairs[1::2], strict=True):
+        subprocess.run(["mount", "--bind", src, dest], check=True)
+    os.execvp(argv[0], argv)
+
+
 if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "relay":
         sys.exit(relay(sys.argv[2], int(sys.argv[3])))
-    print("usage: vmlib.py relay HOST PORT", file=sys.stderr)
+    if len(sys.argv) > 3 and sys.argv[1] == "bind-exec" and "--" in sys.argv:
+        sys.exit(bind_exec(sys.argv[2:]))
+    print("usage: vmlib.py relay HOST PORT | bind-exec SRC DEST ... -- ARGV", file=sys.stderr)
     sys.exit(2)
