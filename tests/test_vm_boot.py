@@ -20,19 +20,16 @@ import stat
 import subprocess
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from tests import vmlib
-from tests.helpers import Mandosd, enroll, make_keys, tool
+from tests.helpers import Mandosd, tool
+from tests.vmlib import BOOT_TIMEOUT, CLIENT, PASSPHRASE, Setup, our_setup
 
 pytestmark = pytest.mark.vm
 
-PASSPHRASE = b"vm root passphrase \xc3\xa9"
-CLIENT = "vmclient"
-BOOT_TIMEOUT = 300  # seconds to the real root: ~25 s under TCG idle, 165 s seen at load 45
 REFUSED_GRACE = 15  # after the refusal, how long the root must stay locked
 OFF_GRACE = 12  # with mandos=off, after the question
 
@@ -41,49 +38,9 @@ if _reason:
     pytest.skip(_reason, allow_module_level=True)
 
 
-@dataclass
-class Setup:
-    work: Path
-    image: vmlib.RootImage
-    keys: Path
-    section: str
-    kernel: Path
-    kver: str
-    initrd: Path
-    build_seconds: float
-
-
-_built: list[Setup] = []
-
-
-def our_setup(tmp_path_factory: pytest.TempPathFactory) -> Setup:
-    """The root image and our initrd, built once per test session (also used by
-    tests/test_vm_debian.py, which boots it against Debian's Mandos server)."""
-    if not _built:
-        _built.append(_build(tmp_path_factory.mktemp("vm")))
-    return _built[0]
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> Setup:
     return our_setup(tmp_path_factory)
-
-
-def _build(work: Path) -> Setup:
-    found = vmlib.find_kernel()
-    assert found
-    kernel, kver = found
-    image = vmlib.make_root_image(work, PASSPHRASE)
-    keys = make_keys(work / "keys", CLIENT)
-    # The checker pings the loopback: nothing may leave this machine.
-    section = enroll(keys, PASSPHRASE, CLIENT, host="127.0.0.1")
-    initrd = work / "initrd.img"
-    conf = (f'mandos_keydir="{keys}"\n'
-            f'mandos_servers="{vmlib.GUEST_SERVER_ADDR}:{vmlib.GUEST_SERVER_PORT}"\n'
-            f'mandos_pythonpath="{vmlib.ROOT}"\n')
-    t0 = time.monotonic()
-    vmlib.build_initrd(work, initrd, kver, modules=[vmlib.MODULE_NAME], conf=conf)
-    return Setup(work, image, keys, section, kernel, kver, initrd, time.monotonic() - t0)
 
 
 @pytest.fixture(scope="module")

@@ -33,7 +33,7 @@ import pytest
 from tests import vmlib
 from tests.debianlib import debian_keys, debian_mandos, debian_section, have_debian_mandos
 from tests.helpers import Mandosd
-from tests.test_vm_boot import BOOT_TIMEOUT, CLIENT, PASSPHRASE, Setup, our_setup
+from tests.vmlib import BOOT_TIMEOUT, CLIENT, PASSPHRASE, Setup, our_setup
 
 pytestmark = pytest.mark.vm
 
