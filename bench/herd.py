@@ -237,7 +237,7 @@ def main() -> int:
             # the load generator's clients have secrets of their own: a Mandos of their own
             (base / "m2").mkdir()
             mport = free_port()
-            conf = MANDOS_QUIET + "\n".join(i.section(host="::1") for i in mknown)
+            conf = MANDOS_QUIET + "\n".join(i.section(host="::1", mandos=True) for i in mknown)
             with mandos_server(base / "m2", conf, mport) as msrv:
                 for n in msizes:
                     c0 = cpu_seconds(msrv.pid)

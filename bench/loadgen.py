@@ -63,10 +63,13 @@ class Identity:
         cred.set_rawpk(self.pub.read_bytes(), self.key.read_bytes())
         return cred
 
-    def section(self, host: str = "127.0.0.1") -> str:
+    def section(self, host: str = "127.0.0.1", *, mandos: bool = False) -> str:
+        """Its clients.conf section; for Debian's Mandos (*mandos*) with a ``fingerprint``,
+        which Mandos requires (unused: raw-key clients are found by key_id)."""
         b64 = base64.b64encode(self.secret).decode()
         lines = [b64[i:i + 64] for i in range(0, len(b64), 64)]
-        return (f"[{self.name}]\nhost = {host}\nkey_id = {self.key_id}\nsecret =\n    "
+        fpr = f"fingerprint = {self.key_id[:40]}\n" if mandos else ""
+        return (f"[{self.name}]\nhost = {host}\nkey_id = {self.key_id}\n{fpr}secret =\n    "
                 + "\n    ".join(lines) + "\n")
 
 

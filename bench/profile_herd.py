@@ -26,7 +26,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import cpu_seconds, free_port, start_ready, stop, tempdir, wait_port  # noqa: E402
 from loadgen import MODES, herd, make_identities  # noqa: E402
 
-
 PROFILED = """
 import cProfile, runpy, sys, time
 sys.argv[0] = "mandosd"
