@@ -8,7 +8,9 @@ For N in 50, 200, 500, in one run:
 - the same client program against two servers: our ``mandos-client`` processes
   (raw keys, gpg decrypt included) against mandosd and against Debian's Mandos;
   Debian's ``mandos-client`` processes against Debian's Mandos and against mandosd;
-- Debian's Mandos with the raw-key load generator (its server cost alone);
+- Debian's Mandos with the raw-key load generator (its server cost alone), up to 50
+  clients: Mandos listens with a backlog of 5 and resets connections in a larger
+  burst; its own client retries them, the load generator does not;
 - tang (a process per request) with N ``clevis decrypt`` processes at once.
 Reports the time until every client has its secret, failures, the server's CPU
 per secret (children included: Mandos forks per connection, tang runs one per
@@ -114,6 +116,8 @@ def real_sections(idents: list[Identity], message_b64: str, fingerprint: str,
             + "\n    ".join(lines) + "\n" for i in idents]
 
 
+#: The largest herd the load generator sends to Debian's Mandos (see the docstring).
+MANDOS_LG_MAX = 50
 MANDOS_QUIET = "[DEFAULT]\ninterval = 1d\ntimeout = 2d\n"
 
 SYSTEMS = {  # row name -> (server, client)
@@ -135,10 +139,11 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3, help="runs per load-generator figure")
     ap.add_argument("--modes", default="rawpk,x509",
                     help="load-generator modes against mandosd (default: %(default)s)")
-    ap.add_argument("--peers", default="real,debian,mandos,tang",
-                    help="process-driven rows to include: real (our mandos-client), debian "
+    ap.add_argument("--peers", default="real,debian,mandos,mandos-lg,tang",
+                    help="other rows to include: real (our mandos-client -> mandosd), debian "
                     "(Debian's mandos-client -> mandosd), mandos (Debian's Mandos server with "
-                    "the load generator, our client and its own), tang (or none)")
+                    "our client and its own), mandos-lg (Debian's Mandos with the load "
+                    "generator), tang (or none)")
     ap.add_argument("--mandos-max", type=int, default=200,
                     help="largest herd for Debian's Mandos, and the clients it knows (its "
                     "CPU per secret grows with them: 200 take it minutes; default: %(default)s)")
@@ -193,7 +198,8 @@ def main() -> int:
                         print(f"  {mode} n={n}: {res.errors}", file=sys.stderr)
                 record(f"lg-{mode}", n, median(times), min(oks), median(cpus), int(max(rsss)))
 
-        kd = write_client_keydirs(base, idents, shared) if peers - {"tang"} else []
+        kd = (write_client_keydirs(base, idents, shared) if peers & {"real", "debian", "mandos"}
+              else [])
         hooks = base / "empty-network-hooks"
         hooks.mkdir()
 
@@ -219,10 +225,10 @@ def main() -> int:
                     stop(srv)
 
         # -- Debian's Mandos: load generator, our client, its client ---------------------------
+        mknown = idents[:min(nmax, args.mandos_max)]
+        msizes = [n for n in sizes if n <= args.mandos_max]
         if "mandos" in peers and have_mandos():
             mport = free_port()
-            mknown = idents[:min(nmax, args.mandos_max)]
-            msizes = [n for n in sizes if n <= args.mandos_max]
             (base / "m").mkdir()
             conf = MANDOS_QUIET + "\n".join(real_sections(mknown, message_b64, fingerprint,
                                                           host="::1"))
@@ -234,14 +240,16 @@ def main() -> int:
                         secs, ok = spawn_all(argvs(f"[::1]:{mport}", n), SECRET)
                         time.sleep(0.5)  # let Mandos reap its children, so their CPU counts
                         record(key, n, secs, ok, cpu_seconds(msrv.pid) - c0, rss_kib(msrv.pid))
+        if "mandos-lg" in peers and have_mandos():
             # the load generator's clients have secrets of their own: a Mandos of their own
             (base / "m2").mkdir()
             mport = free_port()
             conf = MANDOS_QUIET + "\n".join(i.section(host="::1", mandos=True) for i in mknown)
             with mandos_server(base / "m2", conf, mport) as msrv:
-                for n in msizes:
+                for n in [n for n in msizes if n <= MANDOS_LG_MAX]:
                     c0 = cpu_seconds(msrv.pid)
-                    res = asyncio.run(herd("::1", mport, idents[:n], mode="rawpk", timeout=600))
+                    res = asyncio.run(herd("::1", mport, idents[:n], mode="rawpk",
+                                           timeout=600))
                     time.sleep(0.5)
                     if res.errors:
                         print(f"  Mandos load generator n={n}: {res.errors}", file=sys.stderr)
