@@ -61,11 +61,27 @@ def time_to_output(argv: list[str], *, env: dict[str, str] | None = None,
 
 
 def cpu_seconds(pid: int) -> float:
-    """CPU time of *pid* and its reaped children (Mandos forks per connection)."""
+    """CPU time of *pid*'s threads and its reaped children (Mandos forks per connection).
+
+    The threads' time comes from ``/proc/PID/task/*/schedstat`` (nanoseconds: a
+    mandosd secret costs about a millisecond, a tenth of a clock tick); the
+    children's from ``/proc/PID/stat`` in clock ticks (a Mandos child costs tens of
+    them).  Falls back to ticks for the threads if schedstat is missing."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     # fields[11..14] are utime, stime, cutime, cstime
-    return sum(int(x) for x in fields[11:15]) / TICK
+    children = sum(int(x) for x in fields[13:15]) / TICK
+    own = 0.0
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                    own += int(f.read().split()[0]) / 1e9
+            except FileNotFoundError:  # the thread ended
+                pass
+    except OSError:
+        own = sum(int(x) for x in fields[11:13]) / TICK
+    return own + children
 
 
 def rss_kib(pid: int) -> int:
@@ -81,36 +97,59 @@ def start_mandosd(configdir: Path, statedir: Path, host: str, port: int,
     """mandosd as it runs in production: socket-activated (so no in-process checkers
     add to its CPU time), returned once it has loaded its config and sent READY=1."""
     spec = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    argv = ["systemd-socket-activate", "-E", "NOTIFY_SOCKET", "-E", "PATH", "-l", spec,
+    conf = configdir / "clients.conf"
+    if conf.exists():
+        conf.chmod(0o600)  # mandosd refuses a clients.conf others can read
+    # PYTHONPATH passes through: a checkout run with PYTHONPATH=$PWD measures its own code
+    argv = ["systemd-socket-activate", "-E", "NOTIFY_SOCKET", "-E", "PATH", "-E", "PYTHONPATH",
+            "-l", spec,
             ours("mandosd"), "--configdir",
             str(configdir), "--statedir", str(statedir)]
 
     def trigger() -> None:  # systemd-socket-activate starts it on the first connection
         wait_port(host, port)
 
-    return start_ready(argv, timeout, trigger)
+    return start_ready(argv, timeout, trigger, log=statedir.parent / "mandosd.log")
 
 
 def start_ready(argv: list[str], timeout: float = 120,
-                trigger: Callable[[], None] | None = None) -> subprocess.Popen[bytes]:
-    """Start a server that speaks sd_notify; return once it has sent READY=1."""
+                trigger: Callable[[], None] | None = None,
+                log: Path | None = None) -> subprocess.Popen[bytes]:
+    """Start a server that speaks sd_notify; return once it has sent READY=1.
+
+    Its output goes to *log* (appended), or nowhere."""
     d = Path(tempfile.mkdtemp(prefix="bench-notify-"))
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(str(d / "notify"))
-    sock.settimeout(timeout)
+    sock.settimeout(0.5)
+    deadline = time.monotonic() + timeout
     env = {**os.environ, "NOTIFY_SOCKET": str(d / "notify")}
-    p = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    out = log.open("ab") if log is not None else subprocess.DEVNULL
+    p = subprocess.Popen(argv, env=env, stdout=out, stderr=out)
     try:
         if trigger is not None:
             trigger()
-        while b"READY=1" not in sock.recv(4096):
-            pass
-    except BaseException:
+        while True:
+            try:
+                if b"READY=1" in sock.recv(4096):
+                    break
+            except TimeoutError:
+                pass
+            if p.poll() is not None:
+                raise RuntimeError("exited before READY=1")
+            if time.monotonic() > deadline:
+                raise TimeoutError("no READY=1")
+    except BaseException as e:
         stop(p)
+        if log is not None and not isinstance(e, KeyboardInterrupt):
+            tail = log.read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"{argv[0]} did not become ready: {e}\n{tail}") from e
         raise
     finally:
         sock.close()
         shutil.rmtree(d, ignore_errors=True)
+        if log is not None:
+            out.close()  # type: ignore[union-attr]
     return p
 
 
@@ -198,8 +237,12 @@ def mandos_server(base: Path, clients_conf: str, port: int) -> Iterator[subproce
         shutil.rmtree(busdir, ignore_errors=True)
 
 
-def mandos_client_argv(keys: Path, port: int) -> list[str]:
-    return [MANDOS_CLIENT, f"--connect=[::1]:{port}", "--interface=none",
+def mandos_client_argv(keys: Path, address: str, hooks: Path) -> list[str]:
+    """Debian's mandos-client fetching from *address* (``[::1]:PORT``, ``127.0.0.1:PORT``);
+    *hooks* is an empty network-hook directory (the installed hooks would configure
+    interfaces)."""
+    return [MANDOS_CLIENT, f"--connect={address}", "--interface=none",
+            f"--network-hook-dir={hooks}",
             f"--pubkey={keys}/pubkey.txt", f"--seckey={keys}/seckey.txt",
             f"--tls-pubkey={keys}/tls-pubkey.pem", f"--tls-privkey={keys}/tls-privkey.pem"]
 

@@ -1,16 +1,28 @@
 """bench/herd: a rack reboots after a power cut; N clients ask at the same moment.
 
 For N in 50, 200, 500, in one run:
-- ours, load generator: N simulated clients (real TLS, real key_ids; bench/loadgen.py)
-  against mandosd;
-- ours, real clients: N ``mandos-client`` processes at once (gpg decrypt included);
-- Debian's Mandos server with N of Debian's ``mandos-client`` processes at once;
+- mandosd, load generator, raw keys: N simulated Mandos 1.8 clients in one asyncio
+  process (GnuTLS, RFC 7250 raw public keys, real key_ids; bench/loadgen.py);
+- mandosd, legacy X.509 clients: the same with Python ``ssl`` presenting a
+  self-signed certificate (clients enrolled before raw keys);
+- the same client program against two servers: our ``mandos-client`` processes
+  (raw keys, gpg decrypt included) against mandosd and against Debian's Mandos;
+  Debian's ``mandos-client`` processes against Debian's Mandos and against mandosd;
+- Debian's Mandos with the raw-key load generator (its server cost alone), up to 50
+  clients: Mandos listens with a backlog of 5 and resets connections in a larger
+  burst; its own client retries them, the load generator does not;
 - tang (a process per request) with N ``clevis decrypt`` processes at once.
 Reports the time until every client has its secret, failures, the server's CPU
 per secret (children included: Mandos forks per connection, tang runs one per
 request) and the server's peak RSS.  Process-driven rows include the clients'
 own CPU on the same two cores, so compare those rows with each other.
+
+mandosd knows all N clients of the largest herd; Debian's Mandos knows
+``--mandos-max`` (its cost per connection grows with the clients it knows) and
+runs no checker during the benchmark (interval and timeout of a day), as
+mandosd runs none (socket-activated).
 """
+
 
 from __future__ import annotations
 
@@ -27,10 +39,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    MANDOS_CLIENT,
     cpu_seconds,
     free_port,
     have_mandos,
+    mandos_client_argv,
     mandos_server,
     median,
     ours,
@@ -97,11 +109,28 @@ def write_client_keydirs(base: Path, idents: list[Identity], shared: Path) -> li
     return dirs
 
 
-def real_sections(idents: list[Identity], message_b64: str, fingerprint: str) -> list[str]:
+def real_sections(idents: list[Identity], message_b64: str, fingerprint: str,
+                  host: str = "127.0.0.1") -> list[str]:
     lines = [message_b64[i:i + 64] for i in range(0, len(message_b64), 64)]
-    return [f"[{i.name}]\nhost = 127.0.0.1\nkey_id = {i.key_id}\n"
+    return [f"[{i.name}]\nhost = {host}\nkey_id = {i.key_id}\n"
             f"fingerprint = {fingerprint}\nsecret =\n    "
             + "\n    ".join(lines) + "\n" for i in idents]
+
+
+#: The largest herd the load generator sends to Debian's Mandos (see the docstring).
+MANDOS_LG_MAX = 50
+MANDOS_QUIET = "[DEFAULT]\ninterval = 1d\ntimeout = 2d\n"
+
+SYSTEMS = {  # row name -> (server, client)
+    "lg-rawpk": "mandosd, load generator, raw keys (GnuTLS)",
+    "lg-x509": "mandosd, legacy X.509 clients (load generator, Python ssl)",
+    "ours-mandosd": "mandosd + our mandos-client processes (raw keys)",
+    "deb-mandosd": "mandosd + Debian's mandos-client processes",
+    "lg-mandos": "Debian Mandos 1.8.16, load generator, raw keys",
+    "ours-mandos": "Debian Mandos 1.8.16 + our mandos-client processes",
+    "deb-mandos": "Debian Mandos 1.8.16 + its mandos-client",
+    "tang": "tang 14 + clevis decrypt",
+}
 
 
 def main() -> int:
@@ -109,14 +138,20 @@ def main() -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="50,200,500", help="herd sizes (default: %(default)s)")
     ap.add_argument("--runs", type=int, default=3, help="runs per load-generator figure")
-    ap.add_argument("--peers", default="real,mandos,tang",
-                    help="process-driven rows to include: real,mandos,tang (or none)")
+    ap.add_argument("--modes", default="rawpk,x509",
+                    help="load-generator modes against mandosd (default: %(default)s)")
+    ap.add_argument("--peers", default="real,debian,mandos,mandos-lg,tang",
+                    help="other rows to include: real (our mandos-client -> mandosd), debian "
+                    "(Debian's mandos-client -> mandosd), mandos (Debian's Mandos server with "
+                    "our client and its own), mandos-lg (Debian's Mandos with the load "
+                    "generator), tang (or none)")
     ap.add_argument("--mandos-max", type=int, default=200,
-                    help="largest herd for Debian's Mandos (its CPU per secret grows with the "
-                    "herd: 200 clients take it about 5 minutes here; default: %(default)s)")
+                    help="largest herd for Debian's Mandos, and the clients it knows (its "
+                    "CPU per secret grows with them: 200 take it minutes; default: %(default)s)")
     ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
+    modes = [m for m in args.modes.split(",") if m]
     peers = set(args.peers.split(",")) - {"none", ""}
     nmax = max(sizes)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -124,10 +159,12 @@ def main() -> int:
     rows: list[list[str]] = []
     figures: dict[str, dict[int, dict[str, float]]] = {}
 
-    def record(system: str, n: int, secs: float, ok: int, cpu: float, rss: int) -> None:
-        figures.setdefault(system, {})[n] = {"seconds": secs, "ok": ok, "failed": n - ok,
-                                            "cpu_ms_per_secret": cpu * 1000 / max(ok, 1),
-                                            "peak_rss_mib": rss / 1024}
+    def record(key: str, n: int, secs: float, ok: int, cpu: float, rss: int) -> None:
+        figures.setdefault(SYSTEMS[key], {})[n] = {
+            "seconds": secs, "ok": ok, "failed": n - ok,
+            "cpu_ms_per_secret": cpu * 1000 / max(ok, 1), "peak_rss_mib": rss / 1024}
+        print(f"  {SYSTEMS[key]}, N={n}: {secs:.2f} s, {n - ok} failed, "
+              f"{cpu * 1000 / max(ok, 1):.2f} ms CPU/secret", file=sys.stderr, flush=True)
 
     with tempdir("bench-herd-") as base:
         idents = make_identities(base / "ids", nmax)
@@ -143,58 +180,82 @@ def main() -> int:
         fingerprint = sec.split("fingerprint = ")[1].split()[0]
         port = free_port()
 
-        # -- ours, load generator ------------------------------------------------------
-        for n in sizes:
-            times, cpus, rsss, oks = [], [], [], []
-            for _ in range(args.runs):
-                srv = start_mandosd(base, [i.section() for i in idents], port)
-                try:
-                    c0 = cpu_seconds(srv.pid)
-                    res = asyncio.run(herd("127.0.0.1", port, idents[:n]))
-                    cpus.append(cpu_seconds(srv.pid) - c0)
-                    rsss.append(rss_kib(srv.pid))
-                finally:
-                    stop(srv)
-                times.append(res.seconds)
-                oks.append(res.ok)
-                if res.errors:
-                    print(f"  ours n={n}: {res.errors}", file=sys.stderr)
-            record("mandosd, load generator", n, median(times), min(oks), median(cpus),
-                   int(max(rsss)))
+        # -- mandosd, load generator: raw keys and legacy X.509 -------------------------------
+        for mode in modes:
+            for n in sizes:
+                times, cpus, rsss, oks = [], [], [], []
+                for _ in range(args.runs):
+                    srv = start_mandosd(base, [i.section() for i in idents], port)
+                    try:
+                        c0 = cpu_seconds(srv.pid)
+                        res = asyncio.run(herd("127.0.0.1", port, idents[:n], mode=mode))
+                        cpus.append(cpu_seconds(srv.pid) - c0)
+                        rsss.append(rss_kib(srv.pid))
+                    finally:
+                        stop(srv)
+                    times.append(res.seconds)
+                    oks.append(res.ok)
+                    if res.errors:
+                        print(f"  {mode} n={n}: {res.errors}", file=sys.stderr)
+                record(f"lg-{mode}", n, median(times), min(oks), median(cpus), int(max(rsss)))
 
-        kd = write_client_keydirs(base, idents, shared) if peers else []
-        # -- ours, real mandos-client processes -------------------------------------------
-        if "real" in peers:
+        kd = (write_client_keydirs(base, idents, shared) if peers & {"real", "debian", "mandos"}
+              else [])
+        hooks = base / "empty-network-hooks"
+        hooks.mkdir()
+
+        def our_argvs(address: str, n: int) -> list[list[str]]:
+            return [[ours("mandos-client"), "--connect", address, "--keydir", str(d),
+                     "--timeout", "120"] for d in kd[:n]]
+
+        def debian_argvs(address: str, n: int) -> list[list[str]]:
+            return [mandos_client_argv(d, address, hooks) for d in kd[:n]]
+
+        # -- mandosd with process clients: ours, then Debian's ---------------------------------
+        for key, peer, argvs in (("ours-mandosd", "real", our_argvs),
+                                 ("deb-mandosd", "debian", debian_argvs)):
+            if peer not in peers or (peer == "debian" and not have_mandos()):
+                continue
             for n in sizes:
                 srv = start_mandosd(base, real_sections(idents, message_b64, fingerprint), port)
                 try:
                     c0 = cpu_seconds(srv.pid)
-                    secs, ok = spawn_all([[ours("mandos-client"), "--connect",
-                                           f"127.0.0.1:{port}", "--keydir", str(d),
-                                           "--timeout", "120"] for d in kd[:n]], SECRET)
-                    record("mandosd + mandos-client processes", n, secs, ok,
-                           cpu_seconds(srv.pid) - c0, rss_kib(srv.pid))
+                    secs, ok = spawn_all(argvs(f"127.0.0.1:{port}", n), SECRET)
+                    record(key, n, secs, ok, cpu_seconds(srv.pid) - c0, rss_kib(srv.pid))
                 finally:
                     stop(srv)
 
-        # -- Debian's Mandos -------------------------------------------------------------
+        # -- Debian's Mandos: load generator, our client, its client ---------------------------
+        mknown = idents[:min(nmax, args.mandos_max)]
+        msizes = [n for n in sizes if n <= args.mandos_max]
         if "mandos" in peers and have_mandos():
             mport = free_port()
-            # Mandos's cost per connection grows with the clients it knows: configure only
-            # as many as its largest herd (ours knew all of them)
-            mknown = idents[:min(nmax, args.mandos_max)]
-            with mandos_server(base / "m", "\n".join(real_sections(mknown, message_b64, fingerprint)),
-                               mport) if (base / "m").mkdir() is None else None as msrv:
-                for n in [n for n in sizes if n <= args.mandos_max]:
+            (base / "m").mkdir()
+            conf = MANDOS_QUIET + "\n".join(real_sections(mknown, message_b64, fingerprint,
+                                                          host="::1"))
+            with mandos_server(base / "m", conf, mport) as msrv:
+                print(f"  Debian Mandos knows {len(mknown)} clients", file=sys.stderr)
+                for n in msizes:
+                    for key, argvs in (("ours-mandos", our_argvs), ("deb-mandos", debian_argvs)):
+                        c0 = cpu_seconds(msrv.pid)
+                        secs, ok = spawn_all(argvs(f"[::1]:{mport}", n), SECRET)
+                        time.sleep(0.5)  # let Mandos reap its children, so their CPU counts
+                        record(key, n, secs, ok, cpu_seconds(msrv.pid) - c0, rss_kib(msrv.pid))
+        if "mandos-lg" in peers and have_mandos():
+            # the load generator's clients have secrets of their own: a Mandos of their own
+            (base / "m2").mkdir()
+            mport = free_port()
+            conf = MANDOS_QUIET + "\n".join(i.section(host="::1", mandos=True) for i in mknown)
+            with mandos_server(base / "m2", conf, mport) as msrv:
+                for n in [n for n in msizes if n <= MANDOS_LG_MAX]:
                     c0 = cpu_seconds(msrv.pid)
-                    argvs = [[MANDOS_CLIENT, f"--connect=[::1]:{mport}", "--interface=none",
-                              f"--pubkey={d}/pubkey.txt", f"--seckey={d}/seckey.txt",
-                              f"--tls-pubkey={d}/tls-pubkey.pem",
-                              f"--tls-privkey={d}/tls-privkey.pem"] for d in kd[:n]]
-                    secs, ok = spawn_all(argvs, SECRET)
-                    time.sleep(0.5)  # let Mandos reap its children, so their CPU counts
-                    record("Debian Mandos 1.8.16 + its mandos-client", n, secs, ok,
-                           cpu_seconds(msrv.pid) - c0, rss_kib(msrv.pid))
+                    res = asyncio.run(herd("::1", mport, idents[:n], mode="rawpk",
+                                           timeout=600))
+                    time.sleep(0.5)
+                    if res.errors:
+                        print(f"  Mandos load generator n={n}: {res.errors}", file=sys.stderr)
+                    record("lg-mandos", n, res.seconds, res.ok, cpu_seconds(msrv.pid) - c0,
+                           rss_kib(msrv.pid))
 
         # -- tang + clevis ---------------------------------------------------------------
         if "tang" in peers and Path("/usr/libexec/tangd").exists() and shutil.which("clevis"):
@@ -217,8 +278,7 @@ def main() -> int:
                     secs, ok = spawn_all([["sh", "-c", 'exec clevis decrypt < "$0"',
                                            str(base / "secret.jwe")]] * n, SECRET)
                     time.sleep(0.5)
-                    record("tang 14 + clevis decrypt", n, secs, ok,
-                           cpu_seconds(tang.pid) - c0, rss_kib(tang.pid))
+                    record("tang", n, secs, ok, cpu_seconds(tang.pid) - c0, rss_kib(tang.pid))
             finally:
                 stop(tang)
 
@@ -226,19 +286,28 @@ def main() -> int:
         for n, f in sorted(by_n.items()):
             rows.append([system, str(n), f"{f['seconds']:.2f} s", str(int(f["failed"])),
                          f"{f['cpu_ms_per_secret']:.2f} ms", f"{f['peak_rss_mib']:.0f} MiB"])
-    print(f"Herd: N clients ask at once ({os.cpu_count()} cores; load-generator rows are the "
-          f"median of {args.runs} runs)\n")
+    load1, load5, _ = os.getloadavg()
+    print(f"Herd: N clients ask at once ({os.cpu_count()} cores, load average at the end "
+          f"{load1:.1f}/{load5:.1f}; load-generator rows against mandosd are the median of "
+          f"{args.runs} runs; mandosd knows {nmax} clients, Debian's Mandos "
+          f"{min(nmax, args.mandos_max)})\n")
     print(table(rows, ["system", "N", "all served", "failed", "server CPU/secret",
                        "server peak RSS"]))
-    ref = figures.get("Debian Mandos 1.8.16 + its mandos-client")
-    mine = figures.get("mandosd + mandos-client processes") or figures.get(
-        "mandosd, load generator")
-    if ref and mine:
-        print()
+    print()
+    for a, b, what in (("deb-mandos", "deb-mandosd", "Debian's mandos-client"),
+                       ("ours-mandos", "ours-mandosd", "our mandos-client"),
+                       ("lg-mandos", "lg-rawpk", "the raw-key load generator")):
+        ref, mine = figures.get(SYSTEMS[a]), figures.get(SYSTEMS[b])
         for n in sizes:
-            if n in ref and n in mine and mine[n]["cpu_ms_per_secret"] > 0:
+            if ref and mine and n in ref and n in mine and mine[n]["cpu_ms_per_secret"] > 0:
                 r = ref[n]["cpu_ms_per_secret"] / mine[n]["cpu_ms_per_secret"]
-                print(f"N={n}: {r:.0f}x the secrets per server CPU-second of Mandos")
+                print(f"N={n}, {what}: mandosd serves {r:.0f}x the secrets per server "
+                      "CPU-second of Mandos")
+    for key in ("lg-rawpk", "lg-x509"):
+        for n, f in sorted(figures.get(SYSTEMS[key], {}).items()):
+            verdict = "met" if f["cpu_ms_per_secret"] <= 0.7 else "NOT met"
+            print(f"target <= 0.7 ms server CPU per secret, {SYSTEMS[key]}, N={n}: "
+                  f"{f['cpu_ms_per_secret']:.2f} ms, {verdict}")
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))
     return 0
