@@ -47,7 +47,7 @@ from .checker_run import (
     run_bounded,
 )
 from .config import Client
-from .durations import format_duration
+from mandos_core.durations import format_duration
 from .state import CheckRecord, ClientState, SQLiteStore, known_clients
 
 log = logging.getLogger("mandosd.checker")

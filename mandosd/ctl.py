@@ -30,7 +30,7 @@ from . import added, policy
 from . import config as configmod
 from .audit import Kind, audit
 from .config import Client
-from .durations import DurationError, parse_duration
+from mandos_core.durations import DurationError, parse_duration
 from .state import ClientState, SQLiteStore, StateError, known_clients
 
 VERSION = "1.8.16"

@@ -17,6 +17,7 @@ import sys
 import threading
 from pathlib import Path
 
+from mandos_core.durations import DurationError, parse_seconds
 from mandos_core.hardening import disable_core_dumps
 from mandos_core.keyfiles import DEFAULT_KEYDIR, KeyError_, KeyFiles, check_private_keys
 
@@ -26,6 +27,17 @@ EXIT_OK = 0
 EXIT_NO_SECRET = 1
 EXIT_USAGE = 2
 EXIT_KEYS = 3
+
+
+def _timeout(text: str) -> float:
+    try:
+        seconds = parse_seconds(text)
+    except DurationError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if not 0 < seconds <= 3600:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be more than 0 and at most "
+                                         "3600 seconds (1h)")
+    return seconds
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -51,8 +63,9 @@ def _parser() -> argparse.ArgumentParser:
                             ("--tls-privkey", "tls_privkey", "tls-privkey.pem")):
         p.add_argument(opt, dest=dest, type=Path, metavar="FILE",
                        help=f"use FILE instead of KEYDIR/{name}")
-    p.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
-                   help="give up after this long (default: %(default)s)")
+    p.add_argument("--timeout", type=_timeout, default=10.0, metavar="SECONDS",
+                   help="give up after this long: seconds, or a duration such as 10s or "
+                   "PT1M (default: %(default)s)")
     p.add_argument("--debug", action="store_true", help="log every step to stderr")
     return p
 
