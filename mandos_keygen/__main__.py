@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from mandos_core import log as logsetup
+from mandos_core.cli import add_version
 from mandos_core.hardening import disable_core_dumps
 from mandos_core.keyfiles import DEFAULT_KEYDIR, KeyError_, KeyFiles, read_pins
 from mandos_core.run import CommandError
@@ -37,7 +38,8 @@ def _parser() -> argparse.ArgumentParser:
         "The passphrase is read from the terminal or FILE and passed to gpg on stdin; it never "
         "touches disk or argv.  Keys made by Debian's mandos-keygen work too.",
     )
-    p.add_argument("-d", "--dir", type=Path, default=DEFAULT_KEYDIR,
+    add_version(p)
+    p.add_argument("-d", "--dir", "--keydir", type=Path, default=DEFAULT_KEYDIR, metavar="DIR",
                    help="key directory (default: %(default)s)")
     p.add_argument("-n", "--name", default=None,
                    help="client name: section name and key user id (default: the host name)")
@@ -56,8 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--checker", default=DEFAULT_CHECKER,
                    help="checker line for the section (default: %(default)s)")
     g.add_argument("--pin", metavar="KEY_ID", action="append",
-                   help="trust the key server with this identity (the key_id `mandos-ctl "
-                   "identity` prints on it): added to DIR/server-pins.  A pinned client "
+                   help="trust the key server with this identity (the key_id that "
+                   "\"mandos-ctl identity\" prints on it): added to DIR/server-pins.  A pinned client "
                    "fetches secrets only from a server that proves a pinned key, and "
                    "luks-passphrase destroys an old backup slot only on an escrow "
                    "acknowledgement from one (repeatable)")

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from mandos_core import log as logsetup
+from mandos_core.cli import add_version, oserror_line
 from mandos_core.text import printable
 
 from . import added, policy
@@ -33,7 +34,6 @@ from .config import Client
 from mandos_core.durations import DurationError, parse_duration
 from .state import ClientState, SQLiteStore, StateError, known_clients
 
-VERSION = "1.8.16"
 log = logging.getLogger("mandos-ctl")
 
 
@@ -109,7 +109,7 @@ MANDOS_ADMIN=); see "journalctl -x MANDOS_OUTCOME=admin-changed".
 Exit status: 0 success (with --is-enabled: the client is enabled); 1 the client
 is disabled (--is-enabled), a client was not found, or the state could not be
 changed; 2 usage error.""")
-    p.add_argument("--version", action="version", version=f"%(prog)s {VERSION}")
+    add_version(p)
     p.add_argument("-a", "--all", action="store_true", help="select all clients")
     p.add_argument("-v", "--verbose", action="store_true", help="print all fields")
     _const(p, "-j", "--dump-json", kind="json", help="dump client data in JSON format")
@@ -157,10 +157,10 @@ changed; 2 usage error.""")
            "the next ones for approval_duration)")
     p.add_argument("--add", metavar="FILE", help="add a client from a clients.conf section "
                    "(what mandos-keygen --password prints); - reads standard input")
-    p.add_argument("--configdir", type=Path, default=None,
+    p.add_argument("--configdir", "--config-dir", type=Path, default=None, metavar="DIR",
                    help=f"directory with mandos.conf and clients.conf (default: "
                    f"{configmod.DEFAULT_CONFIGDIR})")
-    p.add_argument("--statedir", type=Path, default=None,
+    p.add_argument("--statedir", "--state-dir", type=Path, default=None, metavar="DIR",
                    help="state directory (default: as mandosd: $STATE_DIRECTORY, else "
                    f"statedir= from mandos.conf, else {configmod.DEFAULT_STATEDIR})")
     p.add_argument("--debug", action="store_true", help="verbose logs")
@@ -446,23 +446,51 @@ def _setup_logging(debug: bool) -> None:
         auditlog.propagate = debug
 
 
-def identity_main(argv: list[str]) -> int:
+def global_options() -> argparse.ArgumentParser:
+    """The options that hold for every subcommand, before or after it
+    (``mandos-ctl --statedir X escrow list`` = ``mandos-ctl escrow list --statedir X``)."""
+    g = argparse.ArgumentParser(prog="mandos-ctl", add_help=False, allow_abbrev=False)
+    g.add_argument("--configdir", "--config-dir", type=Path, default=None, metavar="DIR",
+                   help=f"directory with mandos.conf (default: {configmod.DEFAULT_CONFIGDIR})")
+    g.add_argument("--statedir", "--state-dir", type=Path, default=None, metavar="DIR",
+                   help="mandosd's state directory (default: as mandosd: $STATE_DIRECTORY, "
+                   f"else statedir= from mandos.conf, else {configmod.DEFAULT_STATEDIR})")
+    g.add_argument("--debug", action="store_true", help="verbose logs")
+    return g
+
+
+def statedir_of(configdir: Path | None, statedir: Path | None) -> Path:
+    """The state directory as mandosd finds it (raises ConfigError)."""
+    cfg = configmod.load_server_config(configmod.configdir_from(configdir) / "mandos.conf")
+    return configmod.statedir_from(statedir, cfg)
+
+
+def reachable(path: Path) -> None:
+    """A directory this user cannot enter is said so (not "no store here")."""
+    try:
+        os.stat(path)
+    except PermissionError as e:
+        raise CtlError(oserror_line(e, path)) from None
+    except OSError:
+        pass  # missing: the store says what is missing
+
+
+def identity_main(argv: list[str], common: argparse.Namespace) -> int:
     """``mandos-ctl identity``: print the key server's key_id, for ``mandos-keygen --pin``."""
     from . import identity
 
     p = argparse.ArgumentParser(
-        prog="mandos-ctl identity",
+        prog="mandos-ctl identity", parents=[global_options()],
         description="Print this key server's identity (the key_id of its own TLS key) for "
-        "client machines to pin with `mandos-keygen --pin KEY_ID`.  mandosd makes the key "
+        "client machines to pin with \"mandos-keygen --pin KEY_ID\".  mandosd makes the key "
         "in its state directory on first start.")
-    p.add_argument("--configdir", type=Path, default=None, help="config directory")
-    p.add_argument("--statedir", type=Path, default=None, help="state directory")
-    args = p.parse_args(argv)
+    p.parse_args(argv)
+    logsetup.setup("mandos-ctl", common.debug)
     try:
-        cfg = configmod.load_server_config(configmod.configdir_from(args.configdir) / "mandos.conf")
-        statedir = configmod.statedir_from(args.statedir, cfg)
+        statedir = statedir_of(common.configdir, common.statedir)
+        reachable(statedir / identity.PRIVATE)
         print(identity.load(statedir).key_id)
-    except (identity.IdentityError, configmod.ConfigError) as e:
+    except (identity.IdentityError, configmod.ConfigError, CtlError) as e:
         print(f"mandos-ctl: {e}", file=sys.stderr)
         return 1
     return 0
@@ -470,12 +498,13 @@ def identity_main(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None, *, clock: Callable[[], float] = time.time) -> int:
     args_in = sys.argv[1:] if argv is None else argv
-    if args_in[:1] == ["escrow"]:  # the escrowed backup passphrases: list / export / secrets
+    common, rest = global_options().parse_known_args(args_in)
+    if rest[:1] == ["escrow"]:  # the escrowed backup passphrases: list / export / secrets
         from . import escrow_cli
 
-        return escrow_cli.main(args_in[1:])
-    if args_in[:1] == ["identity"]:  # the key_id client machines pin
-        return identity_main(args_in[1:])
+        return escrow_cli.main(rest[1:], common)
+    if rest[:1] == ["identity"]:  # the key_id client machines pin
+        return identity_main(rest[1:], common)
     p = parser()
     args = p.parse_args(argv)
     if args.actions is None:
@@ -489,8 +518,9 @@ def main(argv: list[str] | None = None, *, clock: Callable[[], float] = time.tim
                                         for a in args.actions)
     try:
         cfg = configmod.load(configdir)
-        store = SQLiteStore(configmod.statedir_from(args.statedir, cfg.server),
-                            readonly=not write)
+        statedir = configmod.statedir_from(args.statedir, cfg.server)
+        reachable(statedir / "clients.sqlite")
+        store = SQLiteStore(statedir, readonly=not write)
         ctl = Ctl(configdir, store, clock, cfg, write=write)
         if args.add is not None:
             ctl.add(args.add)

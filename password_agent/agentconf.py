@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from mandos_core.cli import add_version
 from mandos_core.durations import DurationError, parse_seconds
 from mandos_core.keyfiles import DEFAULT_KEYDIR
 
@@ -208,6 +209,7 @@ files:
   /run/systemd/ask-password/ask.*   the questions (see systemd's
                        "Password Agents" specification)""",
     )
+    add_version(p)
     p.add_argument("--config", type=Path, metavar="FILE",
                    help=f"read KEY=value settings from FILE (default: {DEFAULT_CONFIG} "
                    "if it exists)")

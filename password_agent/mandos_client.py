@@ -17,6 +17,7 @@ import sys
 import threading
 from pathlib import Path
 
+from mandos_core.cli import add_version
 from mandos_core.durations import DurationError, parse_seconds
 from mandos_core.hardening import disable_core_dumps
 from mandos_core.keyfiles import DEFAULT_KEYDIR, KeyError_, KeyFiles, check_private_keys
@@ -55,7 +56,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--connect", metavar="HOST:PORT", action="append", required=True,
                    help="key server to ask; repeat to ask several at once "
                    "(IPv6 as [ADDRESS]:PORT, link-local as [fe80::1%%eth0]:PORT)")
-    p.add_argument("--keydir", type=Path, default=DEFAULT_KEYDIR,
+    add_version(p)
+    p.add_argument("--keydir", "--dir", type=Path, default=DEFAULT_KEYDIR, metavar="DIR",
                    help="directory with the key files (default: %(default)s)")
     for opt, dest, name in (("--pubkey", "pubkey", "pubkey.txt"),
                             ("--seckey", "seckey", "seckey.txt"),
