@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 
 from . import __version__
 
@@ -32,3 +33,24 @@ def oserror_line(e: OSError, what: object = None) -> str:
     name = what if what is not None else e.filename
     reason = e.strerror or str(e)
     return f"{name}: {reason}{root_hint(e)}" if name is not None else f"{reason}{root_hint(e)}"
+
+
+def unreachable(path: Path, *, create: bool = False) -> str | None:
+    """One line if this user cannot reach *path* (``… Permission denied (run as root)``),
+    or, with *create*, cannot make it where it is missing; None when all is well."""
+    try:
+        os.stat(path)
+        return None
+    except PermissionError as e:
+        return oserror_line(e, path)
+    except OSError:
+        pass
+    if not create:
+        return None
+    parent = path.parent
+    while parent != parent.parent and not parent.exists():
+        parent = parent.parent
+    if os.access(parent, os.W_OK | os.X_OK):
+        return None
+    hint = " (run as root)" if os.geteuid() != 0 else ""
+    return f"{path}: cannot be made here: {parent} is not writable{hint}"

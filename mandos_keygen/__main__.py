@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from mandos_core import log as logsetup
-from mandos_core.cli import add_version
+from mandos_core.cli import add_version, oserror_line
 from mandos_core.hardening import disable_core_dumps
 from mandos_core.keyfiles import DEFAULT_KEYDIR, KeyError_, KeyFiles, read_pins
 from mandos_core.run import CommandError
@@ -134,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except (KeygenError, KeyError_, CommandError) as e:
         print(f"mandos-keygen: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # a key directory this user may not read or write
+        print(f"mandos-keygen: {oserror_line(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

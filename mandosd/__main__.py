@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from mandos_core import log as logsetup
-from mandos_core.cli import add_version
+from mandos_core.cli import add_version, unreachable
 from mandos_core.hardening import disable_core_dumps
 
 from . import config as configmod
@@ -157,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.server.debug and not args.debug:
             logsetup.setup("mandosd", True)
         statedir = configmod.statedir_from(args.statedir, cfg.server)
+        problem = unreachable(statedir / "clients.sqlite", create=True)
+        if problem:
+            raise StateError(problem)
         if args.run_checkers:
             return _run_checkers(args, configdir, statedir, cfg)
         from .server import KeyServer, Limits

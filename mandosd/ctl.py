@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from mandos_core import log as logsetup
-from mandos_core.cli import add_version, oserror_line
+from mandos_core.cli import add_version, unreachable
 from mandos_core.text import printable
 
 from . import added, policy
@@ -465,14 +465,11 @@ def statedir_of(configdir: Path | None, statedir: Path | None) -> Path:
     return configmod.statedir_from(statedir, cfg)
 
 
-def reachable(path: Path) -> None:
+def reachable(path: Path, *, create: bool = False) -> None:
     """A directory this user cannot enter is said so (not "no store here")."""
-    try:
-        os.stat(path)
-    except PermissionError as e:
-        raise CtlError(oserror_line(e, path)) from None
-    except OSError:
-        pass  # missing: the store says what is missing
+    problem = unreachable(path, create=create)
+    if problem:
+        raise CtlError(problem)
 
 
 def identity_main(argv: list[str], common: argparse.Namespace) -> int:
@@ -519,7 +516,7 @@ def main(argv: list[str] | None = None, *, clock: Callable[[], float] = time.tim
     try:
         cfg = configmod.load(configdir)
         statedir = configmod.statedir_from(args.statedir, cfg.server)
-        reachable(statedir / "clients.sqlite")
+        reachable(statedir / "clients.sqlite", create=write)
         store = SQLiteStore(statedir, readonly=not write)
         ctl = Ctl(configdir, store, clock, cfg, write=write)
         if args.add is not None:

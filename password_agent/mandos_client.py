@@ -17,7 +17,7 @@ import sys
 import threading
 from pathlib import Path
 
-from mandos_core.cli import add_version
+from mandos_core.cli import add_version, oserror_line
 from mandos_core.durations import DurationError, parse_seconds
 from mandos_core.hardening import disable_core_dumps
 from mandos_core.keyfiles import DEFAULT_KEYDIR, KeyError_, KeyFiles, check_private_keys
@@ -100,15 +100,17 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None, stop: threading.Event) -> int:
     args = _parser().parse_args(argv)
-    keys = KeyFiles.from_dir(args.keydir, pubkey=args.pubkey, seckey=args.seckey,
-                             tls_pubkey=args.tls_pubkey, tls_privkey=args.tls_privkey)
     try:
+        keys = KeyFiles.from_dir(args.keydir, pubkey=args.pubkey, seckey=args.seckey,
+                                 tls_pubkey=args.tls_pubkey, tls_privkey=args.tls_privkey)
         check_private_keys(args.keydir if None in (args.pubkey, args.seckey, args.tls_pubkey,
                                                    args.tls_privkey) else None, keys)
         # start gpg in the background first: it imports the key while we load TLS
         decryptor = Decryptor(keys.seckey)
     except (KeyError_, GpgError) as e:
         return _fail(e, EXIT_KEYS)
+    except OSError as e:  # a key file this user may not read
+        return _fail(oserror_line(e), EXIT_KEYS)
     try:
         if stop.is_set():
             return EXIT_NO_SECRET
