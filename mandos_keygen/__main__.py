@@ -92,9 +92,16 @@ def add_pins(keydir: Path, pins: list[str]) -> Path:
 def _read_password(args: argparse.Namespace) -> Secret:
     if args.passfile is not None:
         try:
-            return Secret(args.passfile.read_bytes())
+            data = args.passfile.read_bytes()
         except OSError as e:
-            raise KeygenError(f"{args.passfile}: {e.strerror}") from None
+            raise KeygenError(oserror_line(e, args.passfile)) from None
+        if not data:
+            raise KeygenError(f"{args.passfile}: empty; the passphrase must be in it")
+        if data.endswith(b"\n"):
+            print(f"mandos-keygen: warning: the passphrase in {args.passfile} ends in a "
+                  "newline, which is part of it; to leave it out: printf %s 'PASSPHRASE' "
+                  "> FILE", file=sys.stderr)
+        return Secret(data)
     if not sys.stdin.isatty():
         raise KeygenError("--password needs a terminal; use --passfile FILE for scripts")
     for _ in range(3):

@@ -77,7 +77,11 @@ def parser() -> argparse.ArgumentParser:
         "effect for the next request, whether or not the server is running.",
         epilog="""\
 With no action, prints a table of the named clients (all if none are named):
-Name, Enabled, Timeout, Last Successful Check; --verbose prints every field.
+Name, Enabled, Timeout, Last Successful Check (local time with its zone, and how
+long ago), and Approval Is Pending when a request waits for --approve/--deny.
+--verbose prints every field: one per line on a terminal, else one wide table
+row per client.  --dump-json is for scripts: its fields and formats stay as
+Mandos's D-Bus properties (UTC timestamps, durations in milliseconds).
 
 Escrowed backup passphrases (sent by luks-passphrase sync):
   mandos-ctl escrow list [--history]  packets stored, per machine and volume
@@ -254,21 +258,76 @@ def _ms_to_string(ms: int) -> str:
             f"{td.seconds % 60:02}")
 
 
-def _cell(value: Any, key: str) -> str:
+TIMES = {"LastCheckedOK", "Created", "LastEnabled", "LastApprovalRequest", "Expires"}
+
+
+def ago(seconds: float) -> str:
+    """A relative age: ``just now``, ``40 s ago``, ``2 min ago``, ``in 3 h``."""
+    n = abs(seconds)
+    if n < 1:
+        return "just now"
+    for unit, size in (("days", 86400), ("h", 3600), ("min", 60)):
+        if n >= size:
+            amount = f"{int(n // size)} {unit}"
+            break
+    else:
+        amount = f"{int(n)} s"
+    if amount == "1 days":
+        amount = "1 day"
+    return f"{amount} ago" if seconds >= 0 else f"in {amount}"
+
+
+def human_time(iso: str, now: float) -> str:
+    """One of Mandos's UTC timestamps as a person reads it: local time with its zone,
+    and how long ago (``2026-12-02 05:20:13 UTC (2 min ago)``); ``never`` when empty."""
+    if not iso:
+        return "never"
+    t = datetime.datetime.fromisoformat(iso).replace(tzinfo=datetime.UTC)
+    local = t.astimezone()
+    return f"{local:%Y-%m-%d %H:%M:%S} {local.tzname()} ({ago(now - t.timestamp())})"
+
+
+def _cell(value: Any, key: str, now: float) -> str:
     if isinstance(value, bool):
         return "Yes" if value else "No"
     if key in DURATIONS:
         return _ms_to_string(value)
+    if key in TIMES:
+        return human_time(value, now)
+    if key == "LastCheckerStatus" and value == -2:
+        return "never run"
     return printable(value)  # names and hosts may come from a section made on the client
 
 
-def table(rows: Sequence[Mapping[str, Any]], keywords: tuple[str, ...]) -> str:
-    """Mandos's table: left-aligned columns, one space apart."""
-    widths = {k: max([len(HEADERS[k]), *(len(_cell(r[k], k)) for r in rows)])
+def table(rows: Sequence[Mapping[str, Any]], keywords: tuple[str, ...], now: float) -> str:
+    """Mandos's table: left-aligned columns, one space apart (no trailing spaces)."""
+    widths = {k: max([len(HEADERS[k]), *(len(_cell(r[k], k, now)) for r in rows)])
               for k in keywords}
-    lines = [" ".join(f"{HEADERS[k]:{widths[k]}}" for k in keywords)]
-    lines += [" ".join(f"{_cell(r[k], k):{widths[k]}}" for k in keywords) for r in rows]
+    lines = [" ".join(f"{HEADERS[k]:{widths[k]}}" for k in keywords).rstrip()]
+    lines += [" ".join(f"{_cell(r[k], k, now):{widths[k]}}" for k in keywords).rstrip()
+              for r in rows]
     return "\n".join(lines)
+
+
+def fields(rows: Sequence[Mapping[str, Any]], keywords: tuple[str, ...], now: float) -> str:
+    """``--verbose`` on a terminal: one field per line, a blank line between clients."""
+    width = max(len(HEADERS[k]) for k in keywords) + 1
+    blocks = ["\n".join(f"{HEADERS[k] + ':':{width}} {_cell(r[k], k, now)}".rstrip()
+                        for k in keywords) for r in rows]
+    return "\n\n".join(blocks)
+
+
+def listing(rows: Sequence[Mapping[str, Any]], verbose: bool, now: float,
+            terminal: bool) -> str:
+    """What mandos-ctl prints without an action.  The default columns, plus "Approval Is
+    Pending" whenever a request waits; --verbose: every field, one per line on a terminal
+    (else Mandos's wide table)."""
+    if verbose:
+        return (fields if terminal else table)(rows, ALL_KEYWORDS, now)
+    keywords = DEFAULT_KEYWORDS
+    if any(r["ApprovalPending"] for r in rows):
+        keywords += ("ApprovalPending",)
+    return table(rows, keywords, now)
 
 
 # -- acting on the store -------------------------------------------------------
@@ -435,15 +494,28 @@ class Ctl:
         return c.name
 
 
+class _Confirmation(logging.Formatter):
+    """An audit entry as the person at the terminal needs it: ``mandos-ctl: web2 disabled
+    by root`` (the journal keeps the entry with all its fields)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"mandos-ctl: {printable(record.getMessage())}"
+
+
 def _setup_logging(debug: bool) -> None:
-    """Messages to stderr; audit entries to journald whenever it is there."""
+    """Messages to stderr; audit entries to journald whenever it is there, and a short
+    confirmation on stderr (the full entry, fields and all, with --debug)."""
     logsetup.setup("mandos-ctl", debug)
+    auditlog = logging.getLogger("mandosd.audit")
     sock = os.environ.get("MANDOS_JOURNAL_SOCKET") or (
         logsetup.JOURNAL_SOCKET if os.path.exists(logsetup.JOURNAL_SOCKET) else None)
     if sock:
-        auditlog = logging.getLogger("mandosd.audit")
         auditlog.addHandler(logsetup.JournalHandler("mandos-ctl", sock))
-        auditlog.propagate = debug
+    auditlog.propagate = debug
+    if not debug:
+        short = logging.StreamHandler(sys.stderr)
+        short.setFormatter(_Confirmation())
+        auditlog.addHandler(short)
 
 
 def global_options() -> argparse.ArgumentParser:
@@ -540,7 +612,7 @@ def _dispatch(ctl: Ctl, args: argparse.Namespace, names: list[str],
     if not actions:
         now = clock()
         rows = [properties(ctl.effective(n), ctl.states[n], now) for n in names]
-        print(table(rows, ALL_KEYWORDS if args.verbose else DEFAULT_KEYWORDS))
+        print(listing(rows, args.verbose, now, sys.stdout.isatty()))
         return 0
     for action in actions:
         if action.kind == "json":

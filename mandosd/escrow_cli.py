@@ -64,9 +64,9 @@ def _write_passphrase(raw: bytes) -> None:
           "escaped (\\xNN, \\\\ for a backslash)", file=sys.stderr)
 
 
-def _store(common: argparse.Namespace) -> EscrowStore:
+def _store(common: argparse.Namespace) -> EscrowStore | None:
     """The escrow store, opened only when it is there: a wrong --statedir says so, and
-    creates nothing."""
+    creates nothing.  None: the key server's state is there, but no packet came yet."""
     from .config import ConfigError
     from .ctl import statedir_of
 
@@ -78,8 +78,9 @@ def _store(common: argparse.Namespace) -> EscrowStore:
     try:
         os.stat(path)
     except FileNotFoundError:
-        raise EscrowError(f"{path}: no escrow store here (mandosd makes it when the first "
-                          "packet arrives; wrong --statedir?)") from None
+        if (statedir / "clients.sqlite").exists():
+            return None  # mandosd's state, and no packet yet
+        raise EscrowError(f"{statedir}: no key server state here (wrong --statedir?)") from None
     except OSError as e:
         raise EscrowError(oserror_line(e, path)) from None
     return EscrowStore(statedir)
@@ -105,7 +106,7 @@ def main(argv: Sequence[str] | None = None, common: argparse.Namespace | None = 
             return 0
         store = _store(args)
         if args.command == "list":
-            rows = store.list(history=args.history)
+            rows = store.list(history=args.history) if store else []
             print(f"{'SEQ':>4}  {'CLIENT':<16} {'VOLUME UUID':<36}  SLOT  RECEIVED"
                   "              HOST")
             for r in rows:
@@ -113,12 +114,14 @@ def main(argv: Sequence[str] | None = None, common: argparse.Namespace | None = 
                 print(f"{r.sequence:>4}  {printable(r.client_name):<16} "
                       f"{printable(r.volume_uuid):<36}  "
                       f"{r.slot if r.slot is not None else '-':>4}  {_when(r.received)}  "
-                      f"{printable(r.host_name)}")
+                      f"{printable(r.host_name)}".rstrip())
+            if not rows:
+                print("mandos-ctl escrow: no packet stored yet", file=sys.stderr)
             return 0
         if args.sequence is not None:
-            found = store.get(args.sequence)
+            found = store.get(args.sequence) if store else None
         elif args.client and args.volume_uuid:
-            found = store.find(args.client, args.volume_uuid)
+            found = store.find(args.client, args.volume_uuid) if store else None
         else:
             print("mandos-ctl escrow export: give CLIENT VOLUME_UUID or --sequence N",
                   file=sys.stderr)
