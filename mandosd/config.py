@@ -20,9 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mandos_core.protocol import KeyIdError, normalize_key_id
-
 from mandos_core.durations import DurationError, parse_duration
+from mandos_core.protocol import KeyIdError, normalize_key_id
 
 log = logging.getLogger("mandosd.config")
 

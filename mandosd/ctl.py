@@ -25,13 +25,13 @@ from typing import Any
 
 from mandos_core import log as logsetup
 from mandos_core.cli import add_version, unreachable
+from mandos_core.durations import DurationError, parse_duration
 from mandos_core.text import printable
 
 from . import added, policy
 from . import config as configmod
 from .audit import Kind, audit
 from .config import Client
-from mandos_core.durations import DurationError, parse_duration
 from .state import ClientState, SQLiteStore, StateError, known_clients
 
 log = logging.getLogger("mandos-ctl")
@@ -324,7 +324,7 @@ def listing(rows: Sequence[Mapping[str, Any]], verbose: bool, now: float,
     (else Mandos's wide table)."""
     if verbose:
         return (fields if terminal else table)(rows, ALL_KEYWORDS, now)
-    keywords = DEFAULT_KEYWORDS
+    keywords: tuple[str, ...] = DEFAULT_KEYWORDS
     if any(r["ApprovalPending"] for r in rows):
         keywords += ("ApprovalPending",)
     return table(rows, keywords, now)
