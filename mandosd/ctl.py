@@ -288,6 +288,8 @@ def human_time(iso: str, now: float) -> str:
 
 
 def _cell(value: Any, key: str, now: float) -> str:
+    if key == "Expires" and not value:
+        return "-"  # disabled: nothing to expire (Expires is empty only then)
     if isinstance(value, bool):
         return "Yes" if value else "No"
     if key in DURATIONS:
