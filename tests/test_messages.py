@@ -330,6 +330,10 @@ def test_verbose_one_field_per_line_on_a_terminal(server: tuple[Path, Path]) -> 
     assert len(lines) == 20 and all(line == line.rstrip() for line in lines)
     piped = run(*argv[:1], *argv[1:])  # not a terminal: Mandos's table, one row per client
     assert len(piped.stdout.splitlines()) == 2
+    assert any(re.fullmatch(r"Expires:               \S+ \S+ UTC \(in [45] min\)", line)
+               for line in lines), lines
+    assert run("mandos-ctl", *argv[1:-1], "-d", "client1").returncode == 0
+    assert "Expires:               -" in on_pty(argv).splitlines()  # disabled: nothing expires
 
 
 # -- help and versions ----------------------------------------------------------------------
