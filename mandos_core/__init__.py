@@ -10,3 +10,6 @@ The initrd imports parts of this package: apart from :mod:`.escrow_packet`
 (which the initrd never loads) it is standard library only, plus libgnutls
 through ctypes.  It must never import ``mandosd`` or ``cryptography``.
 """
+
+#: This project's version, in one place (setup.cfg reads it: ``attr: mandos_core.__version__``).
+__version__ = "0.1.0"

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from mandos_core import log as logsetup
+from mandos_core.cli import add_version, oserror_line
 from mandos_core.hardening import disable_core_dumps
 from mandos_core.keyfiles import DEFAULT_KEYDIR, KeyError_, KeyFiles, read_pins
 from mandos_core.run import CommandError
@@ -37,7 +38,8 @@ def _parser() -> argparse.ArgumentParser:
         "The passphrase is read from the terminal or FILE and passed to gpg on stdin; it never "
         "touches disk or argv.  Keys made by Debian's mandos-keygen work too.",
     )
-    p.add_argument("-d", "--dir", type=Path, default=DEFAULT_KEYDIR,
+    add_version(p)
+    p.add_argument("-d", "--dir", "--keydir", type=Path, default=DEFAULT_KEYDIR, metavar="DIR",
                    help="key directory (default: %(default)s)")
     p.add_argument("-n", "--name", default=None,
                    help="client name: section name and key user id (default: the host name)")
@@ -56,8 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--checker", default=DEFAULT_CHECKER,
                    help="checker line for the section (default: %(default)s)")
     g.add_argument("--pin", metavar="KEY_ID", action="append",
-                   help="trust the key server with this identity (the key_id `mandos-ctl "
-                   "identity` prints on it): added to DIR/server-pins.  A pinned client "
+                   help="trust the key server with this identity (the key_id that "
+                   "\"mandos-ctl identity\" prints on it): added to DIR/server-pins.  A pinned client "
                    "fetches secrets only from a server that proves a pinned key, and "
                    "luks-passphrase destroys an old backup slot only on an escrow "
                    "acknowledgement from one (repeatable)")
@@ -90,9 +92,16 @@ def add_pins(keydir: Path, pins: list[str]) -> Path:
 def _read_password(args: argparse.Namespace) -> Secret:
     if args.passfile is not None:
         try:
-            return Secret(args.passfile.read_bytes())
+            data = args.passfile.read_bytes()
         except OSError as e:
-            raise KeygenError(f"{args.passfile}: {e.strerror}") from None
+            raise KeygenError(oserror_line(e, args.passfile)) from None
+        if not data:
+            raise KeygenError(f"{args.passfile}: empty; the passphrase must be in it")
+        if data.endswith(b"\n"):
+            print(f"mandos-keygen: warning: the passphrase in {args.passfile} ends in a "
+                  "newline, which is part of it; to leave it out: printf %s 'PASSPHRASE' "
+                  "> FILE", file=sys.stderr)
+        return Secret(data)
     if not sys.stdin.isatty():
         raise KeygenError("--password needs a terminal; use --passfile FILE for scripts")
     for _ in range(3):
@@ -132,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except (KeygenError, KeyError_, CommandError) as e:
         print(f"mandos-keygen: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # a key directory this user may not read or write
+        print(f"mandos-keygen: {oserror_line(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

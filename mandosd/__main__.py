@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from mandos_core import log as logsetup
+from mandos_core.cli import add_version, unreachable
 from mandos_core.hardening import disable_core_dumps
 
 from . import config as configmod
@@ -34,10 +35,11 @@ def _parser() -> argparse.ArgumentParser:
         "formats.  State: STATEDIR/clients.sqlite.  Exit status: 0 stopped normally, "
         "1 configuration or state error, 2 usage error.",
     )
-    p.add_argument("--configdir", type=Path, default=None,
+    add_version(p)
+    p.add_argument("--configdir", "--config-dir", type=Path, default=None, metavar="DIR",
                    help=f"directory with mandos.conf and clients.conf "
                    f"(default: {configmod.DEFAULT_CONFIGDIR})")
-    p.add_argument("--statedir", type=Path, default=None,
+    p.add_argument("--statedir", "--state-dir", type=Path, default=None, metavar="DIR",
                    help="state directory (default: $STATE_DIRECTORY, else statedir= from "
                    f"mandos.conf, else {configmod.DEFAULT_STATEDIR})")
     p.add_argument("--state-url", metavar="URL", default=None,
@@ -164,6 +166,9 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.server.debug and not args.debug:
             logsetup.setup("mandosd", True)
         statedir = configmod.statedir_from(args.statedir, cfg.server)
+        problem = unreachable(statedir / "clients.sqlite", create=True)
+        if problem:
+            raise StateError(problem)
         if args.run_checkers:
             return _run_checkers(args, configdir, statedir, cfg)
         from .server import KeyServer, Limits

@@ -36,6 +36,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mandos_core.durations import format_duration
+
 from . import checker_shell, policy
 from .audit import Kind, audit
 from .checker_run import (
@@ -47,7 +49,6 @@ from .checker_run import (
     run_bounded,
 )
 from .config import Client
-from .durations import format_duration
 from .state import CheckRecord, ClientState, StateStore, known_clients
 
 log = logging.getLogger("mandosd.checker")

@@ -20,9 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mandos_core.durations import DurationError, parse_duration
 from mandos_core.protocol import KeyIdError, normalize_key_id
-
-from .durations import DurationError, parse_duration
 
 log = logging.getLogger("mandosd.config")
 
@@ -46,9 +45,11 @@ def _bool(v: str) -> bool:
 def _port(v: str) -> int | None:
     if not v.strip():
         return None
+    if not v.strip().isdigit():
+        raise ValueError("not a port number (use 1 to 65535, or 0 for any free port)")
     p = int(v)
     if not 0 <= p < 65536:
-        raise ValueError("port out of range")
+        raise ValueError("port out of range (use 1 to 65535, or 0 for any free port)")
     return p
 
 
@@ -71,6 +72,8 @@ def _size(v: str) -> int:
 
 
 def _count(v: str) -> int:
+    if not v.strip().lstrip("-").isdigit():
+        raise ValueError("not a whole number")
     n = int(v)
     if n < 0:
         raise ValueError("must not be negative")
@@ -255,9 +258,34 @@ def _read(path: Path, defaults: Mapping[str, str], *,
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text") from None
     except configparser.Error as e:
-        msg = str(e).replace("\n", " ").strip()
-        raise ConfigError(f"{path}: {msg}") from None
+        raise ConfigError(_syntax_error(path, e)) from None
     return parser
+
+
+#: What a line of mandos.conf or clients.conf must look like.
+LINE_FORMS = "a line must be '[section]', 'key = value', or a comment starting with # or ;"
+
+
+def _syntax_error(path: Path, e: configparser.Error) -> str:
+    """configparser's text as one sentence: file, line, what is wrong, what is right."""
+    if isinstance(e, configparser.MissingSectionHeaderError):
+        return (f"{path}:{e.lineno}: {e.line.strip()!r} comes before any [section] "
+                "(start the file with [DEFAULT] or a client's [name])")
+    if isinstance(e, configparser.ParsingError):
+        lineno, line = e.errors[0]
+        try:  # configparser keeps only the line's repr, newline and all
+            line = repr(path.read_text(errors="replace").splitlines()[lineno - 1].strip())
+        except (OSError, IndexError):
+            pass
+        more = f" (and {len(e.errors) - 1} more lines)" if len(e.errors) > 1 else ""
+        return f"{path}:{lineno}: not understood: {line}{more}; {LINE_FORMS}"
+    if isinstance(e, configparser.DuplicateSectionError):
+        return (f"{path}:{e.lineno}: section [{e.section}] appears twice "
+                "(merge the two, or rename one)")
+    if isinstance(e, configparser.DuplicateOptionError):
+        return (f"{path}:{e.lineno}: [{e.section}] {e.option} is set twice in the same "
+                "section (keep one)")
+    return f"{path}: {str(e).replace(chr(10), ' ').strip()}"
 
 
 def _value(path: Path, parser: configparser.ConfigParser, section: str, key: str) -> str:

@@ -24,16 +24,16 @@ from pathlib import Path
 from typing import Any
 
 from mandos_core import log as logsetup
+from mandos_core.cli import add_version, unreachable
+from mandos_core.durations import DurationError, parse_duration
 from mandos_core.text import printable
 
 from . import added, policy
 from . import config as configmod
 from .audit import Kind, audit
 from .config import Client
-from .durations import DurationError, parse_duration
 from .state import ClientState, SQLiteStore, StateError, StateStore, known_clients
 
-VERSION = "1.8.16"
 log = logging.getLogger("mandos-ctl")
 
 
@@ -77,7 +77,11 @@ def parser() -> argparse.ArgumentParser:
         "effect for the next request, whether or not the server is running.",
         epilog="""\
 With no action, prints a table of the named clients (all if none are named):
-Name, Enabled, Timeout, Last Successful Check; --verbose prints every field.
+Name, Enabled, Timeout, Last Successful Check (local time with its zone, and how
+long ago), and Approval Is Pending when a request waits for --approve/--deny.
+--verbose prints every field: one per line on a terminal, else one wide table
+row per client.  --dump-json is for scripts: its fields and formats stay as
+Mandos's D-Bus properties (UTC timestamps, durations in milliseconds).
 
 A pool of servers sharing PostgreSQL (--state-url, or state_url= in mandos.conf):
   mandos-ctl log [CLIENT]             the pool's audit table: who got what, when, where
@@ -113,7 +117,7 @@ MANDOS_ADMIN=); see "journalctl -x MANDOS_OUTCOME=admin-changed".
 Exit status: 0 success (with --is-enabled: the client is enabled); 1 the client
 is disabled (--is-enabled), a client was not found, or the state could not be
 changed; 2 usage error.""")
-    p.add_argument("--version", action="version", version=f"%(prog)s {VERSION}")
+    add_version(p)
     p.add_argument("-a", "--all", action="store_true", help="select all clients")
     p.add_argument("-v", "--verbose", action="store_true", help="print all fields")
     _const(p, "-j", "--dump-json", kind="json", help="dump client data in JSON format")
@@ -161,10 +165,10 @@ changed; 2 usage error.""")
            "the next ones for approval_duration)")
     p.add_argument("--add", metavar="FILE", help="add a client from a clients.conf section "
                    "(what mandos-keygen --password prints); - reads standard input")
-    p.add_argument("--configdir", type=Path, default=None,
+    p.add_argument("--configdir", "--config-dir", type=Path, default=None, metavar="DIR",
                    help=f"directory with mandos.conf and clients.conf (default: "
                    f"{configmod.DEFAULT_CONFIGDIR})")
-    p.add_argument("--statedir", type=Path, default=None,
+    p.add_argument("--statedir", "--state-dir", type=Path, default=None, metavar="DIR",
                    help="state directory (default: as mandosd: $STATE_DIRECTORY, else "
                    f"statedir= from mandos.conf, else {configmod.DEFAULT_STATEDIR})")
     p.add_argument("--state-url", metavar="URL", default=None,
@@ -261,21 +265,78 @@ def _ms_to_string(ms: int) -> str:
             f"{td.seconds % 60:02}")
 
 
-def _cell(value: Any, key: str) -> str:
+TIMES = {"LastCheckedOK", "Created", "LastEnabled", "LastApprovalRequest", "Expires"}
+
+
+def ago(seconds: float) -> str:
+    """A relative age: ``just now``, ``40 s ago``, ``2 min ago``, ``in 3 h``."""
+    n = abs(seconds)
+    if n < 1:
+        return "just now"
+    for unit, size in (("days", 86400), ("h", 3600), ("min", 60)):
+        if n >= size:
+            amount = f"{int(n // size)} {unit}"
+            break
+    else:
+        amount = f"{int(n)} s"
+    if amount == "1 days":
+        amount = "1 day"
+    return f"{amount} ago" if seconds >= 0 else f"in {amount}"
+
+
+def human_time(iso: str, now: float) -> str:
+    """One of Mandos's UTC timestamps as a person reads it: local time with its zone,
+    and how long ago (``2026-12-02 05:20:13 UTC (2 min ago)``); ``never`` when empty."""
+    if not iso:
+        return "never"
+    t = datetime.datetime.fromisoformat(iso).replace(tzinfo=datetime.UTC)
+    local = t.astimezone()
+    return f"{local:%Y-%m-%d %H:%M:%S} {local.tzname()} ({ago(now - t.timestamp())})"
+
+
+def _cell(value: Any, key: str, now: float) -> str:
+    if key == "Expires" and not value:
+        return "-"  # disabled: nothing to expire (Expires is empty only then)
     if isinstance(value, bool):
         return "Yes" if value else "No"
     if key in DURATIONS:
         return _ms_to_string(value)
+    if key in TIMES:
+        return human_time(value, now)
+    if key == "LastCheckerStatus" and value == -2:
+        return "never run"
     return printable(value)  # names and hosts may come from a section made on the client
 
 
-def table(rows: Sequence[Mapping[str, Any]], keywords: tuple[str, ...]) -> str:
-    """Mandos's table: left-aligned columns, one space apart."""
-    widths = {k: max([len(HEADERS[k]), *(len(_cell(r[k], k)) for r in rows)])
+def table(rows: Sequence[Mapping[str, Any]], keywords: tuple[str, ...], now: float) -> str:
+    """Mandos's table: left-aligned columns, one space apart (no trailing spaces)."""
+    widths = {k: max([len(HEADERS[k]), *(len(_cell(r[k], k, now)) for r in rows)])
               for k in keywords}
-    lines = [" ".join(f"{HEADERS[k]:{widths[k]}}" for k in keywords)]
-    lines += [" ".join(f"{_cell(r[k], k):{widths[k]}}" for k in keywords) for r in rows]
+    lines = [" ".join(f"{HEADERS[k]:{widths[k]}}" for k in keywords).rstrip()]
+    lines += [" ".join(f"{_cell(r[k], k, now):{widths[k]}}" for k in keywords).rstrip()
+              for r in rows]
     return "\n".join(lines)
+
+
+def fields(rows: Sequence[Mapping[str, Any]], keywords: tuple[str, ...], now: float) -> str:
+    """``--verbose`` on a terminal: one field per line, a blank line between clients."""
+    width = max(len(HEADERS[k]) for k in keywords) + 1
+    blocks = ["\n".join(f"{HEADERS[k] + ':':{width}} {_cell(r[k], k, now)}".rstrip()
+                        for k in keywords) for r in rows]
+    return "\n\n".join(blocks)
+
+
+def listing(rows: Sequence[Mapping[str, Any]], verbose: bool, now: float,
+            terminal: bool) -> str:
+    """What mandos-ctl prints without an action.  The default columns, plus "Approval Is
+    Pending" whenever a request waits; --verbose: every field, one per line on a terminal
+    (else Mandos's wide table)."""
+    if verbose:
+        return (fields if terminal else table)(rows, ALL_KEYWORDS, now)
+    keywords: tuple[str, ...] = DEFAULT_KEYWORDS
+    if any(r["ApprovalPending"] for r in rows):
+        keywords += ("ApprovalPending",)
+    return table(rows, keywords, now)
 
 
 # -- acting on the store -------------------------------------------------------
@@ -442,34 +503,72 @@ class Ctl:
         return c.name
 
 
+class _Confirmation(logging.Formatter):
+    """An audit entry as the person at the terminal needs it: ``mandos-ctl: web2 disabled
+    by root`` (the journal keeps the entry with all its fields)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"mandos-ctl: {printable(record.getMessage())}"
+
+
 def _setup_logging(debug: bool) -> None:
-    """Messages to stderr; audit entries to journald whenever it is there."""
+    """Messages to stderr; audit entries to journald whenever it is there, and a short
+    confirmation on stderr (the full entry, fields and all, with --debug)."""
     logsetup.setup("mandos-ctl", debug)
+    auditlog = logging.getLogger("mandosd.audit")
     sock = os.environ.get("MANDOS_JOURNAL_SOCKET") or (
         logsetup.JOURNAL_SOCKET if os.path.exists(logsetup.JOURNAL_SOCKET) else None)
     if sock:
-        auditlog = logging.getLogger("mandosd.audit")
         auditlog.addHandler(logsetup.JournalHandler("mandos-ctl", sock))
-        auditlog.propagate = debug
+    auditlog.propagate = debug
+    if not debug:
+        short = logging.StreamHandler(sys.stderr)
+        short.setFormatter(_Confirmation())
+        auditlog.addHandler(short)
 
 
-def identity_main(argv: list[str]) -> int:
+def global_options() -> argparse.ArgumentParser:
+    """The options that hold for every subcommand, before or after it
+    (``mandos-ctl --statedir X escrow list`` = ``mandos-ctl escrow list --statedir X``)."""
+    g = argparse.ArgumentParser(prog="mandos-ctl", add_help=False, allow_abbrev=False)
+    g.add_argument("--configdir", "--config-dir", type=Path, default=None, metavar="DIR",
+                   help=f"directory with mandos.conf (default: {configmod.DEFAULT_CONFIGDIR})")
+    g.add_argument("--statedir", "--state-dir", type=Path, default=None, metavar="DIR",
+                   help="mandosd's state directory (default: as mandosd: $STATE_DIRECTORY, "
+                   f"else statedir= from mandos.conf, else {configmod.DEFAULT_STATEDIR})")
+    g.add_argument("--debug", action="store_true", help="verbose logs")
+    return g
+
+
+def statedir_of(configdir: Path | None, statedir: Path | None) -> Path:
+    """The state directory as mandosd finds it (raises ConfigError)."""
+    cfg = configmod.load_server_config(configmod.configdir_from(configdir) / "mandos.conf")
+    return configmod.statedir_from(statedir, cfg)
+
+
+def reachable(path: Path, *, create: bool = False) -> None:
+    """A directory this user cannot enter is said so (not "no store here")."""
+    problem = unreachable(path, create=create)
+    if problem:
+        raise CtlError(problem)
+
+
+def identity_main(argv: list[str], common: argparse.Namespace) -> int:
     """``mandos-ctl identity``: print the key server's key_id, for ``mandos-keygen --pin``."""
     from . import identity
 
     p = argparse.ArgumentParser(
-        prog="mandos-ctl identity",
+        prog="mandos-ctl identity", parents=[global_options()],
         description="Print this key server's identity (the key_id of its own TLS key) for "
-        "client machines to pin with `mandos-keygen --pin KEY_ID`.  mandosd makes the key "
+        "client machines to pin with \"mandos-keygen --pin KEY_ID\".  mandosd makes the key "
         "in its state directory on first start.")
-    p.add_argument("--configdir", type=Path, default=None, help="config directory")
-    p.add_argument("--statedir", type=Path, default=None, help="state directory")
-    args = p.parse_args(argv)
+    p.parse_args(argv)
+    logsetup.setup("mandos-ctl", common.debug)
     try:
-        cfg = configmod.load_server_config(configmod.configdir_from(args.configdir) / "mandos.conf")
-        statedir = configmod.statedir_from(args.statedir, cfg)
+        statedir = statedir_of(common.configdir, common.statedir)
+        reachable(statedir / identity.PRIVATE)
         print(identity.load(statedir).key_id)
-    except (identity.IdentityError, configmod.ConfigError) as e:
+    except (identity.IdentityError, configmod.ConfigError, CtlError) as e:
         print(f"mandos-ctl: {e}", file=sys.stderr)
         return 1
     return 0
@@ -477,16 +576,21 @@ def identity_main(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None, *, clock: Callable[[], float] = time.time) -> int:
     args_in = sys.argv[1:] if argv is None else argv
-    if args_in[:1] == ["escrow"]:  # the escrowed backup passphrases: list / export / secrets
+    common, rest = global_options().parse_known_args(args_in)
+    if rest[:1] == ["escrow"]:  # the escrowed backup passphrases: list / export / secrets
         from . import escrow_cli
 
-        return escrow_cli.main(args_in[1:])
-    if args_in[:1] == ["identity"]:  # the key_id client machines pin
-        return identity_main(args_in[1:])
-    if args_in[:1] in (["log"], ["migrate-state"]):  # a pool's audit table; SQLite -> pool
+        return escrow_cli.main(rest[1:], common)
+    if rest[:1] == ["identity"]:  # the key_id client machines pin
+        return identity_main(rest[1:], common)
+    if rest[:1] in (["log"], ["migrate-state"]):  # a pool's audit table; SQLite -> pool
         from . import pool_cli
 
-        return pool_cli.main(args_in)
+        again = (["--configdir", str(common.configdir)] if common.configdir else []) + (
+            ["--debug"] if common.debug else [])
+        if rest[0] == "migrate-state" and common.statedir:
+            again += ["--statedir", str(common.statedir)]
+        return pool_cli.main(rest[:1] + again + rest[1:])
     p = parser()
     args = p.parse_args(argv)
     if args.actions is None:
@@ -505,8 +609,11 @@ def main(argv: list[str] | None = None, *, clock: Callable[[], float] = time.tim
 
         state_url = state_url_from(args.state_url, cfg.server)
         statedir = configmod.statedir_from(args.statedir, cfg.server)
-        store = (open_store(state_url, statedir) if state_url
-                 else SQLiteStore(statedir, readonly=not write))
+        if state_url:
+            store = open_store(state_url, statedir)
+        else:
+            reachable(statedir / "clients.sqlite", create=write)
+            store = SQLiteStore(statedir, readonly=not write)
         close_audit = copy_audit(state_url, f"mandos-ctl@{server_name()}")
         ctl = Ctl(configdir, store, clock, cfg, write=write)
         if args.add is not None:
@@ -531,7 +638,7 @@ def _dispatch(ctl: Ctl, args: argparse.Namespace, names: list[str],
     if not actions:
         now = clock()
         rows = [properties(ctl.effective(n), ctl.states[n], now) for n in names]
-        print(table(rows, ALL_KEYWORDS if args.verbose else DEFAULT_KEYWORDS))
+        print(listing(rows, args.verbose, now, sys.stdout.isatty()))
         return 0
     for action in actions:
         if action.kind == "json":

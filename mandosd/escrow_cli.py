@@ -1,12 +1,12 @@
-"""``mandos-ctl escrow``: list the escrow packets mandosd holds, export one, read one.
+"""mandos-ctl escrow: list the escrow packets mandosd holds, export one, read one.
 
     mandos-ctl escrow list [--history]
     mandos-ctl escrow export CLIENT VOLUME_UUID [-o FILE]     (or --sequence N)
     mandos-ctl escrow secrets PACKET --key ESCROW-KEY.pem
 
-``export`` writes the volume_key packet as it was received; the helpdesk reads
-the passphrase with ``volume_key --secrets -d NSSDB PACKET`` or with
-``secrets`` and the escrow private key as a PEM file.  The key server itself
+"export" writes the volume_key packet as it was received; the helpdesk reads
+the passphrase with "volume_key --secrets -d NSSDB PACKET" or with
+"secrets" and the escrow private key as a PEM file.  The key server itself
 never holds that key.
 """
 
@@ -14,32 +14,36 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from mandos_core import escrow_packet
+from mandos_core.cli import oserror_line
 from mandos_core.text import printable
 
-from .config import DEFAULT_STATEDIR
-from .escrow import EscrowError, EscrowStore
+from .escrow import DB_NAME, EscrowError, EscrowStore
 
 
 def _parser() -> argparse.ArgumentParser:
+    from .ctl import global_options
+
     p = argparse.ArgumentParser(prog="mandos-ctl escrow", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--statedir", type=Path, default=DEFAULT_STATEDIR, metavar="DIR",
-                   help=f"mandosd's state directory (default {DEFAULT_STATEDIR})")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                parents=[global_options()])
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                           help="list, export or secrets")
     ls = sub.add_parser("list", help="the current packet per machine and volume")
     ls.add_argument("--history", action="store_true", help="every packet ever received")
     ex = sub.add_parser("export", help="write one packet (for volume_key --secrets)")
     ex.add_argument("client", nargs="?", help="client name or key_id")
-    ex.add_argument("volume_uuid", nargs="?", metavar="VOLUME_UUID")
+    ex.add_argument("volume_uuid", nargs="?", metavar="VOLUME_UUID",
+                    help="the LUKS volume's UUID (as \"escrow list\" shows it)")
     ex.add_argument("--sequence", type=int, help="a packet by its sequence number instead")
     ex.add_argument("-o", "--output", type=Path, help="output file (default: standard output)")
     se = sub.add_parser("secrets", help="show the passphrase in a packet (needs the escrow key)")
-    se.add_argument("packet", type=Path)
+    se.add_argument("packet", type=Path, help="a packet file (from \"escrow export\")")
     se.add_argument("--key", type=Path, required=True, metavar="PEM",
                     help="the escrow private key (PEM, unencrypted)")
     return p
@@ -60,8 +64,35 @@ def _write_passphrase(raw: bytes) -> None:
           "escaped (\\xNN, \\\\ for a backslash)", file=sys.stderr)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _store(common: argparse.Namespace) -> EscrowStore | None:
+    """The escrow store, opened only when it is there: a wrong --statedir says so, and
+    creates nothing.  None: the key server's state is there, but no packet came yet."""
+    from .config import ConfigError
+    from .ctl import statedir_of
+
+    try:
+        statedir = statedir_of(common.configdir, common.statedir)
+    except ConfigError as e:
+        raise EscrowError(str(e)) from None
+    path = statedir / DB_NAME
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        if (statedir / "clients.sqlite").exists():
+            return None  # mandosd's state, and no packet yet
+        raise EscrowError(f"{statedir}: no key server state here (wrong --statedir?)") from None
+    except OSError as e:
+        raise EscrowError(oserror_line(e, path)) from None
+    return EscrowStore(statedir)
+
+
+def main(argv: Sequence[str] | None = None, common: argparse.Namespace | None = None) -> int:
     args = _parser().parse_args(argv)
+    if common is not None:  # given before "escrow" (mandos-ctl --statedir X escrow list)
+        for key in ("configdir", "statedir"):
+            if getattr(args, key) is None:
+                setattr(args, key, getattr(common, key))
+        args.debug = args.debug or common.debug
     try:
         if args.command == "secrets":
             pkt = escrow_packet.parse(args.packet.read_bytes())
@@ -73,9 +104,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             _write_passphrase(secret.reveal())
             secret.wipe()
             return 0
-        store = EscrowStore(args.statedir)
+        store = _store(args)
         if args.command == "list":
-            rows = store.list(history=args.history)
+            rows = store.list(history=args.history) if store else []
             print(f"{'SEQ':>4}  {'CLIENT':<16} {'VOLUME UUID':<36}  SLOT  RECEIVED"
                   "              HOST")
             for r in rows:
@@ -83,12 +114,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"{r.sequence:>4}  {printable(r.client_name):<16} "
                       f"{printable(r.volume_uuid):<36}  "
                       f"{r.slot if r.slot is not None else '-':>4}  {_when(r.received)}  "
-                      f"{printable(r.host_name)}")
+                      f"{printable(r.host_name)}".rstrip())
+            if not rows:
+                print("mandos-ctl escrow: no packet stored yet", file=sys.stderr)
             return 0
         if args.sequence is not None:
-            found = store.get(args.sequence)
+            found = store.get(args.sequence) if store else None
         elif args.client and args.volume_uuid:
-            found = store.find(args.client, args.volume_uuid)
+            found = store.find(args.client, args.volume_uuid) if store else None
         else:
             print("mandos-ctl escrow export: give CLIENT VOLUME_UUID or --sequence N",
                   file=sys.stderr)
@@ -102,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stdout.buffer.write(found.packet)
         return 0
     except (OSError, EscrowError, escrow_packet.PacketError) as e:
-        msg = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename else str(e)
+        msg = oserror_line(e) if isinstance(e, OSError) else str(e)
         print(f"mandos-ctl escrow: {msg}", file=sys.stderr)
         return 1
 

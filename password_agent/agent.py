@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable
 
 from mandos_core import log as logsetup
+from mandos_core.cli import oserror_line, root_hint
 from mandos_core.hardening import disable_core_dumps
 from mandos_core.inotify import (
     IN_CLOSE_WRITE,
@@ -455,14 +456,14 @@ def main(argv: list[str] | None = None) -> int:
         print("mandos-password-agent: no server to ask: give --connect HOST:PORT "
               "or allow zeroconf discovery", file=sys.stderr)
         return EXIT_USAGE
-    _warn_not_root()
     agent = Agent(cfg)
     signals.attach(agent)
     try:
         try:
             ino = agent.watch()
         except (OSError, InotifyError) as e:
-            log.error("cannot watch %s: %s", cfg.ask_dir, e.strerror or e)
+            hint = root_hint(e) if isinstance(e, OSError) else ""
+            log.error("cannot watch %s: %s%s", cfg.ask_dir, e.strerror or e, hint)
             return EXIT_WATCH
         with ino:
             if cfg.exit_when_idle and not agent.answerable_now():
@@ -474,6 +475,10 @@ def main(argv: list[str] | None = None) -> int:
             except (KeyError_, GpgError) as e:
                 log.error("%s", e)
                 return EXIT_KEYS
+            except OSError as e:  # a key file this user may not read
+                log.error("%s", oserror_line(e))
+                return EXIT_KEYS
+            _warn_not_root()  # after the keys: a key this user cannot read says it all
             if agent.stopping:
                 return agent.exit_code
             agent.start_discovery()

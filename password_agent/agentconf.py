@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from mandos_core.cli import add_version
+from mandos_core.durations import DurationError, parse_seconds
 from mandos_core.keyfiles import DEFAULT_KEYDIR
 
 from .client import Server, parse_server
@@ -127,16 +129,16 @@ def _convert(s: Setting, raw: str | Sequence[str], where: str) -> object:
                 return False
             raise ValueError("expected yes or no")
         if s.kind == "seconds":
-            f = float(raw)
+            f = parse_seconds(raw)
             if not 0 < f <= 3600:
-                raise ValueError("must be between 0 and 3600 seconds")
+                raise ValueError("must be more than 0 and at most 3600 seconds (1h)")
             return f
         if s.kind == "path":
             if not raw:
                 raise ValueError("empty path")
             return Path(raw)
         return raw
-    except ValueError as e:
+    except (ValueError, DurationError) as e:
         shown = raw if isinstance(raw, str) else " ".join(raw)
         if where == "command line":
             raise ConfigError(f"{s.option}={shown}: {e}") from None
@@ -193,6 +195,7 @@ settings from the environment or an options file:
   KEY=value lines may be put in the options file (--config, or
   {ENV_PREFIX}CONFIG; default {DEFAULT_CONFIG} when it exists).
   The command line beats the environment, which beats the file.
+  SECONDS may also be written as a duration: 10s, PT10S, 1m.
 
 exit status:
   0  stopped by SIGTERM/SIGINT, --once answered, or --exit-when-idle found
@@ -206,6 +209,7 @@ files:
   /run/systemd/ask-password/ask.*   the questions (see systemd's
                        "Password Agents" specification)""",
     )
+    add_version(p)
     p.add_argument("--config", type=Path, metavar="FILE",
                    help=f"read KEY=value settings from FILE (default: {DEFAULT_CONFIG} "
                    "if it exists)")

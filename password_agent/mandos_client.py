@@ -17,6 +17,8 @@ import sys
 import threading
 from pathlib import Path
 
+from mandos_core.cli import add_version, oserror_line
+from mandos_core.durations import DurationError, parse_seconds
 from mandos_core.hardening import disable_core_dumps
 from mandos_core.keyfiles import DEFAULT_KEYDIR, KeyError_, KeyFiles, check_private_keys
 
@@ -26,6 +28,17 @@ EXIT_OK = 0
 EXIT_NO_SECRET = 1
 EXIT_USAGE = 2
 EXIT_KEYS = 3
+
+
+def _timeout(text: str) -> float:
+    try:
+        seconds = parse_seconds(text)
+    except DurationError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if not 0 < seconds <= 3600:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be more than 0 and at most "
+                                         "3600 seconds (1h)")
+    return seconds
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -43,7 +56,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--connect", metavar="HOST:PORT", action="append", required=True,
                    help="key server to ask; repeat to ask several at once "
                    "(IPv6 as [ADDRESS]:PORT, link-local as [fe80::1%%eth0]:PORT)")
-    p.add_argument("--keydir", type=Path, default=DEFAULT_KEYDIR,
+    add_version(p)
+    p.add_argument("--keydir", "--dir", type=Path, default=DEFAULT_KEYDIR, metavar="DIR",
                    help="directory with the key files (default: %(default)s)")
     for opt, dest, name in (("--pubkey", "pubkey", "pubkey.txt"),
                             ("--seckey", "seckey", "seckey.txt"),
@@ -51,8 +65,9 @@ def _parser() -> argparse.ArgumentParser:
                             ("--tls-privkey", "tls_privkey", "tls-privkey.pem")):
         p.add_argument(opt, dest=dest, type=Path, metavar="FILE",
                        help=f"use FILE instead of KEYDIR/{name}")
-    p.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
-                   help="give up after this long (default: %(default)s)")
+    p.add_argument("--timeout", type=_timeout, default=10.0, metavar="SECONDS",
+                   help="give up after this long: seconds, or a duration such as 10s or "
+                   "PT1M (default: %(default)s)")
     p.add_argument("--debug", action="store_true", help="log every step to stderr")
     return p
 
@@ -85,15 +100,17 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None, stop: threading.Event) -> int:
     args = _parser().parse_args(argv)
-    keys = KeyFiles.from_dir(args.keydir, pubkey=args.pubkey, seckey=args.seckey,
-                             tls_pubkey=args.tls_pubkey, tls_privkey=args.tls_privkey)
     try:
+        keys = KeyFiles.from_dir(args.keydir, pubkey=args.pubkey, seckey=args.seckey,
+                                 tls_pubkey=args.tls_pubkey, tls_privkey=args.tls_privkey)
         check_private_keys(args.keydir if None in (args.pubkey, args.seckey, args.tls_pubkey,
                                                    args.tls_privkey) else None, keys)
         # start gpg in the background first: it imports the key while we load TLS
         decryptor = Decryptor(keys.seckey)
     except (KeyError_, GpgError) as e:
         return _fail(e, EXIT_KEYS)
+    except OSError as e:  # a key file this user may not read
+        return _fail(oserror_line(e), EXIT_KEYS)
     try:
         if stop.is_set():
             return EXIT_NO_SECRET

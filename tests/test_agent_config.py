@@ -65,7 +65,7 @@ def test_empty_id_prefix_means_every_question() -> None:
     [
         (["--connect", "nohost"], {}, "--connect=nohost: 'nohost': expected HOST:PORT"),
         (["--connect", "h:99999"], {}, "port out of range"),
-        (["--timeout", "0"], {}, "--timeout=0: must be between"),
+        (["--timeout", "0"], {}, "--timeout=0: must be more than 0"),
         (["--timeout", "soon"], {}, "--timeout=soon"),
         ([], {"MANDOS_AGENT_ZEROCONF": "perhaps"}, "environment: MANDOS_AGENT_ZEROCONF=perhaps"),
         ([], {"MANDOS_AGENT_CONNECT": "1.2.3.4"}, "MANDOS_AGENT_CONNECT=1.2.3.4"),

@@ -73,7 +73,7 @@ SECRET = "secret = aGVsbG8=\n"
      f"{SECRET}", "never valid"),
     (f"[a]\nkey_id = {GOOD_KEY}\n{SECRET}checker = ping %(nohost)s\n", "bad %-interpolation"),
     ("[a\nkey_id = x\n", "clients.conf:"),
-    ("key_id = x\n", "clients.conf: File contains no section headers"),
+    ("key_id = x\n", "clients.conf:1: 'key_id = x' comes before any [section]"),
     (f"[a]\n{SECRET}", "clients.conf: [a]: no key_id"),
 ])
 def test_config_errors(tmp_path: Path, clients: str, expected: str) -> None:

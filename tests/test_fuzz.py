@@ -13,9 +13,9 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from mandos_core.durations import DurationError, parse_duration
 from mandos_core.protocol import DERError, spki_from_certificate
 from mandosd.config import ConfigError, load
-from mandosd.durations import DurationError, parse_duration
 from password_agent.askfile import AskFileError, parse_ask
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "300"))

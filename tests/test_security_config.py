@@ -88,7 +88,7 @@ def test_changed_value_wins_unchanged_value_leaves_state_alone(
     assert enable.returncode == 0
     assert fetch(client_keys, server.address).stdout == PASSWORD
     assert '"Timeout": 1200000' in ctl(server, "-j", "client1").stdout
-    assert "MANDOS_CHANGE=timeout" in enable.stderr + server.log()
+    assert "client1: timeout changed in clients.conf" in enable.stderr + server.log()
     assert "replaces the value set with mandos-ctl" in enable.stderr + server.log()
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from mandos_core.durations import DurationError, format_duration, parse_duration
 from mandos_core.keyfiles import KeyFiles
 from mandos_core.protocol import (
     EMPTY_KEY_ID,
@@ -17,7 +18,6 @@ from mandos_core.protocol import (
     spki_from_certificate,
 )
 from mandos_core.secret import Secret
-from mandosd.durations import DurationError, format_duration, parse_duration
 from password_agent.client import parse_server
 from tests.helpers import have
 

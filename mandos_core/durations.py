@@ -1,4 +1,9 @@
-"""Durations as Mandos writes them: ISO 8601 (``PT5M``, ``P1DT2H``) or ``5m``, ``1h30m``, ``1h 30m``."""
+"""Durations as Mandos writes them: ISO 8601 (``PT5M``, ``P1DT2H``) or ``5m``, ``1h30m``, ``1h 30m``.
+
+Shared by the key server (clients.conf, ``mandos-ctl``) and the client side
+(``mandos-password-agent``'s and ``mandos-client``'s timeouts, where a plain
+number of seconds is accepted too): standard library only, initrd-safe.
+"""
 
 from __future__ import annotations
 
@@ -38,6 +43,22 @@ def parse_duration(text: str) -> float:
         total = sum(float(n) * _SECONDS[u.lower()] for n, u in parts)
     if total > MAX_SECONDS:
         raise DurationError(f"duration too long: {text!r}")
+    return total
+
+
+def parse_seconds(text: str) -> float:
+    """A timeout as the client side takes it: seconds (``10``, ``2.5``) or a duration
+    (``10s``, ``PT10S``, ``1m``).  Raise :class:`DurationError` if malformed."""
+    try:
+        total = float(text)
+    except ValueError:
+        try:
+            return parse_duration(text)
+        except DurationError:
+            raise DurationError(f"not a duration: {text!r} (use seconds, or e.g. 10s, "
+                                "PT10S, 1m)") from None
+    if total != total or total in (float("inf"), float("-inf")):  # nan, inf
+        raise DurationError(f"not a duration: {text!r} (use seconds, or e.g. 10s, PT10S, 1m)")
     return total
 
 
