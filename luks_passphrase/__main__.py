@@ -160,21 +160,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _version() -> str:
-    """This project's version (the package's metadata, or setup.cfg in a checkout)."""
-    from importlib import metadata
+    """This project's version: one place, ``mandos_core.__version__`` (setup.cfg reads it)."""
+    from mandos_core import __version__
 
-    try:
-        return metadata.version("mandos-nbde")
-    except metadata.PackageNotFoundError:
-        pass
-    try:
-        for line in (Path(__file__).resolve().parent.parent / "setup.cfg").read_text().splitlines():
-            key, sep, value = line.partition("=")
-            if sep and key.strip() == "version":
-                return value.strip()
-    except OSError:
-        pass
-    return "unknown"
+    return __version__
 
 
 def _global_options(p: argparse.ArgumentParser, after_command: bool) -> None:

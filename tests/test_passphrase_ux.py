@@ -388,13 +388,14 @@ def test_help_has_no_markup_and_every_argument_is_explained() -> None:
 
 
 def test_version_is_this_projects() -> None:
-    import configparser
+    from importlib import metadata
 
-    cfg = configparser.ConfigParser()
-    cfg.read(ROOT / "setup.cfg")
+    import mandos_core
+
     proc = cli("--version")
     assert proc.returncode == 0
-    assert proc.stdout.decode() == f"luks-passphrase (mandos-nbde) {cfg['metadata']['version']}\n"
+    assert proc.stdout.decode() == f"luks-passphrase (mandos-nbde) {mandos_core.__version__}\n"
+    assert metadata.version("mandos-nbde") == mandos_core.__version__  # what pip installed
 
 
 def test_statedir_and_global_options_after_the_command(tmp_path: Path, keys: EscrowKeys) -> None:
