@@ -281,6 +281,27 @@ class BootResult:
         return float(m.group(1)) if m else None
 
 
+_vm_lock: list[int] = []  # [fd, holders] while this process holds MANDOS_VM_LOCK
+
+
+def _vm_lock_acquire(lockfile: str) -> None:
+    if _vm_lock:
+        _vm_lock[1] += 1
+        return
+    fd = os.open(lockfile, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    _vm_lock[:] = [fd, 1]
+
+
+def _vm_lock_release() -> None:
+    if not _vm_lock:
+        return
+    _vm_lock[1] -= 1
+    if _vm_lock[1] == 0:
+        os.close(_vm_lock[0])  # releases the lock
+        _vm_lock.clear()
+
+
 @dataclass
 class VM:
     """One qemu-system-x86_64 under TCG; use as a context manager."""
@@ -320,10 +341,12 @@ class VM:
     def start(self) -> VM:
         # One VM at a time on a shared machine: MANDOS_VM_LOCK names a lock file
         # (flock(2), the same lock as flock(1)) held while the VM runs.
+        # The lock is per process: a test that runs two VMs of its own at once (a server
+        # VM and its client) takes it once, or it would wait for itself for ever.
         lockfile = os.environ.get("MANDOS_VM_LOCK")
         if lockfile:
-            self._lock_fd = os.open(lockfile, os.O_RDWR | os.O_CREAT, 0o600)
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+            _vm_lock_acquire(lockfile)
+            self._lock_fd = 1
         self.started = time.monotonic()
         try:
             self.proc = subprocess.Popen(self.argv(),
@@ -419,7 +442,7 @@ class VM:
                 self._reader.join(10)
         finally:
             if self._lock_fd is not None:
-                os.close(self._lock_fd)  # releases the lock
+                _vm_lock_release()
                 self._lock_fd = None
 
     def __enter__(self) -> VM:
