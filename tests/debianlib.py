@@ -135,6 +135,27 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 30) ->
     return proc.poll() is None
 
 
+def _mandos_gpg_agents() -> set[int]:
+    """gpg-agents run by the _mandos user (Debian's Mandos starts one; it daemonizes, so
+    it leaves the server's process group)."""
+    try:
+        import pwd
+
+        uid = pwd.getpwnam("_mandos").pw_uid
+    except KeyError:
+        return set()
+    found = set()
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            if d.stat().st_uid == uid and b"gpg-agent" in (d / "cmdline").read_bytes():
+                found.add(int(d.name))
+        except OSError:
+            continue
+    return found
+
+
 @contextmanager
 def debian_mandos(clients_conf: str, *, debuglevel: str | None = None
                   ) -> Iterator[DebianMandos]:
@@ -158,6 +179,7 @@ def debian_mandos(clients_conf: str, *, debuglevel: str | None = None
     dbus = subprocess.Popen(["dbus-daemon", "--config-file", str(base / "bus.conf"),
                              "--nofork", "--nopidfile"], stdout=subprocess.DEVNULL)
     srv = None
+    agents_before = _mandos_gpg_agents()
     try:
         try:
             wait_for(bus.exists, 10, "the private dbus-daemon's socket")
@@ -187,6 +209,11 @@ def debian_mandos(clients_conf: str, *, debuglevel: str | None = None
                 srv.kill()
             try:
                 os.killpg(srv.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for pid in _mandos_gpg_agents() - agents_before:  # only the ones this server started
+            try:
+                os.kill(pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
         dbus.terminate()

@@ -649,10 +649,13 @@ def assert_nothing_left(runtime: Path) -> None:
 
 
 @pytest.fixture()
-def runtime(tmp_path: Path) -> Path:
-    d = tmp_path / "runtime"
-    d.mkdir(mode=0o700)
-    return d
+def runtime() -> Iterator[Path]:
+    """The agent's RUNTIME_DIRECTORY: a short path, as /run/mandos-password-agent is (gpg-agent
+    puts its sockets elsewhere when the home's path would exceed a socket name's 108 bytes)."""
+    d = Path(tempfile.mkdtemp(prefix="rt-", dir="/tmp"))
+    d.chmod(0o700)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
 
 
 SIGNALS = [signal.SIGTERM, signal.SIGINT, signal.SIGHUP]
