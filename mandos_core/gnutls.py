@@ -35,9 +35,7 @@ NO_TICKETS = 1 << 10
 ENABLE_RAWPK = 1 << 18
 
 CRD_CERTIFICATE = 1
-X509_FMT_DER = 0
 X509_FMT_PEM = 1
-CERT_IGNORE = 0
 CERT_REQUEST = 1
 CERTIFICATE_SKIP_KEY_CERT_MATCH = 1
 SHUT_RDWR = 0
@@ -45,22 +43,13 @@ SHUT_WR = 1
 
 CRT_X509 = 1
 CRT_RAWPK = 3
-CTYPE_CLIENT = 1
-CTYPE_SERVER = 2
-CTYPE_OURS = 2 + 2  # GNUTLS_CTYPE_OURS
 CTYPE_PEERS = 3
 
 TLS1_3 = 5  # gnutls_protocol_t
 
-E_SUCCESS = 0
 E_AGAIN = -28
 E_INTERRUPTED = -52
-E_REHANDSHAKE = -37
 E_PREMATURE_TERMINATION = -110
-E_PK_SIG_VERIFY_FAILED = -89
-E_NO_CERTIFICATE_FOUND = -49
-E_UNSUPPORTED_CERTIFICATE_TYPE = -61
-E_CERTIFICATE_ERROR = -43
 
 #: The oldest GnuTLS with raw public keys (RFC 7250).
 RAWPK_VERSION = b"3.6.6"
@@ -144,7 +133,6 @@ _get_peers = _fn("gnutls_certificate_get_peers", ctypes.POINTER(_Datum), _sessio
 _protocol_get_version = _fn("gnutls_protocol_get_version", ctypes.c_int, _session_t)
 _server_set_request = _fn("gnutls_certificate_server_set_request", None, _session_t,
                           ctypes.c_int)
-_session_ticket_key_generate = None  # tickets are never enabled (NO_TICKETS)
 
 if not _check_version(RAWPK_VERSION):
     raise ImportError(f"GnuTLS {RAWPK_VERSION.decode()} or later is needed for raw public keys")

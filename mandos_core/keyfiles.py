@@ -116,8 +116,6 @@ def server_context(keyfiles: KeyFiles, *, priority: str | None = None,
     except gnutls.GnuTLSError as e:
         cred.close()
         raise KeyError_(f"TLS key files in {keyfiles.tls_privkey.parent}: {e}") from None
-    finally:
-        key_pem = b""
     if pins is None:
         pins = read_pins(keyfiles.tls_privkey.parent)
     return ClientTLS(cred, effective_priority(priority, server=False), pins, require_pin)

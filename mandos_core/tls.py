@@ -222,6 +222,36 @@ def send_all(session: gnutls.Session, fd: int, data: bytes, deadline: float) -> 
 # --- asyncio driver (key server side) ----------------------------------------------------
 
 
+async def wait_fd(loop: asyncio.AbstractEventLoop, fd: int, write: bool,
+                  deadline: float | None) -> None:
+    """Wait on the loop until *fd* is readable (or writable); TimeoutError at *deadline*
+    (loop time).  No thread, no polling: one reader/writer callback and one timer."""
+    fut: asyncio.Future[None] = loop.create_future()
+
+    def ready() -> None:
+        if not fut.done():
+            fut.set_result(None)
+
+    def expire() -> None:
+        if not fut.done():
+            fut.set_exception(TimeoutError())
+
+    if write:
+        loop.add_writer(fd, ready)
+    else:
+        loop.add_reader(fd, ready)
+    timer = loop.call_at(deadline, expire) if deadline is not None else None
+    try:
+        await fut
+    finally:
+        if timer is not None:
+            timer.cancel()
+        if write:
+            loop.remove_writer(fd)
+        else:
+            loop.remove_reader(fd)
+
+
 class AsyncTLS:
     """One session driven by the asyncio loop: every wait is a reader/writer callback."""
 
@@ -232,31 +262,7 @@ class AsyncTLS:
 
     async def wait(self, write: bool, deadline: float | None) -> None:
         """Wait until the socket is readable/writable; TimeoutError at *deadline* (loop time)."""
-        loop = self.loop
-        fut: asyncio.Future[None] = loop.create_future()
-
-        def ready() -> None:
-            if not fut.done():
-                fut.set_result(None)
-
-        def expire() -> None:
-            if not fut.done():
-                fut.set_exception(TimeoutError())
-
-        if write:
-            loop.add_writer(self.fd, ready)
-        else:
-            loop.add_reader(self.fd, ready)
-        timer = loop.call_at(deadline, expire) if deadline is not None else None
-        try:
-            await fut
-        finally:
-            if timer is not None:
-                timer.cancel()
-            if write:
-                loop.remove_writer(self.fd)
-            else:
-                loop.remove_reader(self.fd)
+        await wait_fd(self.loop, self.fd, write, deadline)
 
     async def run(self, op: Callable[[], T], deadline: float | None) -> T:
         while True:

@@ -30,6 +30,7 @@ from mandos_core.tls import (
     allows_x509,
     effective_priority,
     peer_key,
+    wait_fd,
 )
 
 from . import config as configmod
@@ -166,13 +167,12 @@ class KeyServer:
     async def _read_line(self, conn: Conn, deadline: float) -> bytes:
         """The protocol line, read without consuming a byte beyond it (at most 16 bytes)."""
         loop = asyncio.get_running_loop()
-        waiter = AsyncTLS(loop, conn.sock.fileno(), None)  # type: ignore[arg-type]
         buf = b""
         while True:
             try:
                 data = conn.sock.recv(MAX_VERSION_LINE - len(buf))
             except BlockingIOError:
-                await waiter.wait(False, deadline)
+                await wait_fd(loop, conn.sock.fileno(), False, deadline)
                 continue
             if not data:
                 return buf
