@@ -11,6 +11,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import threading
 import time
 import zlib
 from collections.abc import Iterator
@@ -127,6 +128,25 @@ def pump(root: object, condition: object, timeout: float = 60) -> None:
     wait_for(done, timeout, "the window to get there", interval=0.01)
 
 
+class Held:
+    """The window's backend, held at the start of each change until the test lets it go:
+    the window's "working" state is then seen for certain, however fast the change is
+    (a wrong passphrase is refused in milliseconds, faster than one look at the window)."""
+
+    def __init__(self, backend: object) -> None:
+        self.backend = backend
+        self.go = threading.Event()
+
+    def change(self, *args: object) -> object:
+        if not self.go.wait(60):
+            raise TimeoutError("the test never let the change go")
+        self.go.clear()
+        return self.backend.change(*args)  # type: ignore[attr-defined]
+
+    def problem(self) -> str | None:
+        return self.backend.problem()  # type: ignore[attr-defined, no-any-return]
+
+
 def _volumes(tmp_path: Path) -> tuple[Path, Path, Path]:
     image = make_image(tmp_path / "disk.img", "luks2")
     other = make_image(tmp_path / "data.img", "luks1")
@@ -148,7 +168,8 @@ def test_the_window_as_a_person_uses_it(tmp_path: Path, display: str) -> None:
     tool = Tool(StateStore(tmp_path / "state"), certificate=keys.cert_pem)
     root = tk.Tk()
     try:
-        app = App(root, InProcessBackend(tool), volumes)
+        held = Held(InProcessBackend(tool))
+        app = App(root, held, volumes)  # type: ignore[arg-type]
         pump(root, lambda: app.current.winfo_ismapped())
         assert app.volume.get().startswith("root")
         # before anything happens: no progress bar, no strength, no result
@@ -170,6 +191,8 @@ def test_the_window_as_a_person_uses_it(tmp_path: Path, display: str) -> None:
         pump(root, lambda: app.busy)
         root.update_idletasks()
         assert app.progress.winfo_ismapped()  # shown while it works
+        assert app.change_button.instate(["disabled"])  # and asked only once
+        held.go.set()
         pump(root, lambda: not app.busy)
         assert app.result.cget("text") == "✘ The current passphrase is wrong."
         # only the wrong field was cleared, and the cursor is back in it
@@ -180,6 +203,7 @@ def test_the_window_as_a_person_uses_it(tmp_path: Path, display: str) -> None:
         pump(root, lambda: app.current.get() == USER0.decode())
         xdo("key", "Return")
         pump(root, lambda: app.busy)
+        held.go.set()
         pump(root, lambda: not app.busy)
         assert app.result.cget("text") == "✔ " + CHANGED
         assert not any(c.isdigit() for c in app.result.cget("text"))  # no key slot numbers
