@@ -536,6 +536,9 @@ def global_options() -> argparse.ArgumentParser:
     g.add_argument("--statedir", "--state-dir", type=Path, default=None, metavar="DIR",
                    help="mandosd's state directory (default: as mandosd: $STATE_DIRECTORY, "
                    f"else statedir= from mandos.conf, else {configmod.DEFAULT_STATEDIR})")
+    g.add_argument("--state-url", metavar="URL", default=None,
+                   help="a pool's PostgreSQL database (default: state_url= from mandos.conf, "
+                   "else SQLite in the state directory)")
     g.add_argument("--debug", action="store_true", help="verbose logs")
     return g
 
@@ -590,6 +593,8 @@ def main(argv: list[str] | None = None, *, clock: Callable[[], float] = time.tim
             ["--debug"] if common.debug else [])
         if rest[0] == "migrate-state" and common.statedir:
             again += ["--statedir", str(common.statedir)]
+        if common.state_url:
+            again += ["--state-url", common.state_url]
         return pool_cli.main(rest[:1] + again + rest[1:])
     p = parser()
     args = p.parse_args(argv)

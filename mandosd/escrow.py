@@ -19,8 +19,10 @@ acknowledged without a second copy; superseded packets are pruned when the
 quota is reached.  Every decision is one audit entry (:mod:`mandosd.audit`).
 
 Storage: ``STATEDIR/escrow.sqlite`` (0600; directory 0700; WAL; synchronous
-FULL, so an acknowledged packet survives a power cut).  It must never hold
-or log a passphrase: packets are opaque here.
+FULL, so an acknowledged packet survives a power cut) for a single server; in
+a pool, the pool's PostgreSQL (:mod:`mandosd.pgescrow`), so that a machine's
+packets are in one place whichever server it reached.  It must never hold or
+log a passphrase: packets are opaque here.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from mandos_core import escrow_packet
 from mandos_core.escrow_wire import (
@@ -104,6 +106,23 @@ class StoredPacket:
     def ack(self) -> dict[str, Any]:
         return {"ok": True, "volume_uuid": self.volume_uuid, "sha256": self.sha256,
                 "created": self.created, "sequence": self.sequence, "received": self.received}
+
+
+class Store(Protocol):
+    """What an escrow session needs of a store: SQLite's or the pool's."""
+
+    def offer(self, *, key_id: str, client_name: str, upload: Upload, packet: bytes,
+              received: float, decide: Callable[[Usage], EscrowDecision]) -> Offered: ...
+
+    def current(self, key_id: str, volume_uuid: str) -> StoredPacket | None: ...
+
+    def list(self, *, history: bool = False) -> list[StoredPacket]: ...
+
+    def get(self, sequence: int) -> StoredPacket | None: ...
+
+    def find(self, client: str, volume_uuid: str) -> StoredPacket | None: ...
+
+    def close(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -291,11 +310,10 @@ class _Session:
     key_id: str
     peer: str
     lookup: Lookup
-    statedir: Path
     reserve: int
     clock: Callable[[], float]
     name: str | None = None
-    store: EscrowStore | None = None
+    store: Store | None = None
 
     def audit(self, kind: Kind, message: str, *, reason: str | None = None,
               **fields: object) -> None:
@@ -312,15 +330,17 @@ class _Session:
 
 
 async def handle_escrow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
-                        key_id: str, peer: str, lookup: Lookup, statedir: Path,
-                        reserve: int, clock: Callable[[], float] = time.time) -> None:
+                        key_id: str, peer: str, lookup: Lookup,
+                        open_store: Callable[[], Store], reserve: int,
+                        clock: Callable[[], float] = time.time) -> None:
     """Serve one machine's escrow session (after the TLS handshake, *key_id* known).
 
     *lookup* returns the client and its state as they are now (it is called again
     for every packet, so a ``mandos-ctl -d`` takes effect within a session);
-    *reserve* is ``escrow_reserve`` from mandos.conf.
+    *open_store* opens the store (called in a thread, closed at the end: see
+    :func:`mandosd.stores.escrow_opener`); *reserve* is ``escrow_reserve`` from mandos.conf.
     """
-    s = _Session(reader, writer, key_id, peer, lookup, statedir, reserve, clock)
+    s = _Session(reader, writer, key_id, peer, lookup, reserve, clock)
     try:
         client, state = await lookup()
         s.name = client.name if client else None
@@ -328,7 +348,7 @@ async def handle_escrow(reader: asyncio.StreamReader, writer: asyncio.StreamWrit
         if refused is not None:  # as for secrets: nothing on the wire, reason in the audit
             s.refuse_silently(refused)
             return
-        s.store = await asyncio.to_thread(EscrowStore, statedir)
+        s.store = await asyncio.to_thread(open_store)
         await asyncio.wait_for(_session(s), CONNECTION_TIMEOUT)
     except (TimeoutError, asyncio.IncompleteReadError, ConnectionError) as e:
         s.audit(Kind.PROTOCOL_ERROR, f"escrow session with {s.name or key_id} ended: "
@@ -336,9 +356,9 @@ async def handle_escrow(reader: asyncio.StreamReader, writer: asyncio.StreamWrit
     except WireError as e:
         s.audit(Kind.PROTOCOL_ERROR, f"escrow session with {s.name or key_id}: {e}",
                 reason="escrow-protocol")
-    except (StateError, EscrowError) as e:
+    except (StateError, EscrowError) as e:  # the store is away: as for secrets
         s.audit(Kind.ESCROW_FAILED, f"escrow session with {s.name or key_id}: {e}",
-                reason=str(e))
+                reason="state-unavailable")
     finally:
         if s.store is not None:
             await asyncio.to_thread(s.store.close)
@@ -397,7 +417,7 @@ async def _store(s: _Session, req: dict[str, Any], packet: bytes) -> bool:
                 client, state, usage, upload, now, reserve=s.reserve))
     except EscrowError as e:
         s.audit(Kind.ESCROW_FAILED, f"escrow packet from {s.name} not stored: {e}",
-                reason=str(e), luks_uuid=upload.volume_uuid)
+                reason="state-unavailable", luks_uuid=upload.volume_uuid)
         await s.reply({"ok": False, "error": "the server could not store it"})
         return True
     d = got.decision

@@ -4,6 +4,10 @@
     mandos-ctl escrow export CLIENT VOLUME_UUID [-o FILE]     (or --sequence N)
     mandos-ctl escrow secrets PACKET --key ESCROW-KEY.pem
 
+In a pool of key servers (--state-url, or state_url= in mandos.conf) the packets
+are in the pool's PostgreSQL, whichever server received them; otherwise in the
+state directory's escrow.sqlite.
+
 "export" writes the volume_key packet as it was received; the helpdesk reads
 the passphrase with "volume_key --secrets -d NSSDB PACKET" or with
 "secrets" and the escrow private key as a PEM file.  The key server itself
@@ -16,14 +20,17 @@ import argparse
 import datetime
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from mandos_core import escrow_packet
 from mandos_core.cli import oserror_line
 from mandos_core.text import printable
 
-from .escrow import DB_NAME, EscrowError, EscrowStore
+from .escrow import DB_NAME, EscrowError, EscrowStore, Store
+from .state import StateError
+
+Opened = tuple["Store | None", Callable[[], None]]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -64,14 +71,34 @@ def _write_passphrase(raw: bytes) -> None:
           "escaped (\\xNN, \\\\ for a backslash)", file=sys.stderr)
 
 
-def _store(common: argparse.Namespace) -> EscrowStore | None:
+def _pool_store(url: str) -> Opened:
+    """The pool's escrow table (PostgreSQL), and how to close it."""
+    try:
+        from .pgescrow import PostgresEscrowStore
+        from .stores import open_store, server_name
+    except ImportError:
+        raise EscrowError("the pool needs psycopg 3 (Debian: python3-psycopg)") from None
+    try:
+        state = open_store(url, Path("/nonexistent"), name=f"mandos-ctl@{server_name()}")
+    except StateError as e:
+        raise EscrowError(str(e)) from None
+    return PostgresEscrowStore(state), state.close  # type: ignore[arg-type]
+
+
+def _store(common: argparse.Namespace) -> Opened:
     """The escrow store, opened only when it is there: a wrong --statedir says so, and
     creates nothing.  None: the key server's state is there, but no packet came yet."""
+    from . import config as configmod
     from .config import ConfigError
-    from .ctl import statedir_of
+    from .stores import state_url_from
 
     try:
-        statedir = statedir_of(common.configdir, common.statedir)
+        cfg = configmod.load_server_config(
+            configmod.configdir_from(common.configdir) / "mandos.conf")
+        url = state_url_from(common.state_url, cfg)
+        if url:
+            return _pool_store(url)
+        statedir = configmod.statedir_from(common.statedir, cfg)
     except ConfigError as e:
         raise EscrowError(str(e)) from None
     path = statedir / DB_NAME
@@ -79,17 +106,51 @@ def _store(common: argparse.Namespace) -> EscrowStore | None:
         os.stat(path)
     except FileNotFoundError:
         if (statedir / "clients.sqlite").exists():
-            return None  # mandosd's state, and no packet yet
+            return None, lambda: None  # mandosd's state, and no packet yet
         raise EscrowError(f"{statedir}: no key server state here (wrong --statedir?)") from None
     except OSError as e:
         raise EscrowError(oserror_line(e, path)) from None
-    return EscrowStore(statedir)
+    sqlite = EscrowStore(statedir)
+    return sqlite, sqlite.close
+
+
+def _query(store: Store | None, args: argparse.Namespace) -> int:
+    """list / export on an open store (None: a server's state, no packet yet)."""
+    if args.command == "list":
+        rows = store.list(history=args.history) if store else []
+        print(f"{'SEQ':>4}  {'CLIENT':<16} {'VOLUME UUID':<36}  SLOT  RECEIVED"
+              "              HOST")
+        for r in rows:
+            # every field but the numbers and times came from a machine: escaped
+            print(f"{r.sequence:>4}  {printable(r.client_name):<16} "
+                  f"{printable(r.volume_uuid):<36}  "
+                  f"{r.slot if r.slot is not None else '-':>4}  {_when(r.received)}  "
+                  f"{printable(r.host_name)}".rstrip())
+        if not rows:
+            print("mandos-ctl escrow: no packet stored yet", file=sys.stderr)
+        return 0
+    if args.sequence is not None:
+        found = store.get(args.sequence) if store else None
+    elif args.client and args.volume_uuid:
+        found = store.find(args.client, args.volume_uuid) if store else None
+    else:
+        print("mandos-ctl escrow export: give CLIENT VOLUME_UUID or --sequence N",
+              file=sys.stderr)
+        return 2
+    if found is None:
+        print("mandos-ctl escrow: no such packet", file=sys.stderr)
+        return 1
+    if args.output:
+        args.output.write_bytes(found.packet)
+    else:
+        sys.stdout.buffer.write(found.packet)
+    return 0
 
 
 def main(argv: Sequence[str] | None = None, common: argparse.Namespace | None = None) -> int:
     args = _parser().parse_args(argv)
     if common is not None:  # given before "escrow" (mandos-ctl --statedir X escrow list)
-        for key in ("configdir", "statedir"):
+        for key in ("configdir", "statedir", "state_url"):
             if getattr(args, key) is None:
                 setattr(args, key, getattr(common, key))
         args.debug = args.debug or common.debug
@@ -104,36 +165,11 @@ def main(argv: Sequence[str] | None = None, common: argparse.Namespace | None = 
             _write_passphrase(secret.reveal())
             secret.wipe()
             return 0
-        store = _store(args)
-        if args.command == "list":
-            rows = store.list(history=args.history) if store else []
-            print(f"{'SEQ':>4}  {'CLIENT':<16} {'VOLUME UUID':<36}  SLOT  RECEIVED"
-                  "              HOST")
-            for r in rows:
-                # every field but the numbers and times came from a machine: escaped
-                print(f"{r.sequence:>4}  {printable(r.client_name):<16} "
-                      f"{printable(r.volume_uuid):<36}  "
-                      f"{r.slot if r.slot is not None else '-':>4}  {_when(r.received)}  "
-                      f"{printable(r.host_name)}".rstrip())
-            if not rows:
-                print("mandos-ctl escrow: no packet stored yet", file=sys.stderr)
-            return 0
-        if args.sequence is not None:
-            found = store.get(args.sequence) if store else None
-        elif args.client and args.volume_uuid:
-            found = store.find(args.client, args.volume_uuid) if store else None
-        else:
-            print("mandos-ctl escrow export: give CLIENT VOLUME_UUID or --sequence N",
-                  file=sys.stderr)
-            return 2
-        if found is None:
-            print("mandos-ctl escrow: no such packet", file=sys.stderr)
-            return 1
-        if args.output:
-            args.output.write_bytes(found.packet)
-        else:
-            sys.stdout.buffer.write(found.packet)
-        return 0
+        store, close = _store(args)
+        try:
+            return _query(store, args)
+        finally:
+            close()
     except (OSError, EscrowError, escrow_packet.PacketError) as e:
         msg = oserror_line(e) if isinstance(e, OSError) else str(e)
         print(f"mandos-ctl escrow: {msg}", file=sys.stderr)

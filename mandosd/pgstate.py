@@ -42,7 +42,7 @@ from .state import CheckRecord, ClientState, StateError
 
 log = logging.getLogger("mandosd.pgstate")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 #: pg_advisory_xact_lock key: "mandosd schema" (any constant all servers share)
 SCHEMA_LOCK = 0x6D616E646F73
 NOTIFY_CHANNEL = "mandos_clients"
@@ -101,6 +101,26 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
     # clients.conf's values at the last load, so that a value changed there wins over the
     # stored state (mandosd/merge.py), as in SQLite's schema 3
     (2, ("ALTER TABLE clients ADD COLUMN config TEXT",)),
+    # escrow packets, whichever server of the pool received them (mandosd/pgescrow.py)
+    (3, (
+        """CREATE TABLE escrow_packets (
+            sequence BIGSERIAL PRIMARY KEY,
+            key_id TEXT NOT NULL,
+            client_name TEXT NOT NULL,
+            volume_uuid TEXT NOT NULL,
+            created BIGINT NOT NULL,
+            received DOUBLE PRECISION NOT NULL,
+            sha256 TEXT NOT NULL,
+            host_name TEXT NOT NULL,
+            slot INTEGER,
+            packet BYTEA NOT NULL,
+            server TEXT NOT NULL)""",
+        "CREATE INDEX escrow_packets_volume ON escrow_packets (key_id, volume_uuid, sequence)",
+        """CREATE TABLE escrow_uploads (
+            key_id TEXT NOT NULL,
+            received DOUBLE PRECISION NOT NULL)""",
+        "CREATE INDEX escrow_uploads_client ON escrow_uploads (key_id, received)",
+    )),
 )
 
 _COLUMNS = list(ClientState.__dataclass_fields__)
@@ -452,8 +472,14 @@ class PostgresStore:
 
     # -- the pool only ---------------------------------------------------------------
 
-    def import_states(self, states: Iterable[ClientState]) -> int:
-        """Copy client states (from SQLite) into an empty table; returns how many."""
+    def run(self, fn: Callable[[psycopg.Connection[Any]], Any]) -> Any:
+        """*fn* in one transaction on the pool's connection (the escrow store's way in)."""
+        return self._run(fn)
+
+    def import_states(self, states: Iterable[ClientState],
+                      also: Callable[[psycopg.Connection[Any]], Any] | None = None) -> int:
+        """Copy client states (from SQLite) into an empty table, and run *also* in the
+        same transaction (the escrow packets); returns how many clients."""
         rows = [[_db_value(k, getattr(s, k)) for k in _COLUMNS] for s in states]
         cols = ", ".join(_COLUMNS)
         marks = ", ".join(["%s"] * len(_COLUMNS))
@@ -466,6 +492,8 @@ class PostgresStore:
             with conn.cursor() as cur:
                 cur.executemany(f"INSERT INTO clients ({cols}) VALUES ({marks})",  # type: ignore[arg-type]
                                 rows)
+            if also is not None:
+                also(conn)
             return len(rows)
         count: int = self._run(tx)
         return count

@@ -6,8 +6,9 @@
 ``log`` answers "who got what, when, from which server" across the pool (each
 server still writes its own journal too).  ``migrate-state`` copies a single
 server's SQLite state (every client, with its enabled flag, deadline, history,
-``mandos-ctl`` overrides and added clients) into an empty pool database; the
-SQLite file is left as it was.
+``mandos-ctl`` overrides and added clients, and every escrow packet with its
+sequence number) into an empty pool database, all in one transaction; the
+SQLite files are left as they were.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 from mandos_core import log as logsetup
 
 from . import config as configmod
+from .escrow import DB_NAME, EscrowError, EscrowStore, StoredPacket
 from .state import SQLiteStore, StateError
 from .stores import state_url_from
 
@@ -45,6 +47,17 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _escrow_packets(statedir: Path) -> list[StoredPacket]:
+    """Every packet of ``STATEDIR/escrow.sqlite`` (none if no machine escrowed yet)."""
+    if not (statedir / DB_NAME).exists():
+        return []
+    old = EscrowStore(statedir)
+    try:
+        return old.list(history=True)
+    finally:
+        old.close()
+
+
 def _table(rows: Sequence[Sequence[str]]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join(" ".join(f"{c:{w}}" for c, w in zip(r, widths, strict=True)).rstrip()
@@ -62,6 +75,7 @@ def main(argv: Sequence[str]) -> int:
             print("mandos-ctl: no pool configured: give --state-url or state_url= in "
                   f"{configdir / 'mandos.conf'}", file=sys.stderr)
             return 1
+        from .pgescrow import import_packets
         from .pgstate import PostgresStore
 
         store = PostgresStore(url)
@@ -84,13 +98,15 @@ def main(argv: Sequence[str]) -> int:
                 states = old.all()
             finally:
                 old.close()
-            count = store.import_states(states)
-            print(f"mandos-ctl: copied {count} clients from {statedir / 'clients.sqlite'} "
-                  f"into {store.where}")
+            packets = _escrow_packets(statedir)
+            count = store.import_states(states, also=lambda conn: import_packets(
+                conn, store.where, packets))
+            print(f"mandos-ctl: copied {count} clients and {len(packets)} escrow packets "
+                  f"from {statedir} into {store.where}")
             return 0
         finally:
             store.close()
-    except (configmod.ConfigError, StateError) as e:
+    except (configmod.ConfigError, StateError, EscrowError) as e:
         print(f"mandos-ctl: {e}", file=sys.stderr)
         return 1
     except ImportError:

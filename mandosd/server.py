@@ -47,7 +47,7 @@ from .connections import (
     raise_fd_limit,
 )
 from .state import ClientState, StateError, added_client
-from .stores import change_listener, open_store
+from .stores import change_listener, escrow_opener, open_store
 
 log = logging.getLogger("mandosd.server")
 T = TypeVar("T")
@@ -95,6 +95,7 @@ class KeyServer:
         # side.  Admin changes (mandos-ctl) are written with FULL sync.
         self.store = open_store(state_url, statedir, durable=False, name=server_name,
                                 lazy=True)
+        self.open_escrow = escrow_opener(state_url, self.store, statedir)
         #: wakes approval waits when another server or mandos-ctl changes the client
         self.changes = change_listener(state_url) if state_url else Changes(statedir)
         self.config: Config = configmod.load(configdir)
@@ -407,7 +408,7 @@ class KeyServer:
             # known/enabled/timeout, quota, rate and disk reserve: mandosd/escrow_policy.py
             await escrow.handle_escrow(reader, writer, key_id=kid,  # type: ignore[arg-type]
                                        peer=peername, lookup=lambda: self._db(self._lookup, kid),
-                                       statedir=self.statedir,
+                                       open_store=self.open_escrow,
                                        reserve=self.config.server.escrow_reserve,
                                        clock=self.clock)
         finally:

@@ -11,10 +11,13 @@ import asyncio
 import socket
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from .config import ServerConfig
 from .state import SQLiteStore, StateError, StateStore
+
+if TYPE_CHECKING:
+    from .escrow import Store as EscrowStore
 
 
 def state_url_from(arg: str | None, server: ServerConfig) -> str | None:
@@ -46,6 +49,23 @@ def open_store(state_url: str | None, statedir: Path, *, durable: bool = True,
         raise StateError("--state-url needs psycopg 3 (Debian: python3-psycopg; "
                          "pip: mandos-nbde[postgresql])") from None
     return PostgresStore(state_url, server_name=server_name(name), lazy=lazy)
+
+
+def escrow_opener(state_url: str | None, store: StateStore,
+                  statedir: Path) -> Callable[[], EscrowStore]:
+    """How a server opens its escrow store: in a pool, the pool's PostgreSQL on the
+    state store's connection (one for all sessions); else ``STATEDIR/escrow.sqlite``,
+    one connection per session."""
+    if state_url:
+        from .pgescrow import PostgresEscrowStore
+        from .pgstate import PostgresStore
+
+        assert isinstance(store, PostgresStore)
+        shared = PostgresEscrowStore(store)
+        return lambda: shared
+    from .escrow import EscrowStore as SQLiteEscrow
+
+    return lambda: SQLiteEscrow(statedir)
 
 
 class Waiter(Protocol):

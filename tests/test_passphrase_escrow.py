@@ -244,7 +244,8 @@ class EscrowServer:
 
                     await handle_escrow(reader, writer, key_id=kid,  # type: ignore[arg-type]
                                         peer="127.0.0.1", lookup=lookup,
-                                        statedir=self.statedir, reserve=0)
+                                        open_store=lambda: EscrowStore(self.statedir),
+                                        reserve=0)
                 finally:
                     pump.cancel()
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from tests import pglib
+from tests.escrowlib import escrow_tls, make_cert, packet, reply, send_store, store
 from tests.helpers import PASSWORD, Mandosd, fetch, tool, wait_for
 
 REASON_ELSEWHERE = "client is not in this server's clients.conf"
@@ -403,14 +404,34 @@ def test_migrate_state_keeps_every_clients_state(
     old.close()
     assert {s.name for s in before} == {"client1", "added"}
 
+    from mandosd.escrow import EscrowStore
+    from mandosd.pgescrow import PostgresEscrowStore
+
+    old_escrow = EscrowStore(single.statedir, durable=False)
+    cert = make_cert()
+    for host in ("gone", "kept"):  # the first is pruned: sequence numbers have a gap
+        old_escrow.store(key_id="AB" * 32, client_name="added", volume_uuid=str(uuid.uuid4()),
+                         created=int(time.time()), packet=packet(cert, host=host))
+    old_escrow.db.execute("DELETE FROM packets WHERE host_name='gone'")
+    packets_before = old_escrow.list(history=True)
+    old_escrow.close()
+    assert [p.sequence for p in packets_before] == [2]
+
     p = subprocess.run([tool("mandos-ctl"), "migrate-state", "--configdir",
                         str(single.configdir), "--statedir", str(single.statedir),
                         "--state-url", url], capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr
-    assert "copied 2 clients" in p.stdout
+    assert "copied 2 clients and 1 escrow packets" in p.stdout
     pool = PostgresStore(url)
     try:
         assert pool.all() == before  # every field, the overrides and added sections too
+        pool_escrow = PostgresEscrowStore(pool)
+        assert pool_escrow.list(history=True) == packets_before  # the packet, byte for byte
+        # the pool numbers on after the copied packets, never reusing a sequence number
+        later = pool_escrow.store(key_id="AB" * 32, client_name="added",
+                                  volume_uuid=str(uuid.uuid4()), created=int(time.time()),
+                                  packet=packet(cert, host="later"))
+        assert later.sequence == 3
     finally:
         pool.close()
     again = subprocess.run([tool("mandos-ctl"), "migrate-state", "--configdir",
@@ -545,3 +566,86 @@ def test_a_removed_client_stays_refused_after_a_server_restarts(
         assert fetch_all(client_keys, srvs) == [b""] * 2
         assert "client was removed with mandos-ctl --remove" in srvs[1].log()
         assert state(url)["source"] == "removed"
+
+
+# -- escrow packets: the pool's, whichever server received them -------------------------
+
+def test_escrow_packets_land_in_the_pool_whichever_server_got_them(
+        tmp_path: Path, url: str, client_keys: Path, client_section: str) -> None:
+    """A machine escrows through one server and another: every server and every admin
+    host with the URL sees both packets, and the machine's rate limit counts uploads
+    across the pool (each server's own store would let it store three times as much)."""
+    import psycopg
+
+    cert = make_cert()
+    section = client_section + "\nescrow_uploads_per_hour = 2\n"
+    with ExitStack() as stack:
+        srvs = servers(tmp_path, url, [[section]] * 3, stack)
+        v1, v2 = str(uuid.uuid4()), str(uuid.uuid4())
+        first = store(srvs[0].address, client_keys, packet(cert, v1, host="via-srv1"))
+        assert first is not None and first["ok"], srvs[0].log()
+        second = store(srvs[1].address, client_keys, packet(cert, v2, host="via-srv2"))
+        assert second is not None and second["ok"], srvs[1].log()
+        assert second["sequence"] == 2  # one numbering across the pool
+        # a third server answers for what the first one stored
+        with escrow_tls(srvs[2].address, client_keys) as tls:
+            from mandos_core.escrow_wire import frame, json_frame
+
+            tls.sendall(json_frame({"op": "status", "volume_uuid": v1}))
+            answer = reply(tls)
+            assert answer is not None and answer["sha256"] == first["sha256"], srvs[2].log()
+            # the rate: two stored in the last hour, through two other servers
+            send_store(tls, packet(cert, host="third"))
+            refused = reply(tls)
+            assert refused is not None and not refused["ok"], srvs[2].log()
+            assert "escrow_uploads_per_hour" in str(refused["error"])
+            tls.sendall(frame(b""))
+        listed = pool_ctl(srvs[2], url, "escrow", "list")
+        assert listed.returncode == 0, listed.stderr
+        assert "via-srv1" in listed.stdout and "via-srv2" in listed.stdout, listed.stdout
+        exported = tmp_path / "exported"
+        out = pool_ctl(srvs[1], url, "escrow", "export", "client1", v1, "-o", str(exported))
+        assert out.returncode == 0, out.stderr
+        import hashlib
+
+        assert hashlib.sha256(exported.read_bytes()).hexdigest() == first["sha256"]
+        for srv in srvs:
+            assert not (srv.statedir / "escrow.sqlite").exists()
+    with psycopg.connect(url) as conn:
+        rows = conn.execute("SELECT host_name, server FROM escrow_packets ORDER BY sequence"
+                            ).fetchall()
+    assert rows == [("via-srv1", "srv1"), ("via-srv2", "srv2")]
+
+
+def test_escrow_refused_while_the_database_is_away(
+        tmp_path: Path, client_keys: Path, client_section: str) -> None:
+    """No acknowledgement for a packet the pool did not store: with the database
+    stopped, the machine hears "could not store it" (so it keeps its old backup slot),
+    and the audit says why."""
+    why = pglib.available()
+    if why:
+        pytest.skip(why)
+    cert = make_cert()
+    own = pglib.Postgres().start()
+    try:
+        url = own.create_database("escrowdown")
+        with ExitStack() as stack:
+            srv = servers(tmp_path, url, [[client_section]], stack)[0]
+            with escrow_tls(srv.address, client_keys) as tls:  # admitted while it is up
+                own.stop()
+                send_store(tls, packet(cert))
+                answer = reply(tls)
+            # no acknowledgement: the session ends (the machine keeps its old slot)
+            assert answer is None or answer == {"ok": False,
+                                                "error": "the server could not store it"}
+            failed = [x for x in srv.log().splitlines() if "MANDOS_OUTCOME=escrow-failed" in x]
+            assert failed and all("MANDOS_REASON=state-unavailable" in x for x in failed), \
+                srv.log()
+            assert "MANDOS_OUTCOME=escrow-stored" not in srv.log()
+            assert srv.proc is not None and srv.proc.poll() is None
+            own.start()
+            got = wait_for(lambda: store(srv.address, client_keys, packet(cert)), 60,
+                           "the server to store again", interval=0.2)
+            assert got["ok"], srv.log()
+    finally:
+        own.destroy()
