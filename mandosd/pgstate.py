@@ -145,6 +145,36 @@ def describe(url: str) -> str:
     return f"PostgreSQL {info.get('dbname') or '(default database)'} on {where}{port}"
 
 
+def check_passfile(url: str) -> None:
+    """A password file the URL names (or $PGPASSFILE) must be readable by its owner only.
+
+    libpq ignores such a file with a warning on standard error that a service's
+    journal may never show, and the server would then fail to log in with
+    "password authentication failed": say what is wrong instead, at start.
+    """
+    import os
+    import stat
+
+    try:
+        info = psycopg.conninfo.conninfo_to_dict(url)
+    except psycopg.ProgrammingError as e:
+        raise StateError(f"the state URL is not a PostgreSQL connection string: "
+                         f"{_first_line(e)}") from None
+    path = info.get("passfile") or os.environ.get("PGPASSFILE")
+    if not path:
+        return
+    try:
+        st = os.stat(str(path))
+    except FileNotFoundError:
+        raise StateError(f"{path}: the database password file does not exist") from None
+    except OSError as e:
+        raise StateError(f"{path}: {e.strerror}") from None
+    if st.st_mode & 0o077:
+        raise StateError(f"{path}: the database password file is readable by others "
+                         f"(mode {stat.S_IMODE(st.st_mode):04o}); make it 0600 "
+                         f"(chmod 600 {path}): PostgreSQL ignores it otherwise")
+
+
 def connect_args(url: str, timeout: float, name: str) -> dict[str, Any]:
     """libpq parameters: the URL's, plus bounds on a database that stops answering.
 
@@ -209,6 +239,7 @@ class PostgresStore:
         self._backoff = 0.0
         self._next_try = 0.0
         self._unreachable = False
+        check_passfile(url)  # a mistake in the setup: said at start, never "lazy"
         try:
             self._connect()
         except StateError as e:

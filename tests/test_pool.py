@@ -649,3 +649,26 @@ def test_escrow_refused_while_the_database_is_away(
             assert got["ok"], srv.log()
     finally:
         own.destroy()
+
+
+def test_a_password_file_others_can_read_is_said_at_start(
+        tmp_path: Path, url: str, client_section: str) -> None:
+    """libpq skips a group/world-readable password file with a warning a service's journal
+    may never show, and the login then fails as if the password were wrong: say so."""
+    passfile = tmp_path / "pgpass"
+    passfile.write_text("*:*:*:*:not-used-by-trust-auth\n")
+    passfile.chmod(0o644)
+    sep = "&" if "?" in url else "?"
+    with_file = f"{url}{sep}passfile={passfile}"
+    srv = Mandosd(tmp_path / "srv", sections=[client_section],
+                  extra_args=["--state-url", with_file])
+    p = subprocess.run(srv.argv(), capture_output=True, text=True, timeout=60)
+    assert p.returncode != 0
+    assert f"{passfile}: the database password file is readable by others (mode 0644)" \
+        in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr
+    ctl_p = pool_ctl(srv, with_file, "--disable", "client1")
+    assert ctl_p.returncode == 1 and "readable by others" in ctl_p.stderr, ctl_p.stderr
+    passfile.chmod(0o600)
+    ctl_p = pool_ctl(srv, with_file, "--disable", "client1")
+    assert ctl_p.returncode == 0, ctl_p.stderr
