@@ -6,7 +6,7 @@ QEMU (TCG) with systemd as PID 1 and no network but one forwarded port.  From
 the host, through the test runner on the second serial port, it shows:
 
 1. ``dpkg -i`` enables and starts mandosd.socket and mandosd-checker.timer the
-   Debian way, creates the _mandos user and the default /etc/mandos;
+   Debian way, creates the _mandos-checker user and the default /etc/mandos;
 2. the first connection (our mandos-client on the host, through QEMU's
    hostfwd) starts mandosd.service, which serves the secret; the service
    exits when idle and the next connection starts it again;
@@ -125,7 +125,7 @@ def test_server_package_under_systemd(booted: Booted) -> None:
         assert g.run("systemctl", "is-enabled", unit).out.strip() == "enabled", unit
         assert g.run("systemctl", "is-active", unit).out.strip() == "active", unit
     assert g.run("systemctl", "is-active", "mandosd.service").out.strip() == "inactive"
-    assert g.run("getent", "passwd", "_mandos").rc == 0
+    assert g.run("getent", "passwd", "_mandos-checker").rc == 0  # checkers run as it
     assert g.sh("stat -c '%a %U' /etc/mandos/clients.conf").check().out.split() == ["600", "root"]
     listen = g.run("systemctl", "show", "-p", "Listen", "mandosd.socket").check().out
     assert "0.0.0.0:9439 (Stream)" in listen and "[::]:9439 (Stream)" in listen
@@ -259,7 +259,7 @@ def test_purge_leaves_nothing(booted: Booted) -> None:
                 "/usr/lib/sysusers.d/mandos-nbde* /var/lib/mandosd /usr/bin/mandosd "
                 "/usr/bin/mandos-ctl /etc/default/mandosd 2>/dev/null").out
     assert left == "", f"left behind:\n{left}"
-    assert g.run("getent", "passwd", "_mandos").rc == 2
+    assert g.run("getent", "passwd", "_mandos-checker").rc == 2
     assert g.run("systemctl", "is-active", "mandosd.socket").out.strip() != "active"
     units = g.run("systemctl", "list-units", "--all", "--plain", "--no-legend", "mandosd*").out
     assert all("not-found" in line for line in units.splitlines()), units
