@@ -22,7 +22,7 @@ from mandos_core.secret import Secret
 
 from . import dialogue, pkexec
 from .backend import open_volume
-from .flows import FlowError, Outcome, Refused, Tool
+from .flows import FlowError, Outcome, RecoveryNotConfirmed, Refused, Tool
 from .libcryptsetup import LuksError, NotLuks, WrongPassphrase
 from .messages import plain
 from .prompt import InputError, Interrupted, Mismatch, Prompter
@@ -37,6 +37,7 @@ EXIT_USAGE = 2
 EXIT_WRONG_PASSPHRASE = 3
 EXIT_REFUSED = 4
 EXIT_NOT_CONFIRMED = 5
+EXIT_RECOVERY = 6
 EXIT_INTERRUPTED = 130
 
 DESCRIPTION = """\
@@ -78,13 +79,16 @@ safety:
 
 pkexec:
   Started through pkexec (the GUI's polkit action), the tool accepts only
-  "change VOLUME", VOLUME from /etc/crypttab or an active dm-crypt mapping,
-  no option; the state directory must be root's alone (mode 0700).
+  "change [--recovery] VOLUME", VOLUME from /etc/crypttab or an active
+  dm-crypt mapping, no other option; the state directory must be root's
+  alone (mode 0700).
 
 exit status:
   {EXIT_OK} success, {EXIT_ERROR} error, {EXIT_USAGE} usage,
   {EXIT_WRONG_PASSPHRASE} wrong passphrase, {EXIT_REFUSED} refused (nothing changed),
   {EXIT_NOT_CONFIRMED} sync: a packet was not confirmed by any escrow server,
+  {EXIT_RECOVERY} change: the backup passphrase was given without --recovery and
+    without a terminal to confirm the recovery on (nothing changed),
   {EXIT_INTERRUPTED} interrupted (Ctrl-C).
 
 files:
@@ -111,7 +115,8 @@ Prompt for the current passphrase of VOLUME and learn which key slot it opens.
 On a terminal: three tries for the current passphrase; the new one is checked
 (length, strength) before it is asked again; a recovery is said and confirmed
 first.  Without a terminal, reads the current passphrase, then the new one
-twice, one per line from stdin.""",
+twice, one per line from stdin, and refuses a recovery (exit status 6,
+nothing changed) unless --recovery confirms it in advance.""",
     "resume": """\
 Finish or roll back an operation a previous run left unfinished (any command
 does this first).  If a new backup passphrase still has to be made, asks for
@@ -151,7 +156,7 @@ class _Parser(argparse.ArgumentParser):
         restricted = pkexec.started_by_pkexec(os.environ, os.getuid(), os.geteuid())
         if restricted:
             try:
-                argv = ["change", pkexec.allowed_volume(argv)]
+                argv = pkexec.allowed_change(argv)
             except pkexec.NotAllowed as e:
                 self.exit(EXIT_USAGE, f"luks-passphrase: {e}\n")
         ns = super().parse_args(argv, namespace)
@@ -213,6 +218,10 @@ def _parser() -> argparse.ArgumentParser:
 
     c = command("change", "change your passphrase, or recover with the backup one")
     c.add_argument("volume", nargs="?", metavar="VOLUME", help=_VOLUME_HELP)
+    c.add_argument("--recovery", action="store_true",
+                   help="confirm in advance that the current passphrase may be the backup "
+                   "one, and a recovery may run (on a terminal the question is then not "
+                   "asked; the warning is still shown)")
     r = command("resume", "finish an interrupted operation")
     r.add_argument("volume", nargs="?", metavar="VOLUME", help=_VOLUME_HELP)
     s = command("status", "volumes, key slots, backup slots, queue")
@@ -289,14 +298,16 @@ _NO_VOLUMES = ("no encrypted volumes in {crypttab} or among the active dm-crypt 
 def cmd_change(ctx: Context) -> Outcome:
     vol = ctx.volume(ctx.args.volume)
     p = ctx.prompter
+    recovery = bool(ctx.args.recovery)
     if not p.interactive:  # scripted: three lines, the flow checks them
         current = p.ask(f"Current passphrase for {vol}: ")
         get_new: Callable[[], Secret] = p.ask_new
-    else:
+    else:  # a recovery is said and confirmed on the terminal
         current, role = dialogue.ask_current(p, ctx.store, vol)
-        get_new = dialogue.new_passphrase(p, role, current)
+        get_new = dialogue.new_passphrase(p, role, current, confirmed=recovery)
+        recovery = True
     try:
-        out = ctx.tool.change(vol.device, current, get_new)
+        out = ctx.tool.change(vol.device, current, get_new, recovery=recovery)
     finally:
         current.wipe()
     return Outcome(out.kind, plain(out), out.header_backup)
@@ -519,6 +530,8 @@ def main(argv: Sequence[str] | None = None, prompter: Prompter | None = None) ->
         outcome = COMMANDS[args.command](ctx)
     except WrongPassphrase as e:
         return _fail(args, e, EXIT_WRONG_PASSPHRASE)
+    except RecoveryNotConfirmed as e:
+        return _fail(args, e, EXIT_RECOVERY)
     except (Refused, Mismatch) as e:
         return _fail(args, e, EXIT_REFUSED)
     except _NotConfirmed as e:

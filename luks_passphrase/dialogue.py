@@ -67,12 +67,14 @@ def role(store: StateStore, vol: Volume, current: Secret) -> str:
     return "user"
 
 
-def new_passphrase(p: Prompter, what: str, current: Secret) -> Callable[[], Secret]:
-    """What the flow calls for the new passphrase, once it knows the current one's role."""
+def new_passphrase(p: Prompter, what: str, current: Secret, *,
+                   confirmed: bool = False) -> Callable[[], Secret]:
+    """What the flow calls for the new passphrase, once it knows the current one's role
+    (*confirmed*: ``--recovery`` said yes to a recovery in advance)."""
     def ask() -> Secret:
         if what == "backup":
             p.say(RECOVERY_WARNING)
-            if not p.confirm("Go on with the recovery?"):
+            if not confirmed and not p.confirm("Go on with the recovery?"):
                 raise Refused("recovery cancelled; nothing was changed")
         return p.ask_new("New passphrase", check=lambda new: problem(new, current),
                          strength=strength)

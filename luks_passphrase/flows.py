@@ -63,6 +63,15 @@ class Refused(Exception):
     """The operation is not allowed (nothing was changed)."""
 
 
+RECOVERY_NOT_CONFIRMED = ("this is the disk's backup passphrase, so this would be a recovery "
+                          "(every other passphrase of the disk removed); nothing was changed: "
+                          "confirm it with --recovery, or run the command on a terminal")
+
+
+class RecoveryNotConfirmed(Refused):
+    """The current passphrase is the backup one, and nobody confirmed a recovery."""
+
+
 class FlowError(Exception):
     """The operation could not be done."""
 
@@ -145,8 +154,13 @@ class Tool:
 
     # -- the commands --------------------------------------------------------
 
-    def change(self, path: str, current: Secret, get_new: Callable[[], Secret]) -> Outcome:
-        """``luks-passphrase change``: a normal change, or recovery when *current* is the backup."""
+    def change(self, path: str, current: Secret, get_new: Callable[[], Secret], *,
+               recovery: bool = True) -> Outcome:
+        """``luks-passphrase change``: a normal change, or recovery when *current* is the backup.
+
+        *recovery* false: a backup passphrase is refused (:class:`RecoveryNotConfirmed`,
+        nothing changed) instead of starting a recovery nobody confirmed.
+        """
         with open_volume(path) as vol:
             uuid = vol.uuid
             with self.store.locked(uuid):
@@ -167,6 +181,8 @@ class Tool:
                                    "passphrase.")
                 if resumed:
                     self.progress(resumed)
+                if role == "backup" and not recovery:
+                    raise RecoveryNotConfirmed(RECOVERY_NOT_CONFIRMED)
                 if role == "backup" and self.certificate is None:
                     raise Refused("this is the backup passphrase, but no escrow certificate is "
                                   "configured, so no new backup passphrase could be escrowed; "

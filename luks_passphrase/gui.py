@@ -5,7 +5,10 @@ a strength hint, press Change (or Return), read the result in plain words.
 Nothing moves before the person asks for something: the progress bar shows
 only while a change runs, the strength only once something is typed, and a
 missing pkexec is said as the window opens.  A wrong current passphrase
-clears that field alone.
+clears that field alone.  The disk's backup passphrase typed as the current one
+means a recovery (every other passphrase of the disk removed): nothing is
+changed until the person has read that and pressed "Recover" in a dialog of
+its own (Cancel is the default, and Escape).
 
 Tk's ``send`` (any client of the X display may run Tcl in a Tk program
 through it) is removed before the window is shown: this window may run as
@@ -34,9 +37,9 @@ from tkinter import ttk
 from mandos_core.log import event
 from mandos_core.secret import Secret
 
-from .flows import MIN_PASSPHRASE, Refused, Tool, strength_hint
+from .flows import MIN_PASSPHRASE, RecoveryNotConfirmed, Refused, Tool, strength_hint
 from .libcryptsetup import LuksError, WrongPassphrase
-from .messages import plain
+from .messages import RECOVERY_WARNING, plain
 from .volumes import Volume
 
 log = logging.getLogger("luks_passphrase.gui")
@@ -52,6 +55,12 @@ class Result:
     ok: bool
     message: str
     wrong_current: bool = False
+    #: the current passphrase is the backup one: a recovery, to be confirmed first
+    recovery: bool = False
+
+
+#: the exit status of ``luks-passphrase change`` for a recovery not confirmed
+EXIT_RECOVERY = 6
 
 
 Progress = Callable[[str], None]
@@ -63,16 +72,19 @@ class InProcessBackend:
     def __init__(self, tool: Tool) -> None:
         self.tool = tool
 
-    def change(self, device: str, current: Secret, new: Secret, progress: Progress) -> Result:
+    def change(self, device: str, current: Secret, new: Secret, progress: Progress, *,
+               recovery: bool = False) -> Result:
         from .flows import FlowError
         from .prompt import InputError
         from .state import StateError
 
         self.tool.progress = progress
         try:
-            out = self.tool.change(device, current, lambda: new)
+            out = self.tool.change(device, current, lambda: new, recovery=recovery)
         except WrongPassphrase:
             return Result(False, WRONG, wrong_current=True)
+        except RecoveryNotConfirmed:
+            return Result(False, RECOVERY_WARNING, recovery=True)
         except (Refused, FlowError, LuksError, StateError, InputError) as e:
             return Result(False, str(e))
         return Result(True, plain(out))
@@ -97,14 +109,16 @@ class PkexecBackend:
                     "luks-passphrase change as root.")
         return None
 
-    def change(self, device: str, current: Secret, new: Secret, progress: Progress) -> Result:
+    def change(self, device: str, current: Secret, new: Secret, progress: Progress, *,
+               recovery: bool = False) -> Result:
         problem = self.problem()
         if problem is not None:
             return Result(False, problem)
         progress("Asking for authorisation…")
         data = current.prefixed(b"") + b"\n" + new.prefixed(b"") + b"\n" + new.prefixed(b"") + b"\n"
         try:
-            proc = subprocess.run(["pkexec", self.cli, *self.extra, "change", device],
+            proc = subprocess.run(["pkexec", self.cli, *self.extra, "change",
+                                   *(["--recovery"] if recovery else []), device],
                                   input=bytes(data), capture_output=True, timeout=600)
         finally:
             for i in range(len(data)):
@@ -113,6 +127,8 @@ class PkexecBackend:
             return Result(False, "Not authorised.")
         if proc.returncode == 3:
             return Result(False, WRONG, wrong_current=True)
+        if proc.returncode == EXIT_RECOVERY:
+            return Result(False, RECOVERY_WARNING, recovery=True)
         if proc.returncode == 0:
             return Result(True, proc.stdout.decode(errors="replace").strip())
         errors = [ln.removeprefix("luks-passphrase: ")
@@ -131,6 +147,8 @@ class App:
         self.volumes = volumes
         self.events: queue.Queue[tuple[str, object]] = queue.Queue()
         self.busy = False
+        #: the recovery question, while it is open
+        self.dialog: tk.Toplevel | None = None
         disable_send(root)
         root.title("Change disk passphrase")
         root.resizable(False, False)
@@ -201,8 +219,10 @@ class App:
         self._show(Result(False, message))
         field.focus_set()
 
-    def start(self) -> None:
-        if self.busy or self.change_button.instate(["disabled"]):
+    def start(self, recovery: bool = False) -> None:
+        """Change (Return): check the fields, then run the change off the Tk thread.
+        *recovery*: the person confirmed the recovery in :meth:`ask_recovery`."""
+        if self.busy or self.change_button.instate(["disabled"]) or self.dialog is not None:
             return
         device = self._device()
         if not device:
@@ -229,7 +249,8 @@ class App:
         def work() -> None:
             try:
                 res = self.backend.change(device, current, new,
-                                          lambda m: self.events.put(("progress", m)))
+                                          lambda m: self.events.put(("progress", m)),
+                                          recovery=recovery)
             except Exception as e:  # noqa: BLE001 - shown to the user, never a traceback
                 res = Result(False, f"Unexpected error: {e}")
             finally:
@@ -269,9 +290,47 @@ class App:
         elif res.wrong_current:  # only that field: the new passphrase was fine
             self.current.delete(0, "end")
             self.current.focus_set()
+        elif res.recovery:  # nothing changed yet: ask, and run again only on "Recover"
+            event(log, logging.INFO, "window: the backup passphrase was typed; asking "
+                  "before a recovery", LUKS_PATH=self._device())
+            self.ask_recovery()
+            return
         self._show(res)
         event(log, logging.INFO, f"window: {res.message}",
               LUKS_PATH=self._device())
+
+    def ask_recovery(self) -> None:
+        """The recovery question, in a dialog of its own: Cancel is the default."""
+        d = self.dialog = tk.Toplevel(self.root)
+        d.title("Recovery")
+        d.transient(self.root)
+        d.resizable(False, False)
+        frm = ttk.Frame(d, padding=14)
+        frm.grid(sticky="nsew")
+        ttk.Label(frm, text=RECOVERY_WARNING, wraplength=420, justify="left").grid(
+            row=0, column=0, columnspan=2, sticky="w", pady=(0, 12))
+        self.cancel_recovery = ttk.Button(frm, text="Cancel", default="active",
+                                          command=lambda: self._recovery_answer(False))
+        self.cancel_recovery.grid(row=1, column=0, sticky="e", padx=4)
+        self.confirm_recovery = ttk.Button(frm, text="Recover",
+                                           command=lambda: self._recovery_answer(True))
+        self.confirm_recovery.grid(row=1, column=1, sticky="e")
+        for key in ("<Return>", "<KP_Enter>"):  # the focused button, as a person expects
+            d.bind(key, lambda e: e.widget.invoke() if isinstance(e.widget, ttk.Button)
+                   else None)
+        d.bind("<Escape>", lambda _e: self._recovery_answer(False))
+        d.protocol("WM_DELETE_WINDOW", lambda: self._recovery_answer(False))
+        self.cancel_recovery.focus_set()
+
+    def _recovery_answer(self, recover: bool) -> None:
+        if self.dialog is not None:
+            self.dialog.destroy()
+            self.dialog = None
+        if recover:
+            self.start(recovery=True)
+            return
+        self._show(Result(False, "Recovery cancelled; nothing was changed."))
+        self.current.focus_set()
 
     def _show(self, res: Result) -> None:
         self.result.configure(text=("✔ " if res.ok else "✘ ") + res.message,

@@ -2,7 +2,8 @@
 
 The polkit action (``org.mandos-nbde.luks-passphrase.change``) makes this one
 program root for a user who may change disk passphrases; the program itself
-must then narrow that to the one thing the action is for: ``change VOLUME``,
+must then narrow that to the one thing the action is for: ``change VOLUME``
+(``--recovery`` alone may come before VOLUME: it confirms a recovery, the window's question),
 with the passphrase the user knows, on a volume the machine lists
 (``/etc/crypttab`` or an active dm-crypt mapping), with the default state
 directory, which must be root's alone.  No option (every one names a path or
@@ -20,7 +21,7 @@ from collections.abc import Mapping, Sequence
 
 #: pkexec sets it to the calling user's uid (and clears the rest of the environment).
 PKEXEC_UID = "PKEXEC_UID"
-ONLY = "only `change VOLUME` is allowed through pkexec"
+ONLY = "only `change [--recovery] VOLUME` is allowed through pkexec"
 
 
 class NotAllowed(Exception):
@@ -35,6 +36,19 @@ def started_by_pkexec(environ: Mapping[str, str], uid: int, euid: int) -> bool:
 def shown(arg: str) -> str:
     """*arg* as it may appear in a message: non-printable characters escaped."""
     return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in arg)[:200]
+
+
+def allowed_change(argv: Sequence[str]) -> list[str]:
+    """``change [--recovery] VOLUME`` as it may run; anything else raises :class:`NotAllowed`.
+
+    ``--recovery`` names no path and widens nothing: it says yes in advance to the
+    question a terminal would ask (the window asks it in its own dialog).
+    """
+    args = list(argv)
+    recovery = args[1:2] == ["--recovery"]
+    if recovery:
+        del args[1]
+    return ["change", *(["--recovery"] if recovery else []), allowed_volume(args)]
 
 
 def allowed_volume(argv: Sequence[str]) -> str:

@@ -114,6 +114,29 @@ def test_exit_codes(tmp_path: Path, keys: EscrowKeys) -> None:
     assert active_slots(image) == [0, 1]
 
 
+def test_a_scripted_recovery_must_be_confirmed(tmp_path: Path, keys: EscrowKeys) -> None:
+    """The backup passphrase on standard input (a script, or the window through pkexec)
+    removes every other passphrase of the disk only with --recovery; without it, exit 6
+    and the disk as it was."""
+    from tests.lukslib import setup_volume
+
+    image, store = setup_volume(tmp_path / "v", "luks2", keys, extra_user=True)
+    common = ["--state-dir", str(store.dir), "--certificate", str(keys.cert)]
+    before = active_slots(image)
+    lines = BACKUP0 + b"\n" + USER1 + b"\n" + USER1 + b"\n"
+    refused = cli(*common, "change", str(image), stdin=lines)
+    assert refused.returncode == 6, refused.stderr
+    assert refused.stderr.decode().strip().endswith(
+        "confirm it with --recovery, or run the command on a terminal")
+    assert active_slots(image) == before and opens(image, USER0) and not opens(image, USER1)
+    done = cli(*common, "change", "--recovery", str(image), stdin=lines)
+    assert done.returncode == 0, done.stderr
+    assert opens(image, USER1) and not opens(image, USER0)
+    # --recovery confirms a recovery; it is no way around a wrong passphrase
+    wrong = cli(*common, "change", "--recovery", str(image), stdin=b"not it\n")
+    assert wrong.returncode == 3
+
+
 def test_no_secret_outside_the_escrow_packet(tmp_path: Path, keys: EscrowKeys) -> None:
     """--debug output, state files, and modes: no passphrase anywhere in clear."""
     from luks_passphrase.state import StateStore
@@ -131,7 +154,7 @@ def test_no_secret_outside_the_escrow_packet(tmp_path: Path, keys: EscrowKeys) -
     outputs = [cli(*common, "import", str(pkt), "--volume", str(image))]
     outputs.append(cli(*common, "change", str(image),
                        stdin=USER0 + b"\n" + USER1 + b"\n" + USER1 + b"\n"))
-    outputs.append(cli(*common, "change", str(image),
+    outputs.append(cli(*common, "change", "--recovery", str(image),
                        stdin=BACKUP0 + b"\nsecond new passphrase\nsecond new passphrase\n"))
     assert all(p.returncode == 0 for p in outputs), [p.stderr for p in outputs]
     st = StateStore(state).load(luks_uuid(image))

@@ -357,7 +357,7 @@ def test_sigkill_at_every_step_of_the_cli(tmp_path: Path, kind: str, keys: Escro
     for i, point in enumerate(SIGKILL_POINTS):
         image, store = setup_volume(tmp_path / f"k{i}", kind, keys, extra_user=True)
         proc = crash_cli(point, "--state-dir", str(store.dir), "--certificate", str(keys.cert),
-                         "change", str(image),
+                         "change", "--recovery", str(image),
                          stdin=BACKUP0 + b"\n" + USER1 + b"\n" + USER1 + b"\n")
         assert proc.returncode == -9, (point, proc.returncode, proc.stderr)
         uuid = luks_uuid(image)
@@ -371,7 +371,7 @@ def test_sigkill_at_every_step_of_the_cli(tmp_path: Path, kind: str, keys: Escro
         assert st.journal is None and not st.backup_needed
         if not opens(image, USER1):
             proc = cli("--state-dir", str(store.dir), "--certificate", str(keys.cert), "change",
-                       str(image), stdin=BACKUP0 + b"\n" + USER1 + b"\n" + USER1 + b"\n")
+                       "--recovery", str(image), stdin=BACKUP0 + b"\n" + USER1 + b"\n" + USER1 + b"\n")
             assert proc.returncode == 0, proc.stderr
         st = store.load(uuid)
         assert opens(image, USER1) and opens(image, BACKUP0, 1) and st.pending_backup is not None

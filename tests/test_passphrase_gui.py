@@ -137,11 +137,11 @@ class Held:
         self.backend = backend
         self.go = threading.Event()
 
-    def change(self, *args: object) -> object:
+    def change(self, *args: object, **kw: object) -> object:
         if not self.go.wait(60):
             raise TimeoutError("the test never let the change go")
         self.go.clear()
-        return self.backend.change(*args)  # type: ignore[attr-defined]
+        return self.backend.change(*args, **kw)  # type: ignore[attr-defined]
 
     def problem(self) -> str | None:
         return self.backend.problem()  # type: ignore[attr-defined, no-any-return]
@@ -213,6 +213,58 @@ def test_the_window_as_a_person_uses_it(tmp_path: Path, display: str) -> None:
         root.destroy()
     assert opens(image, NEW.encode()) and not opens(image, USER0)
     assert opens(other, USER0)
+
+
+def test_a_recovery_is_asked_before_anything_changes(tmp_path: Path, display: str) -> None:
+    """The backup passphrase typed as the current one: a dialog says what a recovery
+    does, Cancel (the default, Escape) leaves the disk as it was, Recover runs it."""
+    import tkinter as tk
+
+    from luks_passphrase.gui import App, InProcessBackend
+    from tests.lukslib import BACKUP0, setup_volume
+
+    keys = make_escrow_keys(tmp_path / "escrow")
+    image, store = setup_volume(tmp_path / "v", "luks2", keys, extra_user=True)
+    crypttab = tmp_path / "crypttab"
+    crypttab.write_text(f"root {image} none luks\n")
+    tool = Tool(store, certificate=keys.cert_pem)
+    root = tk.Tk()
+    try:
+        app = App(root, InProcessBackend(tool), list_volumes(crypttab, Path(os.devnull)))
+        pump(root, lambda: app.current.winfo_ismapped())
+        main = find_window()
+        xdo("windowfocus", "--sync", main)
+        pump(root, lambda: root.focus_get() is app.current)
+        for field, text in ((app.current, BACKUP0.decode()), (app.new, NEW), (app.repeat, NEW)):
+            if field is not app.current:
+                xdo("key", "Tab")
+            xdo("type", "--delay", "5", text)
+            pump(root, lambda f=field, t=text: f.get() == t)  # type: ignore[misc]
+        xdo("key", "Return")
+        pump(root, lambda: app.dialog is not None and app.dialog.winfo_ismapped())
+        assert opens(image, USER0) and not opens(image, NEW.encode())  # nothing yet
+        dialog = xdo("search", "--sync", "--limit", "1", "--name", "^Recovery$").split()[0]
+        xdo("windowfocus", "--sync", dialog)
+        xdo("key", "Return")  # on Cancel, the default
+        pump(root, lambda: app.dialog is None)
+        assert app.result.cget("text") == "✘ Recovery cancelled; nothing was changed."
+        assert opens(image, USER0) and not opens(image, NEW.encode())
+
+        xdo("windowfocus", "--sync", main)
+        xdo("key", "Return")
+        pump(root, lambda: app.dialog is not None and app.dialog.winfo_ismapped())
+        dialog = xdo("search", "--sync", "--limit", "1", "--name", "^Recovery$").split()[0]
+        xdo("windowfocus", "--sync", dialog)
+        pump(root, lambda: root.focus_get() is app.cancel_recovery)
+        xdo("key", "Tab")
+        pump(root, lambda: root.focus_get() is app.confirm_recovery)
+        xdo("key", "Return")
+        pump(root, lambda: app.dialog is None and app.busy)
+        pump(root, lambda: not app.busy)
+        assert app.result.cget("text").startswith("✔ "), app.result.cget("text")
+    finally:
+        root.destroy()
+    assert opens(image, NEW.encode()) and not opens(image, USER0)
 
 
 def test_a_missing_pkexec_is_said_when_the_window_opens(tmp_path: Path, display: str,
@@ -389,4 +441,23 @@ def test_pkexec_backend_hands_passphrases_on_stdin(tmp_path: Path) -> None:
         os.environ["PATH"] = old_path
     assert res.ok, res.message
     assert res.message == CHANGED and seen
+    # the backup passphrase: asked first, not run (the stand-in pkexec passes no --recovery)
+    from tests.lukslib import BACKUP0, setup_volume
+    from tests.lukslib import make_escrow_keys as escrow_keys
+
+    keys = escrow_keys(tmp_path / "escrow")
+    disk, store = setup_volume(tmp_path / "v", "luks2", keys)
+    os.environ["PATH"] = f"{bindir}:{old_path}"
+    try:
+        backend = PkexecBackend(str(wrapper), ["--state-dir", str(store.dir),
+                                               "--certificate", str(keys.cert)])
+        asked = backend.change(str(disk), Secret(BACKUP0), Secret(NEW.encode()), seen.append)
+        assert not asked.ok and asked.recovery, asked
+        assert opens(disk, USER0)
+        done = backend.change(str(disk), Secret(BACKUP0), Secret(NEW.encode()), seen.append,
+                              recovery=True)
+    finally:
+        os.environ["PATH"] = old_path
+    assert done.ok, done.message
+    assert opens(disk, NEW.encode()) and not opens(disk, USER0)
     assert opens(image, NEW.encode()) and not opens(image, USER0)

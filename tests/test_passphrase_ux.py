@@ -422,4 +422,4 @@ def test_pkexec_still_accepts_only_change_volume(tmp_path: Path) -> None:
                  ["change", "--debug", str(image)], ["--version"], ["status", "--statedir", "x"]):
         proc = cli(*args, env={"PKEXEC_UID": "65534"})
         assert proc.returncode == 2, args
-        assert proc.stderr.decode().count("\n") == 1 and b"only `change VOLUME`" in proc.stderr
+        assert proc.stderr.decode().count("\n") == 1 and b"only `change [--recovery] VOLUME`" in proc.stderr

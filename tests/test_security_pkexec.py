@@ -213,6 +213,9 @@ def test_crafted_journal_in_attacker_state_dir_is_refused(polkit: Polkit, tmp_pa
     ["--keep-header-backups", "change", "{image}"],
     ["change", "{image}", "--state-dir", "{x}"],
     ["change", "{image}", "{image}"],
+    ["change", "{image}", "--recovery"],  # only right after "change"
+    ["change", "--recovery", "--recovery", "{image}"],
+    ["change", "--recovery"],
     ["change"],
     ["--help"],
 ], ids=lambda a: " ".join(a))
