@@ -311,6 +311,78 @@ def test_database_stopped_mid_herd(tmp_path: Path, pg: pglib.Postgres, url: str,
         wait_for(caught_up, 120, "the audit table to hold every decision", interval=0.2)
 
 
+def test_a_request_waiting_for_approval_when_the_database_goes_away(
+        tmp_path: Path, pg: pglib.Postgres, url: str) -> None:
+    """Refused and audited, whether the database goes away while the request waits or
+    just after an approval released it; never left waiting for its hour, never sent
+    unrecorded; once the database is back an approval through another server, woken
+    through the LISTEN connection made again, releases the next request."""
+    waiter, probe = raw_clients(2, "a")
+    section = waiter.section("approval_delay = PT1H\napproved_by_default = False\n")
+    with ExitStack() as stack:
+        srvs = servers(tmp_path, url, [[section, probe.section()]] * 2, stack)
+        herd = Herd(srvs, [waiter, probe])
+        stack.callback(herd.end)
+
+        def waiting() -> tuple[threading.Thread, list[Attempt]]:
+            got: list[Attempt] = []
+            t = threading.Thread(target=lambda: got.append(herd.fetch(waiter, 0)),
+                                 daemon=True)
+            since = time.time()
+            t.start()
+            wait_for(lambda: (state(url, waiter.name)["last_approval_request"] or 0) >= since,
+                     60, "the request to wait for approval", interval=0.05)
+            # the server waits on LISTEN, woken by changes (not polling)
+            wait_for(lambda: listeners(url) == 1, 60, "srv1's LISTEN connection",
+                     interval=0.05)
+            return t, got
+
+        def refused(t: threading.Thread, got: list[Attempt]) -> None:
+            t.join(60)  # long before the hour of its approval delay
+            assert not t.is_alive()
+            [a] = got
+            assert a.error is None and a.data == b""
+            answers = [e for e in audit_entries(srvs[0]) if e.get("MANDOS_PEER") == a.local
+                       and e["MANDOS_OUTCOME"] != "approval-requested"]
+            assert [e.get("MANDOS_REASON") for e in answers] == [UNAVAILABLE], srvs[0].log()
+            alive_and_clean(srvs)
+
+        def back() -> None:
+            pg.start()
+            wait_for(lambda: herd.fetch(probe, 0).data, 60, "srv1 to serve again",
+                     interval=0.1)
+
+        # the database goes away while the request waits
+        t, got = waiting()
+        pg.stop("kill")
+        refused(t, got)
+        back()
+
+        # ... or just after an approval released it, before its secret is recorded
+        gate(url, "approved_until", "srv1", waiter.name)
+        t, got = waiting()
+        assert pool_ctl(srvs[1], url, "--approve", waiter.name).returncode == 0
+        wait_for(lambda: caught(url, "srv1"), 60, "srv1 to record the approval",
+                 interval=0.02)
+        pg.stop("fast")
+        refused(t, got)
+        back()
+
+        # and with the database back, an approval through the other server releases it
+        # (once the one given for the refused request has lapsed: approval_duration)
+        wait_for(lambda: (state(url, waiter.name)["approved_until"] or 0) < time.time(), 60,
+                 "the earlier approval to lapse", interval=0.05)
+        t, got = waiting()
+        assert pool_ctl(srvs[1], url, "--approve", waiter.name).returncode == 0
+        t.join(60)
+        assert [a.data for a in got] == [waiter.secret]
+        recorded = state(url, waiter.name)["last_secret_sent"]
+        assert isinstance(recorded, float) and got[0].started <= recorded <= got[0].ended
+        assert [a.data for a in herd.served(waiter.name)] == [waiter.secret]
+        alive_and_clean(srvs)
+        wait_logged(srvs[0], "approved by an administrator")
+
+
 def test_outage_after_outage_leaves_no_thread_or_connection_behind(
         tmp_path: Path, pg: pglib.Postgres, url: str) -> None:
     """Each outage is survived with what the server had: the audit writer's thread, the
