@@ -616,10 +616,14 @@ class AuditWriter:
     def _loop(self) -> None:
         pending: list[tuple[Any, ...]] = []
         backoff = BACKOFF_MIN
+        next_try = 0.0  # while the database is away: no attempt before this (monotonic)
         stop = False
         while not stop or pending:
             try:
-                item = self._queue.get(timeout=backoff if pending else None)
+                # entries that arrive during the back-off join the batch; they do not
+                # bring the next connection attempt forward
+                item = self._queue.get(timeout=max(0.0, next_try - time.monotonic())
+                                       if pending else None)
                 if item is None:
                     stop = True
                 else:
@@ -632,7 +636,7 @@ class AuditWriter:
                         pending.append(item)
             except queue.Empty:
                 pass
-            if not pending:
+            if not pending or (not stop and time.monotonic() < next_try):
                 continue
             if self._write(pending):
                 pending, backoff = [], BACKOFF_MIN
@@ -641,6 +645,7 @@ class AuditWriter:
                           "(journald has them)", self.where, len(pending))
                 return
             else:
+                next_try = time.monotonic() + backoff
                 backoff = min(BACKOFF_MAX, backoff * 2)
                 pending = pending[-self.limit:]
 

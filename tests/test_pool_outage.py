@@ -418,3 +418,37 @@ def test_outage_after_outage_leaves_no_thread_or_connection_behind(
             seen.append(threads_and_fds(srv))
         alive_and_clean([srv])
         assert seen[1:] == seen[:1] * 3, seen
+
+
+def test_the_audit_writer_keeps_its_back_off_while_entries_pour_in(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """While the database is away, refusals keep coming (a booting site's herd): the
+    fleet audit writer must keep to its back-off, not try a connection per entry."""
+    why = pglib.available()
+    if why:
+        pytest.skip(why)
+    import itertools
+    import logging
+
+    from mandosd.pgstate import BACKOFF_MIN, AuditWriter
+
+    caplog.set_level(logging.DEBUG, logger="mandosd.pgstate")
+    # nothing listens in an empty socket directory: every connection attempt fails
+    writer = AuditWriter(f"postgresql:///x?host={tmp_path}&port=5432&user=postgres", "srv1")
+    entry = {"at": time.time(), "outcome": "protocol-error", "message_id": "0" * 32,
+             "client": None, "key_id": None, "peer": "127.0.0.1:1", "reason": UNAVAILABLE,
+             "message": "refused", "fields": {}}
+
+    def attempts() -> list[float]:
+        return [r.created for r in caplog.records if "audit table:" in r.getMessage()]
+
+    try:
+        while len(attempts()) < 4:
+            writer(entry)
+            time.sleep(0.002)  # not a wait: the rate at which refusals arrive
+        tried = attempts()
+    finally:
+        writer.close()  # tries once more, at once, then says what it could not write
+    assert all(b - a >= BACKOFF_MIN for a, b in itertools.pairwise(tried)), tried
+    assert len(attempts()) == len(tried) + 1
+    assert "audit entries not written to the audit table" in caplog.text
