@@ -24,14 +24,16 @@ the database by :func:`describe` only.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import json
 import logging
+import os
 import queue
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import psycopg
@@ -112,6 +114,14 @@ CLAIM_SLACK = 2.0
 #: back-off between reconnection attempts (seconds): doubles up to the maximum
 BACKOFF_MIN = 0.2
 BACKOFF_MAX = 10.0
+#: a call to the database that runs longer than this (seconds) is cut off: its
+#: connection is shut down, the call fails (StateError: the request is refused) and a
+#: later call reconnects.  A database that hangs with its connections open (its
+#: processes stopped, its disk stalled, a host that still acknowledges TCP) would
+#: otherwise hold the server's database thread, and every request queued behind it, for
+#: as long as it hangs.  statement_timeout (10 s, :func:`connect_args`) ends a healthy
+#: statement sooner.
+CALL_LIMIT = 15.0
 
 
 def describe(url: str) -> str:
@@ -189,6 +199,7 @@ class PostgresStore:
         self._backoff = 0.0
         self._next_try = 0.0
         self._unreachable = False
+        self._watchdog = _Watchdog(self.where)
         try:
             self._connect()
         except StateError as e:
@@ -211,7 +222,8 @@ class PostgresStore:
             self._unreachable = True
             raise StateError(f"{self.where}: unreachable: {_first_line(e)}") from None
         try:
-            migrate(conn, self.where)
+            with self._watchdog.watching(conn):
+                migrate(conn, self.where)
         except psycopg.Error as e:
             conn.close()
             self._failed()
@@ -247,10 +259,11 @@ class PostgresStore:
         with self._lock:
             conn = self._get()
             try:
-                if not tx:
-                    return fn(conn)
-                with conn.transaction():
-                    return fn(conn)
+                with self._watchdog.watching(conn):
+                    if not tx:
+                        return fn(conn)
+                    with conn.transaction():
+                        return fn(conn)
             except _CONN_ERRORS as e:
                 if conn.closed or conn.broken:
                     self._conn = None
@@ -445,6 +458,7 @@ class PostgresStore:
 
     def close(self) -> None:
         with self._lock:
+            self._watchdog.close()
             if self._conn is not None:
                 with _suppress():
                     self._conn.close()
@@ -497,6 +511,52 @@ class _suppress:
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> bool:
         return exc_type is not None and issubclass(exc_type, Exception)  # type: ignore[arg-type]
+
+
+class _Watchdog:
+    """Cuts off a store's database call that runs past :data:`CALL_LIMIT`.
+
+    One thread per store, started with its first call; it shuts the call's socket
+    down, which makes libpq fail the call at once (the connection is then broken and
+    dropped by :meth:`PostgresStore._run`).
+    """
+
+    def __init__(self, where: str, limit: float = CALL_LIMIT) -> None:
+        self.where = where
+        self.limit = limit
+        self._busy: tuple[psycopg.Connection[Any], float] | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @contextlib.contextmanager
+    def watching(self, conn: psycopg.Connection[Any]) -> Iterator[None]:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="mandosd-db-watchdog",
+                                            daemon=True)
+            self._thread.start()
+        self._busy = (conn, time.monotonic())
+        try:
+            yield
+        finally:
+            self._busy = None
+
+    def _loop(self) -> None:
+        cut: tuple[psycopg.Connection[Any], float] | None = None
+        while not self._stop.wait(min(1.0, self.limit / 4)):
+            busy = self._busy
+            if busy is None or busy is cut or time.monotonic() - busy[1] < self.limit:
+                continue
+            cut = busy
+            log.error("%s: no answer in %.0f s; dropping the connection", self.where,
+                      self.limit)
+            try:
+                with socket.socket(fileno=os.dup(busy[0].pgconn.socket)) as sock:
+                    sock.shutdown(socket.SHUT_RDWR)
+            except (psycopg.Error, OSError) as e:
+                log.debug("%s: cutting the connection: %s", self.where, _first_line(e))
+
+    def close(self) -> None:
+        self._stop.set()
 
 
 # -- wake on change: LISTEN/NOTIFY -----------------------------------------------------

@@ -11,6 +11,7 @@ real mandosd on one database.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import random
@@ -64,6 +65,7 @@ class Postgres:
         self.logfile = self.base / "postgres.log"
         self.port = random.randint(20000, 60000)  # only names the socket file
         self.proc: subprocess.Popen[bytes] | None = None
+        self.frozen: list[int] = []
         self._as_postgres(["mkdir", "-m", "0700", str(self.sockdir)])
         # the socket directory must be reachable by root's test clients (root may pass)
         self._as_postgres([str(PGBIN / "initdb"), "-D", str(self.datadir), "-U", "postgres",
@@ -118,6 +120,19 @@ class Postgres:
             conn.execute(f'CREATE DATABASE "{name}"')  # type: ignore[arg-type]
         return self.url(name)
 
+    def freeze(self) -> None:
+        """SIGSTOP every process of the cluster: connections stay open and nothing
+        answers, as with a stalled disk or a paused machine (:meth:`thaw` ends it)."""
+        self.frozen = self.processes()
+        for pid in self.frozen:
+            os.kill(pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        for pid in self.frozen:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        self.frozen = []
+
     @property
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -125,6 +140,7 @@ class Postgres:
     def stop(self, mode: StopMode = "fast") -> None:
         """Take the database away (see :data:`StopMode`); returns once no process of
         this cluster is left, so that nothing can answer or commit any more."""
+        self.thaw()
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(_STOP_SIGNAL[mode])
             try:

@@ -452,3 +452,28 @@ def test_the_audit_writer_keeps_its_back_off_while_entries_pour_in(
     assert all(b - a >= BACKOFF_MIN for a, b in itertools.pairwise(tried)), tried
     assert len(attempts()) == len(tried) + 1
     assert "audit entries not written to the audit table" in caplog.text
+
+
+def test_a_frozen_database_is_refused_like_one_that_is_away(
+        tmp_path: Path, pg: pglib.Postgres, url: str) -> None:
+    """Every process of PostgreSQL stopped (SIGSTOP): its connections stay open and
+    nothing answers, neither a statement nor statement_timeout.  A request must not hang
+    on it: refused (zero bytes, state-unavailable) within the store's bound on a call,
+    and served again when the database thaws, without a restart."""
+    [c] = raw_clients(1, "f")
+    with ExitStack() as stack:
+        [srv] = servers(tmp_path, url, [[c.section()]], stack)
+        herd = Herd([srv], [c])
+        assert herd.fetch(c, 0).data == c.secret
+        pg.freeze()
+        try:
+            # the client waits far longer than the server may take
+            frozen = c.exchange(srv.address, timeout=120)
+        finally:
+            pg.thaw()
+        assert frozen.error is None and frozen.data == b""
+        answers = [e for e in audit_entries(srv) if e.get("MANDOS_PEER") == frozen.local]
+        assert [e.get("MANDOS_REASON") for e in answers] == [UNAVAILABLE], srv.log()
+        wait_for(lambda: herd.fetch(c, 0).data, 60, "the server to serve again",
+                 interval=0.1)
+        alive_and_clean([srv])
