@@ -221,7 +221,7 @@ class Herd:
 def test_database_stopped_mid_herd(tmp_path: Path, pg: pglib.Postgres, url: str,
                                    mode: pglib.StopMode) -> None:
     steady = raw_clients(3, "h")                 # one per server, fetching all along
-    waves = [raw_clients(12, f"w{n}x") for n in range(3)]
+    waves = [raw_clients(20, f"w{n}x") for n in range(3)]
     [late] = raw_clients(1, "r")                 # its record is under way at the stop
     everyone = steady + [c for w in waves for c in w] + [late]
     with ExitStack() as stack:
@@ -381,6 +381,12 @@ def test_a_request_waiting_for_approval_when_the_database_goes_away(
         assert [a.data for a in herd.served(waiter.name)] == [waiter.secret]
         alive_and_clean(srvs)
         wait_logged(srvs[0], "approved by an administrator")
+        # released by the approval's notification on the LISTEN connection made again,
+        # not by the server's periodic re-read
+        lines = srvs[0].log().splitlines()
+        sent = max(i for i, x in enumerate(lines) if f"sent secret to {waiter.name}" in x)
+        reread = [x for x in lines[:sent] if f"{waiter.name}: approval state re-read" in x]
+        assert reread[-1].endswith("(the state changed)"), reread
 
 
 def test_outage_after_outage_leaves_no_thread_or_connection_behind(
