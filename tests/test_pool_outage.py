@@ -4,8 +4,9 @@ Three real mandosd share one real PostgreSQL 15 (Debian's, started by the
 test); a herd of simulated client machines (each its own key and secret,
 fetching by hand with GnuTLS: exactly the bytes on the wire) fetches from
 them while the database is stopped under them: a clean fast shutdown, an
-immediate one, or SIGKILL of the postmaster alone.  Judged from outside, as
-an auditor would:
+immediate one, or SIGKILL of the postmaster alone; one request is caught
+between its decision and its record (a trigger holds srv1's write) when the
+database goes.  Judged from outside, as an auditor would:
 
 - no server crashes or exits, and none logs a traceback;
 - while the database is away every answer is zero bytes, and each refusal is
@@ -15,13 +16,15 @@ an auditor would:
   client had it: the client's ``last_secret_sent`` falls inside that fetch,
   and no fetch that began and ended while the database was away got a secret;
 - the database back on the same data directory: every server serves again
-  without a restart, every client of the herd gets its secret, the fleet audit
-  table catches up with every decision taken meanwhile, and no server is left
-  with more threads than before.
+  without a restart, every client of the herd gets its secret, and the fleet
+  audit table catches up with every decision taken meanwhile.
 
-A request waiting for approval when the database goes away is refused (and
-audited), not left hanging until its approval delay; once the database is back
-an approval through another server releases the next one.
+Also: a request waiting for approval when the database goes away (or just
+after an approval released it) is refused and audited, not left hanging until
+its approval delay, and once the database is back an approval through another
+server releases the next one through the LISTEN connection made again; outage
+after outage leaves no thread or connection behind; the audit writer keeps its
+back-off; a frozen database (SIGSTOP) is refused like one that is away.
 """
 
 from __future__ import annotations
@@ -247,8 +250,8 @@ def test_database_stopped_mid_herd(tmp_path: Path, pg: pglib.Postgres, url: str,
         herd.start(waves[2])
 
         def refused_by_each() -> bool:
-            late = [a for a in herd.attempts[:] if a.started >= down and not a.data]
-            return all(sum(a.server == i for a in late) >= 3 for i in range(len(srvs)))
+            refusals = [a for a in herd.attempts[:] if a.started >= down and not a.data]
+            return all(sum(a.server == i for a in refusals) >= 3 for i in range(len(srvs)))
 
         wait_for(refused_by_each, 120, "every server to refuse while the database is away",
                  interval=0.05)
