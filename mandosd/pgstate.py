@@ -24,14 +24,16 @@ the database by :func:`describe` only.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import json
 import logging
+import os
 import queue
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import psycopg
@@ -132,6 +134,14 @@ CLAIM_SLACK = 2.0
 #: back-off between reconnection attempts (seconds): doubles up to the maximum
 BACKOFF_MIN = 0.2
 BACKOFF_MAX = 10.0
+#: a call to the database that runs longer than this (seconds) is cut off: its
+#: connection is shut down, the call fails (StateError: the request is refused) and a
+#: later call reconnects.  A database that hangs with its connections open (its
+#: processes stopped, its disk stalled, a host that still acknowledges TCP) would
+#: otherwise hold the server's database thread, and every request queued behind it, for
+#: as long as it hangs.  statement_timeout (10 s, :func:`connect_args`) ends a healthy
+#: statement sooner.
+CALL_LIMIT = 15.0
 
 
 def describe(url: str) -> str:
@@ -240,6 +250,7 @@ class PostgresStore:
         self._next_try = 0.0
         self._unreachable = False
         check_passfile(url)  # a mistake in the setup: said at start, never "lazy"
+        self._watchdog = _Watchdog(self.where)
         try:
             self._connect()
         except StateError as e:
@@ -262,7 +273,8 @@ class PostgresStore:
             self._unreachable = True
             raise StateError(f"{self.where}: unreachable: {_first_line(e)}") from None
         try:
-            migrate(conn, self.where)
+            with self._watchdog.watching(conn):
+                migrate(conn, self.where)
         except psycopg.Error as e:
             conn.close()
             self._failed()
@@ -298,10 +310,11 @@ class PostgresStore:
         with self._lock:
             conn = self._get()
             try:
-                if not tx:
-                    return fn(conn)
-                with conn.transaction():
-                    return fn(conn)
+                with self._watchdog.watching(conn):
+                    if not tx:
+                        return fn(conn)
+                    with conn.transaction():
+                        return fn(conn)
             except _CONN_ERRORS as e:
                 if conn.closed or conn.broken:
                     self._conn = None
@@ -496,6 +509,7 @@ class PostgresStore:
 
     def close(self) -> None:
         with self._lock:
+            self._watchdog.close()
             if self._conn is not None:
                 with _suppress():
                     self._conn.close()
@@ -556,6 +570,52 @@ class _suppress:
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> bool:
         return exc_type is not None and issubclass(exc_type, Exception)  # type: ignore[arg-type]
+
+
+class _Watchdog:
+    """Cuts off a store's database call that runs past :data:`CALL_LIMIT`.
+
+    One thread per store, started with its first call; it shuts the call's socket
+    down, which makes libpq fail the call at once (the connection is then broken and
+    dropped by :meth:`PostgresStore._run`).
+    """
+
+    def __init__(self, where: str, limit: float = CALL_LIMIT) -> None:
+        self.where = where
+        self.limit = limit
+        self._busy: tuple[psycopg.Connection[Any], float] | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @contextlib.contextmanager
+    def watching(self, conn: psycopg.Connection[Any]) -> Iterator[None]:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="mandosd-db-watchdog",
+                                            daemon=True)
+            self._thread.start()
+        self._busy = (conn, time.monotonic())
+        try:
+            yield
+        finally:
+            self._busy = None
+
+    def _loop(self) -> None:
+        cut: tuple[psycopg.Connection[Any], float] | None = None
+        while not self._stop.wait(min(1.0, self.limit / 4)):
+            busy = self._busy
+            if busy is None or busy is cut or time.monotonic() - busy[1] < self.limit:
+                continue
+            cut = busy
+            log.error("%s: no answer in %.0f s; dropping the connection", self.where,
+                      self.limit)
+            try:
+                with socket.socket(fileno=os.dup(busy[0].pgconn.socket)) as sock:
+                    sock.shutdown(socket.SHUT_RDWR)
+            except (psycopg.Error, OSError) as e:
+                log.debug("%s: cutting the connection: %s", self.where, _first_line(e))
+
+    def close(self) -> None:
+        self._stop.set()
 
 
 # -- wake on change: LISTEN/NOTIFY -----------------------------------------------------
@@ -675,10 +735,14 @@ class AuditWriter:
     def _loop(self) -> None:
         pending: list[tuple[Any, ...]] = []
         backoff = BACKOFF_MIN
+        next_try = 0.0  # while the database is away: no attempt before this (monotonic)
         stop = False
         while not stop or pending:
             try:
-                item = self._queue.get(timeout=backoff if pending else None)
+                # entries that arrive during the back-off join the batch; they do not
+                # bring the next connection attempt forward
+                item = self._queue.get(timeout=max(0.0, next_try - time.monotonic())
+                                       if pending else None)
                 if item is None:
                     stop = True
                 else:
@@ -691,7 +755,7 @@ class AuditWriter:
                         pending.append(item)
             except queue.Empty:
                 pass
-            if not pending:
+            if not pending or (not stop and time.monotonic() < next_try):
                 continue
             if self._write(pending):
                 pending, backoff = [], BACKOFF_MIN
@@ -700,6 +764,7 @@ class AuditWriter:
                           "(journald has them)", self.where, len(pending))
                 return
             else:
+                next_try = time.monotonic() + backoff
                 backoff = min(BACKOFF_MAX, backoff * 2)
                 pending = pending[-self.limit:]
 

@@ -385,19 +385,25 @@ class KeyServer:
             log.debug("%s: approval state re-read (%s)", client.name, why)
             try:
                 fresh, state = await self._db(self._lookup, kid)
+                decision = policy.decide_waiting(fresh or client, state, self.clock(),
+                                                 requested_at, wait_until)
+                if decision.verdict is not policy.Verdict.WAIT:
+                    changed.cancel()
+                    if decision.verdict is policy.Verdict.SEND and state is not None and (
+                            state.approval_decision == "approve"):
+                        await self._db(lambda: self.store.update(
+                            client.name,
+                            approved_until=self.clock() + client.approval_duration))
+                    return decision
             except StateError as e:
+                # the database went away while the request waited: refused, with its
+                # reason, as any request the pool cannot decide and record
+                changed.cancel()
                 log.error("state store: %s", e)
-                changed.cancel()
+                audit(Kind.PROTOCOL_ERROR, f"{peername}: refused {client.name} while it "
+                      "waited for approval: state store unavailable", client=client.name,
+                      key_id=kid, peer=peername, reason="state-unavailable")
                 return None
-            decision = policy.decide_waiting(fresh or client, state, self.clock(),
-                                             requested_at, wait_until)
-            if decision.verdict is not policy.Verdict.WAIT:
-                changed.cancel()
-                if decision.verdict is policy.Verdict.SEND and state is not None and (
-                        state.approval_decision == "approve"):
-                    await self._db(lambda: self.store.update(
-                        client.name, approved_until=self.clock() + client.approval_duration))
-                return decision
 
     async def _escrow(self, tls: AsyncTLS, peer: PeerKey, peername: str) -> None:
         from . import escrow

@@ -24,9 +24,12 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import pytest
+
+if TYPE_CHECKING:
+    from tests.tlspeers import Result
 
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parent.parent
@@ -231,6 +234,55 @@ def raw_fetch(keydir: Path, address: str) -> bytes:
     r = exchange(keydir, address)
     assert r.error is None, r.error
     return r.data
+
+
+@dataclass(frozen=True)
+class RawClient:
+    """A simulated client machine for herds: its own Ed25519 key (so its own key_id) and
+    its own random secret, which the server sends as is (no gpg: the wire is what counts).
+    """
+
+    name: str
+    key_id: str
+    spki_pem: bytes
+    key_pem: bytes
+    secret: bytes
+
+    def section(self, extra: str = "") -> str:
+        """Its clients.conf section (checker ``true``: always up)."""
+        b64 = base64.b64encode(self.secret).decode()
+        return (f"[{self.name}]\nhost = 127.0.0.1\nkey_id = {self.key_id}\n"
+                f"checker = true\nsecret = {b64}\n{extra}")
+
+    def exchange(self, address: str, timeout: float = 30) -> Result:
+        """One fetch by hand: exactly the bytes the server sent, and our address."""
+        from tests.tlspeers import exchange
+
+        return exchange(Path("/nonexistent"), address, spki_pem=self.spki_pem,
+                                 key_pem=self.key_pem, timeout=timeout)
+
+
+def raw_clients(n: int, prefix: str = "c") -> list[RawClient]:
+    """*n* clients with fresh keys (milliseconds each: no gpg)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    from mandos_core.protocol import key_id
+
+    out = []
+    for i in range(n):
+        k = ed25519.Ed25519PrivateKey.generate()
+        pub = k.public_key()
+        out.append(RawClient(
+            f"{prefix}{i:02d}",
+            key_id(pub.public_bytes(serialization.Encoding.DER,
+                                    serialization.PublicFormat.SubjectPublicKeyInfo)),
+            pub.public_bytes(serialization.Encoding.PEM,
+                             serialization.PublicFormat.SubjectPublicKeyInfo),
+            k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption()),
+            os.urandom(64)))
+    return out
 
 
 class Journald:

@@ -3,12 +3,15 @@
 ``initdb`` and ``postgres`` refuse root: they run as the ``postgres`` user in
 a fresh directory under /tmp that user owns (pytest's tmp_path is root-only).
 No TCP (``listen_addresses=''``); clients connect over the socket in
-``sockdir``.  :meth:`Postgres.stop` and :meth:`Postgres.start` let a test take
-the database away and bring it back under running key servers.
+``sockdir``.  :meth:`Postgres.stop` (fast, immediate, or SIGKILL of the
+postmaster) and :meth:`Postgres.start` let a test take the database away and
+bring it back under running key servers.  :func:`servers` starts a pool of
+real mandosd on one database.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import random
@@ -16,11 +19,20 @@ import shutil
 import signal
 import subprocess
 import tempfile
+from contextlib import ExitStack
 from pathlib import Path
+from typing import Literal
 
-from tests.helpers import WaitTimeout, wait_for
+from tests.helpers import Mandosd, WaitTimeout, tool, wait_for
 
 PGBIN = Path("/usr/lib/postgresql/15/bin")
+
+#: how :meth:`Postgres.stop` takes the database away: ``fast`` (SIGINT: sessions are
+#: cut, as a clean shutdown does), ``immediate`` (SIGQUIT: every process quits at once,
+#: crash recovery at the next start) or ``kill`` (SIGKILL of the postmaster alone: its
+#: backends notice and exit on their own, as after an OOM kill)
+StopMode = Literal["fast", "immediate", "kill"]
+_STOP_SIGNAL = {"fast": signal.SIGINT, "immediate": signal.SIGQUIT, "kill": signal.SIGKILL}
 
 
 def available() -> str | None:
@@ -53,6 +65,7 @@ class Postgres:
         self.logfile = self.base / "postgres.log"
         self.port = random.randint(20000, 60000)  # only names the socket file
         self.proc: subprocess.Popen[bytes] | None = None
+        self.frozen: list[int] = []
         self._as_postgres(["mkdir", "-m", "0700", str(self.sockdir)])
         # the socket directory must be reachable by root's test clients (root may pass)
         self._as_postgres([str(PGBIN / "initdb"), "-D", str(self.datadir), "-U", "postgres",
@@ -107,16 +120,53 @@ class Postgres:
             conn.execute(f'CREATE DATABASE "{name}"')  # type: ignore[arg-type]
         return self.url(name)
 
-    def stop(self) -> None:
-        """Fast shutdown (SIGINT): sessions are cut, as when the database host goes away."""
+    def freeze(self) -> None:
+        """SIGSTOP every process of the cluster: connections stay open and nothing
+        answers, as with a stalled disk or a paused machine (:meth:`thaw` ends it)."""
+        self.frozen = self.processes()
+        for pid in self.frozen:
+            os.kill(pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        for pid in self.frozen:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        self.frozen = []
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, mode: StopMode = "fast") -> None:
+        """Take the database away (see :data:`StopMode`); returns once no process of
+        this cluster is left, so that nothing can answer or commit any more."""
+        self.thaw()
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
+            self.proc.send_signal(_STOP_SIGNAL[mode])
             try:
                 self.proc.wait(60)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
         self.proc = None
+        # backends (each its own session) outlive a killed postmaster for a moment;
+        # a new postmaster refuses to start while they hold the shared memory
+        wait_for(lambda: not self.processes(), 60, "the cluster's processes to exit",
+                 interval=0.05)
+
+    def processes(self) -> list[int]:
+        """Live processes of this cluster: every one works in the data directory."""
+        pids = []
+        for d in Path("/proc").iterdir():
+            if not d.name.isdigit():
+                continue
+            try:
+                if os.readlink(d / "cwd") == str(self.datadir) and \
+                        "Z" not in (d / "stat").read_text().rsplit(")", 1)[1].split()[:1]:
+                    pids.append(int(d.name))
+            except OSError:
+                continue
+        return pids
 
     def log(self) -> str:
         try:
@@ -127,3 +177,56 @@ class Postgres:
     def destroy(self) -> None:
         self.stop()
         shutil.rmtree(self.base, ignore_errors=True)
+
+
+# -- a pool of key servers on one database ------------------------------------------------
+
+def servers(tmp_path: Path, url: str, sections: list[list[str]], stack: ExitStack
+            ) -> list[Mandosd]:
+    """Start one mandosd per entry of *sections* (its clients.conf), all at once."""
+    out = []
+    for i, secs in enumerate(sections, 1):
+        srv = Mandosd(tmp_path / f"srv{i}", sections=secs,
+                      extra_args=["--state-url", url, "--server-name", f"srv{i}"])
+        out.append(srv)
+    procs = []
+    for srv in out:  # Popen all first: three servers meet an empty database together
+        log = srv.logfile.open("ab")
+        env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
+        srv.proc = subprocess.Popen(srv.argv(), stdout=log, stderr=log, env=env)
+        procs.append(srv)
+        stack.callback(srv.stop)
+    for srv in procs:
+        wait_logged(srv, "MANDOS_OUTCOME=server-started")
+    return out
+
+
+def wait_logged(srv: Mandosd, text: str, timeout: float = 60) -> None:
+    """Wait for *text* in *srv*'s log; a server that exits meanwhile fails at once."""
+    def logged() -> bool:
+        assert srv.proc is not None
+        if srv.proc.poll() is not None:
+            raise AssertionError(f"mandosd exited {srv.proc.returncode}:\n{srv.log()}")
+        return text in srv.log()
+
+    wait_for(logged, timeout, f"{text!r} in the log", interval=0.05)
+
+
+def pool_ctl(srv: Mandosd, url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """``mandos-ctl --state-url`` through *srv*'s configuration."""
+    argv = [tool("mandos-ctl"), *args, "--configdir", str(srv.configdir),
+            "--state-url", url]
+    if args[:1] not in (("log",), ("migrate-state",)):
+        argv += ["--statedir", str(srv.statedir)]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60)
+
+
+def state(url: str, name: str = "client1") -> dict[str, object]:
+    """The client's row in the pool's database, read directly."""
+    import psycopg
+    from psycopg.rows import dict_row
+
+    with psycopg.connect(url, row_factory=dict_row) as conn:
+        row = conn.execute("SELECT * FROM clients WHERE name=%s", (name,)).fetchone()
+    assert row is not None
+    return row

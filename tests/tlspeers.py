@@ -37,6 +37,8 @@ class Result:
     data: bytes
     server_key: PeerKey | None
     error: gnutls.GnuTLSError | None = None
+    #: our end of the connection, ``host:port``: what the server audits as MANDOS_PEER
+    local: str = ""
 
 
 def exchange(keydir: Path, address: str, *, line: bytes = VERSION_LINE,
@@ -55,6 +57,8 @@ def exchange(keydir: Path, address: str, *, line: bytes = VERSION_LINE,
             cred.set_rawpk(spki_pem, key_pem, skip_match=skip_match)
         prio = priority or tls.effective_priority(None, server=False)
         with socket.create_connection((srv.host, srv.port), timeout=timeout) as s:
+            host, port = s.getsockname()[:2]
+            local = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
             s.sendall(line)
             s.setblocking(False)
             fd = s.fileno()
@@ -64,7 +68,7 @@ def exchange(keydir: Path, address: str, *, line: bytes = VERSION_LINE,
                 try:
                     tls.drive(sess, fd, sess.handshake, deadline)
                 except gnutls.GnuTLSError as e:
-                    return Result(b"", None, e)
+                    return Result(b"", None, e, local)
                 key = None
                 try:
                     key = tls.peer_key(sess)
@@ -77,8 +81,8 @@ def exchange(keydir: Path, address: str, *, line: bytes = VERSION_LINE,
                     while chunk := tls.drive(sess, fd, lambda: sess.recv(4096), deadline):
                         data += chunk
                 except gnutls.GnuTLSError as e:
-                    return Result(data, key, e)
-                return Result(data, key)
+                    return Result(data, key, e, local)
+                return Result(data, key, None, local)
 
 
 def self_signed_cert(keydir: Path) -> bytes:
