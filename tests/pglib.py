@@ -66,6 +66,8 @@ class Postgres:
         self.port = random.randint(20000, 60000)  # only names the socket file
         self.proc: subprocess.Popen[bytes] | None = None
         self.frozen: list[int] = []
+        #: more ``-c`` settings for postgres (see :meth:`serve_tls`)
+        self.settings: list[str] = ["listen_addresses="]
         self._as_postgres(["mkdir", "-m", "0700", str(self.sockdir)])
         # the socket directory must be reachable by root's test clients (root may pass)
         self._as_postgres([str(PGBIN / "initdb"), "-D", str(self.datadir), "-U", "postgres",
@@ -86,7 +88,8 @@ class Postgres:
             self.proc = subprocess.Popen(
                 [str(PGBIN / "postgres"),
                  "-D", str(self.datadir), "-k", str(self.sockdir), "-p", str(self.port),
-                 "-c", "listen_addresses=", "-c", "fsync=off", "-c", "max_connections=200"],
+                 *[x for kv in self.settings for x in ("-c", kv)],
+                 "-c", "fsync=off", "-c", "max_connections=200"],
                 stdout=log, stderr=log, stdin=subprocess.DEVNULL, cwd=self.base,
                 user="postgres", group="postgres", extra_groups=[],
                 env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"})
@@ -94,6 +97,25 @@ class Postgres:
             os.close(log)
         self._wait_ready(timeout)
         return self
+
+    def serve_tls(self, cert_pem: bytes, key_pem: bytes) -> str:
+        """Also listen on 127.0.0.1 (this port), TLS only, with this certificate; returns
+        the TCP URL's start (``postgresql://postgres@127.0.0.1:PORT``).  Call before start."""
+        from tests.helpers import free_port
+
+        self.port = free_port()
+        for name, data in (("server.crt", cert_pem), ("server.key", key_pem)):
+            path = self.datadir / name
+            path.write_bytes(data)
+            pw = pwd.getpwnam("postgres")
+            os.chown(path, pw.pw_uid, pw.pw_gid)
+            path.chmod(0o600)
+        hba = self.datadir / "pg_hba.conf"  # the first matching line wins: ours first
+        hba.write_text("hostssl all postgres 127.0.0.1/32 trust\n"
+                       "hostnossl all all 127.0.0.1/32 reject\n" + hba.read_text())
+        self.settings = ["listen_addresses=127.0.0.1", "ssl=on",
+                         "ssl_min_protocol_version=TLSv1.3"]
+        return f"postgresql://postgres@127.0.0.1:{self.port}"
 
     def _wait_ready(self, timeout: float) -> None:
         import psycopg
