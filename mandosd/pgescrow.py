@@ -13,9 +13,10 @@ sent.  The disk reserve (``escrow_reserve``) is the state file system's, which
 this server cannot see: the per-client quota bounds what a machine can store,
 and the database host's disk is watched as any database's is.
 
-It shares the connection of the pool's :class:`mandosd.pgstate.PostgresStore`
-(reconnection, back-off, errors as :class:`StateError`, never the URL in a
-message).
+It runs on a :class:`mandosd.pgstate.PostgresStore` (reconnection, back-off,
+errors as :class:`StateError`, never the URL in a message): in a server, one of
+its own, never the connection that answers secret requests, since a session may
+wait here for another session's advisory lock (:func:`mandosd.stores.escrow_opener`).
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ class PostgresEscrowStore:
         self.where = pg.where
 
     def close(self) -> None:
-        """The connection is the state store's: it closes with it."""
+        """Sessions share the connection: it stays open for the next (its owner closes it)."""
 
     def _run(self, fn: Callable[[psycopg.Connection[Any]], Any]) -> Any:
         try:

@@ -46,6 +46,8 @@ SCHEMA_VERSION = 3
 #: pg_advisory_xact_lock key: "mandosd schema" (any constant all servers share)
 SCHEMA_LOCK = 0x6D616E646F73
 NOTIFY_CHANNEL = "mandos_clients"
+#: the column ``config`` holds each server's last-loaded clients.conf values under this key
+BY_SERVER = "by_server"
 
 #: (version reached, statements): applied in order to a database at a lower version;
 #: never edit a released step, add one.
@@ -134,6 +136,20 @@ BACKOFF_MIN = 0.2
 BACKOFF_MAX = 10.0
 
 
+def parse_url(url: str) -> dict[str, Any]:
+    """libpq's parameters of a connection string.
+
+    libpq's own message for one it cannot parse quotes the string (a bad %-escape
+    in the password, a lone bracket): it is never passed on.
+    """
+    try:
+        return dict(psycopg.conninfo.conninfo_to_dict(url))
+    except psycopg.ProgrammingError:
+        raise StateError("the state URL is not a PostgreSQL connection string that libpq "
+                         "can read (check its %-escapes, quotes and brackets; "
+                         "postgresql://USER@HOST/DBNAME)") from None
+
+
 def describe(url: str) -> str:
     """The database a connection string names, without user or password."""
     try:
@@ -155,11 +171,7 @@ def check_passfile(url: str) -> None:
     import os
     import stat
 
-    try:
-        info = psycopg.conninfo.conninfo_to_dict(url)
-    except psycopg.ProgrammingError as e:
-        raise StateError(f"the state URL is not a PostgreSQL connection string: "
-                         f"{_first_line(e)}") from None
+    info = parse_url(url)
     path = info.get("passfile") or os.environ.get("PGPASSFILE")
     if not path:
         return
@@ -181,7 +193,7 @@ def connect_args(url: str, timeout: float, name: str) -> dict[str, Any]:
     A statement may take 10 s at most, and a TCP peer that vanishes without a
     reset is noticed within about 10 s; the URL may set other values.
     """
-    args: dict[str, Any] = dict(psycopg.conninfo.conninfo_to_dict(url))
+    args = parse_url(url)
     args.setdefault("connect_timeout", max(1, round(timeout)))
     args.setdefault("application_name", name[:63])
     args.setdefault("keepalives_idle", 5)
@@ -192,11 +204,37 @@ def connect_args(url: str, timeout: float, name: str) -> dict[str, Any]:
     return args
 
 
-def _row(row: Mapping[str, Any]) -> ClientState:
+def _row(row: Mapping[str, Any], server: str | None = None) -> ClientState:
+    """A client's state; its ``config`` is what *server* loaded last (see :func:`own_config`)."""
     values = {k: row[k] for k in _COLUMNS}
     values["overrides"] = json.loads(values["overrides"] or "{}")
-    values["config"] = json.loads(values["config"]) if values.get("config") else None
+    values["config"] = own_config(values["config"], server) if server else None
     return ClientState(**values)
+
+
+def own_config(raw: str | None, server: str) -> dict[str, Any] | None:
+    """The clients.conf values *server* loaded last for a client (column ``config``).
+
+    Each server of the pool reads its own clients.conf, so "changed since the last
+    load" is per server: ``{"by_server": {NAME: values}}``.  Compared with another
+    server's values, an unchanged file would look changed, and a server whose file
+    still says ``enabled = True`` would enable a client that another server's file
+    disabled.  None: this server never loaded the client (or the value is one for the
+    whole pool, from ``migrate-state``: whose file was that?), so only a disable in
+    its file applies (:mod:`mandosd.merge`).
+    """
+    data = json.loads(raw) if raw else None
+    mine = data.get(BY_SERVER) if isinstance(data, dict) else None
+    found = mine.get(server) if isinstance(mine, dict) else None
+    return found if isinstance(found, dict) else None
+
+
+def with_own_config(raw: str | None, server: str, values: Mapping[str, Any]) -> str:
+    """The column ``config`` with *server*'s *values* put in, the other servers' kept."""
+    data = json.loads(raw) if raw else None
+    mine = data.get(BY_SERVER) if isinstance(data, dict) else None
+    others = mine if isinstance(mine, dict) else {}
+    return json.dumps({BY_SERVER: {**others, server: dict(values)}}, sort_keys=True)
 
 
 def migrate(conn: psycopg.Connection[Any], where: str) -> int:
@@ -204,12 +242,18 @@ def migrate(conn: psycopg.Connection[Any], where: str) -> int:
 
     The advisory lock is taken before anything is read, so servers that start at
     the same moment apply each step once, one after the other; it is released at
-    commit.
+    commit.  A database already at this version is used without the lock: any role
+    that may connect can hold an advisory lock (no privilege needed), and a reader
+    holding this one must not keep servers from connecting.
     """
+    cur = conn.cursor(row_factory=psycopg.rows.tuple_row)
+    if cur.execute("SELECT to_regclass('mandos_schema') IS NOT NULL").fetchone() == (True,):
+        row = cur.execute("SELECT max(version) FROM mandos_schema").fetchone()
+        if row is not None and row[0] == SCHEMA_VERSION:
+            return SCHEMA_VERSION
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
         conn.execute("CREATE TABLE IF NOT EXISTS mandos_schema (version INTEGER NOT NULL)")
-        cur = conn.cursor(row_factory=psycopg.rows.tuple_row)
         row = cur.execute("SELECT max(version) FROM mandos_schema").fetchone()
         version = row[0] if row and row[0] is not None else 0
         if version > SCHEMA_VERSION:
@@ -331,24 +375,31 @@ class PostgresStore:
         clients = list(clients)
         names = [c.name for c in clients]
 
+        me = self.server_name
+
         def tx(conn: psycopg.Connection[Any]) -> Any:
-            rows = [_row(r) for r in conn.execute(
+            found = conn.execute(
                 "SELECT * FROM clients WHERE name = ANY(%s) ORDER BY name FOR UPDATE",
-                (names,)).fetchall()]
-            todo = plan(clients, rows, now)
+                (names,)).fetchall()
+            raw = {r["name"]: r["config"] for r in found}  # every server's, under our lock
+            todo = plan(clients, [_row(r, me) for r in found], now)
             with conn.cursor() as cur:
                 for row in todo.inserts:
                     cols = list(row)
+                    values = [with_own_config(None, me, row[k]) if k == "config"
+                              else _db_value(k, row[k]) for k in cols]
                     cur.execute(f"INSERT INTO clients ({', '.join(cols)}) VALUES "  # noqa: S608
                                 f"({', '.join(['%s'] * len(cols))}) ON CONFLICT (name) DO NOTHING",
-                                [_db_value(k, row[k]) for k in cols])
+                                values)
                 for name, changes in todo.updates:
                     bad = set(changes) - set(_COLUMNS)
                     if bad:
                         raise StateError(f"unknown state fields {sorted(bad)}")
                     cols_set = ", ".join(f"{k}=%s" for k in changes)  # keys checked above
+                    values = [with_own_config(raw.get(name), me, v) if k == "config"
+                              else _db_value(k, v) for k, v in changes.items()]
                     cur.execute(f"UPDATE clients SET {cols_set} WHERE name=%s",  # noqa: S608
-                                [*(_db_value(k, v) for k, v in changes.items()), name])
+                                [*values, name])
             return todo
 
         todo = self._run(tx)
@@ -361,7 +412,9 @@ class PostgresStore:
 
         clients = list(clients)
         names = {c.name for c in clients}
-        states = self.all()
+        rows = self._run(lambda c: c.execute("SELECT * FROM clients ORDER BY name").fetchall(),
+                         tx=False)
+        states = [_row(r, self.server_name) for r in rows]
         return plan(clients, [s for s in states if s.name in names], now).apply(states)
 
     def get(self, name: str) -> ClientState | None:
@@ -664,7 +717,7 @@ class AuditWriter:
                 for row in rows:
                     copy.write_row(row)
             return True
-        except psycopg.Error as e:
+        except (psycopg.Error, StateError) as e:
             log.debug("%s: audit table: %s", self.where, _first_line(e))
             if self._conn is not None:
                 with _suppress():

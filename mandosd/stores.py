@@ -53,15 +53,21 @@ def open_store(state_url: str | None, statedir: Path, *, durable: bool = True,
 
 def escrow_opener(state_url: str | None, store: StateStore,
                   statedir: Path) -> Callable[[], EscrowStore]:
-    """How a server opens its escrow store: in a pool, the pool's PostgreSQL on the
-    state store's connection (one for all sessions); else ``STATEDIR/escrow.sqlite``,
-    one connection per session."""
+    """How a server opens its escrow store: in a pool, the pool's PostgreSQL on a
+    connection of its own (one for all sessions); else ``STATEDIR/escrow.sqlite``,
+    one connection per session.
+
+    Not the state store's connection: an escrow session waits for its machine's turn
+    (an advisory lock, which any role of the database may hold) while holding the
+    connection, and secret requests must never wait behind it.
+    """
     if state_url:
         from .pgescrow import PostgresEscrowStore
         from .pgstate import PostgresStore
 
         assert isinstance(store, PostgresStore)
-        shared = PostgresEscrowStore(store)
+        shared = PostgresEscrowStore(PostgresStore(store.url, server_name=store.server_name,
+                                                   lazy=True))
         return lambda: shared
     from .escrow import EscrowStore as SQLiteEscrow
 

@@ -16,9 +16,10 @@ import shutil
 import signal
 import subprocess
 import tempfile
+from contextlib import ExitStack
 from pathlib import Path
 
-from tests.helpers import WaitTimeout, wait_for
+from tests.helpers import Mandosd, WaitTimeout, fetch, tool, wait_for
 
 PGBIN = Path("/usr/lib/postgresql/15/bin")
 
@@ -127,3 +128,57 @@ class Postgres:
     def destroy(self) -> None:
         self.stop()
         shutil.rmtree(self.base, ignore_errors=True)
+
+
+# -- a pool of real mandosd on one database (shared by the pool tests) ----------------
+
+def servers(tmp_path: Path, url: str, sections: list[list[str]], stack: ExitStack
+            ) -> list[Mandosd]:
+    """Start one mandosd per entry of *sections* (its clients.conf), all at once."""
+    out = []
+    for i, secs in enumerate(sections, 1):
+        srv = Mandosd(tmp_path / f"srv{i}", sections=secs,
+                      extra_args=["--state-url", url, "--server-name", f"srv{i}"])
+        out.append(srv)
+    procs = []
+    for srv in out:  # Popen all first: three servers meet an empty database together
+        log = srv.logfile.open("ab")
+        env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
+        srv.proc = subprocess.Popen(srv.argv(), stdout=log, stderr=log, env=env)
+        procs.append(srv)
+        stack.callback(srv.stop)
+    for srv in procs:
+        wait_logged(srv, "MANDOS_OUTCOME=server-started")
+    return out
+
+
+def wait_logged(srv: Mandosd, text: str, timeout: float = 60) -> None:
+    def logged() -> bool:
+        assert srv.proc is not None
+        if srv.proc.poll() is not None:
+            raise AssertionError(f"mandosd exited {srv.proc.returncode}:\n{srv.log()}")
+        return text in srv.log()
+
+    wait_for(logged, timeout, f"{text!r} in the log", interval=0.05)
+
+
+def pool_ctl(srv: Mandosd, url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    argv = [tool("mandos-ctl"), *args, "--configdir", str(srv.configdir),
+            "--state-url", url]
+    if args[:1] not in (("log",), ("migrate-state",)):
+        argv += ["--statedir", str(srv.statedir)]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60)
+
+
+def state(url: str, name: str = "client1") -> dict[str, object]:
+    import psycopg
+    from psycopg.rows import dict_row
+
+    with psycopg.connect(url, row_factory=dict_row) as conn:
+        row = conn.execute("SELECT * FROM clients WHERE name=%s", (name,)).fetchone()
+    assert row is not None
+    return row
+
+
+def fetch_all(keys: Path, srvs: list[Mandosd]) -> list[bytes]:
+    return [fetch(keys, s.address).stdout for s in srvs]

@@ -27,6 +27,7 @@ import pytest
 from tests import pglib
 from tests.escrowlib import escrow_tls, make_cert, packet, reply, send_store, store
 from tests.helpers import PASSWORD, Mandosd, fetch, tool, wait_for
+from tests.pglib import fetch_all, pool_ctl, servers, state, wait_logged
 
 REASON_ELSEWHERE = "client is not in this server's clients.conf"
 
@@ -47,58 +48,6 @@ def pg() -> Iterator[pglib.Postgres]:
 def url(pg: pglib.Postgres) -> str:
     """A fresh, empty database for one test."""
     return pg.create_database(f"pool_{uuid.uuid4().hex[:12]}")
-
-
-def servers(tmp_path: Path, url: str, sections: list[list[str]], stack: ExitStack
-            ) -> list[Mandosd]:
-    """Start one mandosd per entry of *sections* (its clients.conf), all at once."""
-    out = []
-    for i, secs in enumerate(sections, 1):
-        srv = Mandosd(tmp_path / f"srv{i}", sections=secs,
-                      extra_args=["--state-url", url, "--server-name", f"srv{i}"])
-        out.append(srv)
-    procs = []
-    for srv in out:  # Popen all first: three servers meet an empty database together
-        log = srv.logfile.open("ab")
-        env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
-        srv.proc = subprocess.Popen(srv.argv(), stdout=log, stderr=log, env=env)
-        procs.append(srv)
-        stack.callback(srv.stop)
-    for srv in procs:
-        _wait_log(srv, "MANDOS_OUTCOME=server-started")
-    return out
-
-
-def _wait_log(srv: Mandosd, text: str, timeout: float = 60) -> None:
-    def logged() -> bool:
-        assert srv.proc is not None
-        if srv.proc.poll() is not None:
-            raise AssertionError(f"mandosd exited {srv.proc.returncode}:\n{srv.log()}")
-        return text in srv.log()
-
-    wait_for(logged, timeout, f"{text!r} in the log", interval=0.05)
-
-
-def pool_ctl(srv: Mandosd, url: str, *args: str) -> subprocess.CompletedProcess[str]:
-    argv = [tool("mandos-ctl"), *args, "--configdir", str(srv.configdir),
-            "--state-url", url]
-    if args[:1] not in (("log",), ("migrate-state",)):
-        argv += ["--statedir", str(srv.statedir)]
-    return subprocess.run(argv, capture_output=True, text=True, timeout=60)
-
-
-def state(url: str, name: str = "client1") -> dict[str, object]:
-    import psycopg
-    from psycopg.rows import dict_row
-
-    with psycopg.connect(url, row_factory=dict_row) as conn:
-        row = conn.execute("SELECT * FROM clients WHERE name=%s", (name,)).fetchone()
-    assert row is not None
-    return row
-
-
-def fetch_all(keys: Path, srvs: list[Mandosd]) -> list[bytes]:
-    return [fetch(keys, s.address).stdout for s in srvs]
 
 
 # -- schema ---------------------------------------------------------------------------
@@ -193,7 +142,7 @@ def test_waiting_request_released_by_an_approval_through_another_server(
                 "--connect", srvs[0].address]
         waiting = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         stack.callback(waiting.kill)
-        _wait_log(srvs[0], "MANDOS_OUTCOME=approval-requested")
+        wait_logged(srvs[0], "MANDOS_OUTCOME=approval-requested")
         wait_for(lambda: state(url)["approval_pending_until"] is not None, 60,
                  "the pending approval in the pool's state", interval=0.05)
         # the approve goes through the third server's configuration; the first

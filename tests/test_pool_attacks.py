@@ -1,0 +1,304 @@
+"""The pool of key servers, attacked: real PostgreSQL 15, real mandosd, real TLS peers.
+
+Who attacks here: an enrolled machine (or whoever holds its TLS key) that escrows
+through three servers at once or answers its checker with terminal escapes; a
+role with read access to the pool's database (an auditor's host gone rogue),
+which can take PostgreSQL's advisory locks without any privilege; a server of the
+pool whose clients.conf says something else than another's; and the mistakes that
+would put the database password into a log.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import subprocess
+import sys
+import threading
+import uuid
+from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
+
+import pytest
+
+from mandos_core.escrow_wire import frame
+from tests import pglib
+from tests.escrowlib import escrow_tls, make_cert, packet, reply, send_store
+from tests.helpers import PASSWORD, Mandosd, enroll, fetch, make_keys, tool, wait_for
+from tests.pglib import fetch_all, pool_ctl, servers, state
+
+OTHER_PASSWORD = b"another machine's passphrase"
+
+
+@pytest.fixture(scope="module")
+def pg() -> Iterator[pglib.Postgres]:
+    why = pglib.available()
+    if why:
+        pytest.skip(why)
+    server = pglib.Postgres().start()
+    try:
+        yield server
+    finally:
+        server.destroy()
+
+
+@pytest.fixture()
+def url(pg: pglib.Postgres) -> str:
+    """A fresh, empty database for one test."""
+    return pg.create_database(f"attack_{uuid.uuid4().hex[:12]}")
+
+
+@pytest.fixture(scope="module")
+def other_keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_keys(tmp_path_factory.mktemp("other") / "keys", "client2")
+
+
+@pytest.fixture(scope="module")
+def other_section(other_keys: Path) -> str:
+    return enroll(other_keys, OTHER_PASSWORD, "client2", host="127.0.0.1")
+
+
+def key_id(section: str) -> str:
+    m = re.search(r"^key_id = ([0-9A-F]{64})$", section, re.M)
+    assert m, section
+    return m.group(1)
+
+
+def reader(url: str) -> str:
+    """A role that may connect and read every table, nothing more (an auditor's);
+    returns its URL."""
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        if not conn.execute("SELECT 1 FROM pg_roles WHERE rolname='auditor'").fetchone():
+            conn.execute("CREATE ROLE auditor LOGIN")
+        conn.execute("GRANT SELECT ON ALL TABLES IN SCHEMA public TO auditor")
+    return url.replace("user=postgres", "user=auditor")
+
+
+def waiting_advisory_locks(url: str) -> int:
+    import psycopg
+
+    with psycopg.connect(url) as conn:
+        row = conn.execute("SELECT count(*) FROM pg_locks WHERE locktype='advisory'"
+                           " AND NOT granted").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def checker_pass(srv: Mandosd, url: str, name: str) -> subprocess.CompletedProcess[str]:
+    """One checker pass on *srv*'s configuration, as its mandosd-checker.timer runs it."""
+    argv = [sys.executable, "-m", "mandosd", "--configdir", str(srv.configdir), "--statedir",
+            str(srv.statedir), "--state-url", url, "--server-name", name, "--run-checkers"]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=120)
+
+
+# -- escrow: one machine's quota and rate, whatever servers it talks to at once ------------
+
+@pytest.mark.parametrize("limit", ["escrow_uploads_per_hour = 2", "escrow_max_packets = 2"],
+                         ids=["rate", "quota"])
+def test_concurrent_escrow_through_three_servers_stores_no_more_than_the_limit(
+        tmp_path: Path, url: str, client_keys: Path, client_section: str, limit: str) -> None:
+    """Nine sessions, three on each server, each with a packet for another volume, all
+    sent at the same moment: the machine's limit of two holds for the pool, not per
+    server and not per session (each server's own count would let six through)."""
+    import psycopg
+
+    cert = make_cert()
+    section = client_section + limit + "\n"
+    with ExitStack() as stack:
+        srvs = servers(tmp_path, url, [[section]] * 3, stack)
+        sessions = [stack.enter_context(escrow_tls(srvs[i % 3].address, client_keys))
+                    for i in range(9)]
+        packets = [packet(cert, host=f"try{i}") for i in range(9)]
+        go = threading.Barrier(len(sessions))
+        answers: list[dict[str, object] | None] = [None] * len(sessions)
+
+        def one(i: int) -> None:
+            go.wait()
+            send_store(sessions[i], packets[i])
+            answers[i] = reply(sessions[i])
+            sessions[i].sendall(frame(b""))
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(len(sessions))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert all(a is not None for a in answers), [s.log() for s in srvs]
+        stored = [a for a in answers if a is not None and a["ok"]]
+        assert len(stored) == 2, answers
+        refused = {str(a["error"]) for a in answers if a is not None and not a["ok"]}
+        word = limit.split()[0]
+        assert refused and all(word in r for r in refused), refused
+    with psycopg.connect(url) as conn:
+        kept = conn.execute("SELECT count(*), count(DISTINCT server) FROM escrow_packets"
+                            ).fetchone()
+        uploads = conn.execute("SELECT count(*) FROM escrow_uploads").fetchone()
+    assert kept is not None and kept[0] == 2
+    assert uploads == (2,)
+
+
+# -- a disable in one server's clients.conf is not undone by another server ----------------
+
+def test_a_disable_in_one_servers_config_survives_another_servers_checker_pass(
+        tmp_path: Path, url: str, client_keys: Path, client_section: str) -> None:
+    """The admin writes ``enabled = False`` into one server's clients.conf (Mandos's way
+    to take a stolen machine out).  Another server's clients.conf did not change: its
+    next load (its checker timer, a restart) must leave the pool's state alone, not
+    compare its own file with what the first server loaded and "enable" the machine."""
+    with ExitStack() as stack:
+        srvs = servers(tmp_path, url, [[client_section]] * 2, stack)
+        assert fetch_all(client_keys, srvs) == [PASSWORD] * 2
+        srvs[0].sections = [client_section + "enabled = False\n"]
+        srvs[0].write_config()
+        assert fetch(client_keys, srvs[0].address).stdout == b""  # reloaded: disabled
+        assert state(url)["enabled"] is False
+        assert fetch(client_keys, srvs[1].address).stdout == b""  # for the pool
+        p = checker_pass(srvs[1], url, "srv2")  # what the second server's timer runs
+        assert p.returncode == 0, p.stderr
+        assert state(url)["enabled"] is False, srvs[1].log() + p.stderr
+        assert fetch_all(client_keys, srvs) == [b""] * 2
+        # and the first server's own later loads keep it so too
+        p = checker_pass(srvs[0], url, "srv1")
+        assert p.returncode == 0, p.stderr
+        assert fetch_all(client_keys, srvs) == [b""] * 2
+        # an admin's enable (any host) is what brings it back
+        assert pool_ctl(srvs[1], url, "--enable", "client1").returncode == 0
+        assert fetch_all(client_keys, srvs) == [PASSWORD] * 2
+
+
+# -- a reader of the database holds advisory locks ------------------------------------------
+
+def test_a_readers_lock_on_a_machines_escrow_does_not_stall_the_servers_secrets(
+        tmp_path: Path, url: str, client_keys: Path, client_section: str,
+        other_keys: Path, other_section: str) -> None:
+    """A role that may only read takes pg_advisory_lock on client1's escrow key (no
+    privilege needed); client1 then escrows.  Its session waits for its turn; the
+    server's secret requests (another machine's here) must not wait with it."""
+    import psycopg
+
+    from mandosd.pgescrow import ESCROW_LOCK_CLASS
+
+    cert = make_cert()
+    with ExitStack() as stack:
+        srv = servers(tmp_path, url, [[client_section, other_section]], stack)[0]
+        rogue = stack.enter_context(psycopg.connect(reader(url), autocommit=True))
+        rogue.execute("SELECT pg_advisory_lock(%s, hashtext(%s))",
+                      (ESCROW_LOCK_CLASS, key_id(client_section)))
+        with escrow_tls(srv.address, client_keys) as tls:
+            send_store(tls, packet(cert))
+            wait_for(lambda: waiting_advisory_locks(url) > 0, 30,
+                     "the escrow session to wait for the machine's lock", interval=0.05)
+            got = fetch(other_keys, srv.address, timeout=5).stdout
+            still_waiting = waiting_advisory_locks(url)
+            rogue.execute("SELECT pg_advisory_unlock_all()")
+            answer = reply(tls)
+        assert got == OTHER_PASSWORD, srv.log()
+        assert still_waiting == 1  # the secret went out while the escrow session waited
+        assert answer is not None and answer["ok"], answer
+
+
+def test_a_readers_lock_on_the_schema_does_not_stop_a_server_from_connecting(
+        tmp_path: Path, url: str, client_keys: Path, client_section: str) -> None:
+    """The schema lock is for migrations; a database already at this version needs no
+    lock to be used.  A reader holding it must not keep servers from starting or
+    reconnecting (after a database restart, say)."""
+    import psycopg
+
+    from mandosd.pgstate import SCHEMA_LOCK, PostgresStore
+
+    PostgresStore(url).close()  # the schema, as the first server made it
+    with ExitStack() as stack:
+        rogue = stack.enter_context(psycopg.connect(reader(url), autocommit=True))
+        rogue.execute("SELECT pg_advisory_lock(%s)", (SCHEMA_LOCK,))
+        srv = servers(tmp_path, url, [[client_section]], stack)[0]
+        assert fetch(client_keys, srv.address).stdout == PASSWORD, srv.log()
+        p = pool_ctl(srv, url, "--disable", "client1")
+        assert p.returncode == 0, p.stderr
+
+
+# -- what reaches an admin's terminal and logs ----------------------------------------------
+
+def test_pool_log_prints_a_machines_text_escaped(
+        tmp_path: Path, url: str, client_section: str) -> None:
+    """A machine checked with Debian's ssh-keyscan line answers with an SSH banner full
+    of terminal escapes; ssh-keyscan repeats it on stderr, the checker's reason carries
+    it into the audit table, and ``mandos-ctl log`` must not replay it on the admin's
+    terminal."""
+    evil = b"SSH-2.0-OpenSSH_9.2\x1b]0;all clear\x07\x1b[2J\x1b[1;1H"
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    port = listener.getsockname()[1]
+
+    def banner() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with conn:
+                conn.sendall(evil + b"\r\n")
+
+    threading.Thread(target=banner, daemon=True).start()
+    checker = (f"checker = ssh-keyscan -t ed25519 -p {port} %%(host)s 2>/dev/null | grep "
+               "--fixed-strings --line-regexp --quiet --regexp=%%(host)s\" %(ssh_fingerprint)s\"\n"
+               "ssh_fingerprint = ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIExpZ2h0\n")
+    section = re.sub(r"^checker = .*\n", "", client_section, flags=re.M) + checker
+    try:
+        with ExitStack() as stack:
+            srv = servers(tmp_path, url, [[section]], stack)[0]
+            p = checker_pass(srv, url, "srv1")
+            assert p.returncode == 0, p.stderr
+
+            def logged() -> str | None:
+                out = pool_ctl(srv, url, "log", "client1")
+                assert out.returncode == 0, out.stderr
+                return out.stdout if "checker-failed" in out.stdout else None
+
+            out = wait_for(logged, 60, "the checker's row in the audit table", interval=0.1)
+    finally:
+        listener.close()
+    assert "OpenSSH_9.2" in out, out  # the machine's text is there...
+    assert "\x1b" not in out and "\x07" not in out, repr(out)  # ...but harmless
+    assert "\\x1b]0;all clear\\x07" in out, out
+
+
+def test_a_password_in_a_state_url_libpq_cannot_parse_is_never_printed(
+        tmp_path: Path) -> None:
+    """A typo in the URL (a '%' not followed by two hex digits, a bracket) makes libpq
+    quote the URL's text back; that message goes to the journal and to mandos-ctl's
+    terminal, never with the password."""
+    pytest.importorskip("psycopg")
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    (conf / "clients.conf").write_text("")
+    (conf / "clients.conf").chmod(0o600)
+    bad_urls = ["postgresql://mandosd:Sup3r%Zsecret@db.example.net/mandos",
+                "postgresql://mandosd:Sup3rsecret@[db.example.net/mandos",
+                "host=db.example.net password=Sup3r secret"]
+    for bad in bad_urls:
+        runs = [
+            [sys.executable, "-m", "mandosd", "--configdir", str(conf), "--statedir",
+             str(tmp_path / "state"), "--state-url", bad, "--listen", "127.0.0.1:0"],
+            [tool("mandos-ctl"), "--configdir", str(conf), "--state-url", bad, "log"],
+            [tool("mandos-ctl"), "--configdir", str(conf), "--state-url", bad, "escrow",
+             "list"],
+            [tool("mandos-ctl"), "--configdir", str(conf), "--statedir",
+             str(tmp_path / "state"), "--state-url", bad, "--disable", "x"],
+        ]
+        for argv in runs:
+            p = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+            assert p.returncode != 0, (argv, p.stdout, p.stderr)
+            assert "not a PostgreSQL connection string" in p.stderr, p.stderr
+            assert "secret" not in p.stderr and "Sup3r" not in p.stderr, p.stderr
+            assert "Traceback" not in p.stderr
+    # in mandos.conf, a single '%' (interpolation) is said without the rest of the URL
+    (conf / "mandos.conf").write_text(
+        "[DEFAULT]\nstate_url = postgresql://mandosd:Sup3r%secret@db.example.net/m\n")
+    p = subprocess.run([tool("mandos-ctl"), "--configdir", str(conf), "log"],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode != 0 and "state_url" in p.stderr, p.stderr
+    assert "secret" not in p.stderr, p.stderr
