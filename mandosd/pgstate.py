@@ -337,25 +337,48 @@ class PostgresStore:
         """Run *fn* in one transaction; a lost connection becomes a StateError.
 
         *tx* false: *fn* runs one statement, which autocommit makes its own
-        transaction (one round trip instead of three: a request's cost).
+        transaction (one round trip instead of three: a request's cost).  A
+        transaction whose BEGIN finds the connection dead (the database restarted
+        while it was idle) has run nothing: it runs once more on a new connection.
         """
         with self._lock:
+            idle = self._conn is not None and not self._conn.closed
             conn = self._get()
+            began = False
             try:
                 if not tx:
                     return fn(conn)
                 with conn.transaction():
+                    began = True
                     return fn(conn)
             except _CONN_ERRORS as e:
                 if conn.closed or conn.broken:
                     self._conn = None
                     with _suppress():
                         conn.close()
-                    self._failed()
                     log.error("%s: connection lost: %s", self.where, _first_line(e))
+                    if tx and idle and not began:
+                        return self._again(fn)
+                    self._failed()
                 raise StateError(f"{self.where}: {_first_line(e)}") from None
             except psycopg.Error as e:
                 raise StateError(f"{self.where}: {_first_line(e)}") from None
+
+    def _again(self, fn: Callable[[psycopg.Connection[Any]], Any]) -> Any:
+        """*fn* in one transaction on a new connection (the lock held), once."""
+        conn = self._connect()
+        try:
+            with conn.transaction():
+                return fn(conn)
+        except _CONN_ERRORS as e:
+            if conn.closed or conn.broken:
+                self._conn = None
+                with _suppress():
+                    conn.close()
+                self._failed()
+            raise StateError(f"{self.where}: {_first_line(e)}") from None
+        except psycopg.Error as e:
+            raise StateError(f"{self.where}: {_first_line(e)}") from None
 
     # -- the StateStore interface -------------------------------------------------
 
@@ -674,6 +697,15 @@ class ChangeListener:
 
 # -- the fleet audit table ---------------------------------------------------------------
 
+def _text(value: Any) -> Any:
+    """*value* as PostgreSQL's text (and jsonb) can hold it: a NUL (a checker's reason
+    may quote what a machine sent) or an undecodable byte would fail the whole batch,
+    and every batch after it, since the writer retries.  Other values as they are."""
+    if not isinstance(value, str):
+        return value
+    return value.replace("\x00", "\\x00").encode("utf-8", "backslashreplace").decode()
+
+
 class AuditWriter:
     """Copies audit entries into the ``audit`` table from a thread of its own.
 
@@ -698,12 +730,12 @@ class AuditWriter:
             with _suppress():
                 self._queue.get_nowait()
             log.error("%s: audit table unreachable; dropping the oldest entry", self.where)
-        fields = {k: v for k, v in entry["fields"].items() if v is not None}
+        fields = {k: _text(v) for k, v in entry["fields"].items() if v is not None}
         at = datetime.datetime.fromtimestamp(entry["at"], datetime.UTC)
         self._queue.put((at, self.server_name, entry["outcome"], entry["message_id"],
-                         entry.get("client"), entry.get("key_id"), entry.get("peer"),
-                         entry.get("reason"), entry["message"],
-                         json.dumps(fields, default=str, sort_keys=True)))
+                         *(_text(entry.get(k)) for k in ("client", "key_id", "peer",
+                                                         "reason", "message")),
+                         json.dumps(fields, default=lambda v: _text(str(v)), sort_keys=True)))
 
     def _write(self, rows: list[tuple[Any, ...]]) -> bool:
         try:

@@ -302,3 +302,44 @@ def test_a_password_in_a_state_url_libpq_cannot_parse_is_never_printed(
                        capture_output=True, text=True, timeout=60)
     assert p.returncode != 0 and "state_url" in p.stderr, p.stderr
     assert "secret" not in p.stderr, p.stderr
+
+
+def test_a_nul_from_a_machine_does_not_stop_the_servers_fleet_audit(
+        tmp_path: Path, url: str, client_keys: Path, client_section: str) -> None:
+    """A site checker that reports what the machine's status port says (its reason is
+    the checker's last line); the machine answers with a NUL, which PostgreSQL's text
+    cannot hold.  That one row must not block the server's audit rows after it: the
+    secret this server sends next is in ``mandos-ctl log``."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    port = listener.getsockname()[1]
+
+    def status() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with conn:
+                conn.sendall(b"status: \x00 degraded \xed\xb2\x80\n")
+
+    threading.Thread(target=status, daemon=True).start()
+    checker = f"checker = /bin/bash -c 'cat < /dev/tcp/%%(host)s/{port} >&2; exit 1'\n"
+    section = re.sub(r"^checker = .*\n", "", client_section, flags=re.M) + checker
+    try:
+        with ExitStack() as stack:
+            srv = servers(tmp_path, url, [[section]], stack)[0]
+            srv.wait_log("MANDOS_OUTCOME=checker-failed", timeout=60)  # its own pass
+            assert "status: " in srv.log()
+            assert fetch(client_keys, srv.address).stdout == PASSWORD
+
+            def logged() -> str | None:
+                out = pool_ctl(srv, url, "log", "client1")
+                assert out.returncode == 0, out.stderr
+                return out.stdout if "secret-sent" in out.stdout else None
+
+            out = wait_for(logged, 30, "the secret in the pool's audit table", interval=0.2)
+    finally:
+        listener.close()
+    assert "status: \\\\x00 degraded" in out, out  # in the table as \x00, shown escaped
