@@ -4,7 +4,9 @@
 a fresh directory under /tmp that user owns (pytest's tmp_path is root-only).
 No TCP (``listen_addresses=''``); clients connect over the socket in
 ``sockdir``.  :meth:`Postgres.stop` and :meth:`Postgres.start` let a test take
-the database away and bring it back under running key servers.
+the database away and bring it back under running key servers.  Below it, the
+pool's helpers that tests/test_pool.py and tests/test_pool_attacks.py share: real
+mandosd processes on one database, mandos-ctl with its URL, a client's stored row.
 """
 
 from __future__ import annotations

@@ -140,6 +140,25 @@ def test_concurrent_escrow_through_three_servers_stores_no_more_than_the_limit(
     assert uploads == (2,)
 
 
+def test_a_server_whose_config_lacks_the_machine_stores_nothing_for_it(
+        tmp_path: Path, url: str, client_keys: Path, client_section: str) -> None:
+    """The machine is in the pool's database (another server lists it), and escrows
+    through a server whose clients.conf does not: no answer, no row, the reason in that
+    server's audit, as for its secret."""
+    import psycopg
+
+    cert = make_cert()
+    with ExitStack() as stack:
+        srvs = servers(tmp_path, url, [[client_section], []], stack)
+        with escrow_tls(srvs[1].address, client_keys) as tls:
+            send_store(tls, packet(cert))
+            assert reply(tls) is None
+        assert "MANDOS_OUTCOME=escrow-refused-unknown" in srvs[1].wait_log(
+            "escrow-refused-unknown")
+    with psycopg.connect(url) as conn:
+        assert conn.execute("SELECT count(*) FROM escrow_packets").fetchone() == (0,)
+
+
 # -- a disable in one server's clients.conf is not undone by another server ----------------
 
 def test_a_disable_in_one_servers_config_survives_another_servers_checker_pass(
