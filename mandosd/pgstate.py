@@ -216,7 +216,9 @@ def own_config(raw: str | None, server: str) -> dict[str, Any] | None:
     """The clients.conf values *server* loaded last for a client (column ``config``).
 
     Each server of the pool reads its own clients.conf, so "changed since the last
-    load" is per server: ``{"by_server": {NAME: values}}``.  Compared with another
+    load" is per server: ``{"by_server": {KEY: values}}``, KEY naming the host and
+    state directory (:func:`mandosd.stores.config_key`), which its mandosd, checker
+    pass and mandos-ctl share.  Compared with another
     server's values, an unchanged file would look changed, and a server whose file
     still says ``enabled = True`` would enable a client that another server's file
     disabled.  None: this server never loaded the client (or the value is one for the
@@ -272,10 +274,12 @@ class PostgresStore:
 
     def __init__(self, url: str, *, server_name: str | None = None,
                  connect_timeout: float = 5.0, clock: Callable[[], float] = time.monotonic,
-                 lazy: bool = False) -> None:
+                 lazy: bool = False, config_key: str | None = None) -> None:
         self.url = url
         self.where = describe(url)
         self.server_name = server_name or socket.gethostname()
+        #: whose clients.conf this store's loads are (see :func:`own_config`)
+        self.config_key = config_key or self.server_name
         self.connect_timeout = connect_timeout
         self.clock = clock
         self._conn: psycopg.Connection[Any] | None = None
@@ -393,27 +397,31 @@ class PostgresStore:
         server); and a removed client stays removed.
         """
         from .audit import audit
-        from .merge import plan
+        from .merge import Plan, plan
 
         clients = list(clients)
-        names = [c.name for c in clients]
 
-        me = self.server_name
+        me = self.config_key
 
-        def tx(conn: psycopg.Connection[Any]) -> Any:
+        def step(conn: psycopg.Connection[Any], pending: list[Client]) -> tuple[Plan, set[str]]:
+            """Merge *pending*; returns the plan and the names another server inserted
+            first (their rows exist now: merged again, as this server's first load)."""
             found = conn.execute(
                 "SELECT * FROM clients WHERE name = ANY(%s) ORDER BY name FOR UPDATE",
-                (names,)).fetchall()
+                ([c.name for c in pending],)).fetchall()
             raw = {r["name"]: r["config"] for r in found}  # every server's, under our lock
-            todo = plan(clients, [_row(r, me) for r in found], now)
+            todo = plan(pending, [_row(r, me) for r in found], now)
+            lost: set[str] = set()
             with conn.cursor() as cur:
                 for row in todo.inserts:
                     cols = list(row)
                     values = [with_own_config(None, me, row[k]) if k == "config"
                               else _db_value(k, row[k]) for k in cols]
                     cur.execute(f"INSERT INTO clients ({', '.join(cols)}) VALUES "  # noqa: S608
-                                f"({', '.join(['%s'] * len(cols))}) ON CONFLICT (name) DO NOTHING",
-                                values)
+                                f"({', '.join(['%s'] * len(cols))}) ON CONFLICT (name) DO NOTHING"
+                                " RETURNING name", values)
+                    if cur.fetchone() is None:
+                        lost.add(row["name"])
                 for name, changes in todo.updates:
                     bad = set(changes) - set(_COLUMNS)
                     if bad:
@@ -423,6 +431,14 @@ class PostgresStore:
                               else _db_value(k, v) for k, v in changes.items()]
                     cur.execute(f"UPDATE clients SET {cols_set} WHERE name=%s",  # noqa: S608
                                 [*values, name])
+            return todo, lost
+
+        def tx(conn: psycopg.Connection[Any]) -> Plan:
+            todo, lost = step(conn, clients)
+            if lost:  # servers starting at once: an "enabled = False" here still counts
+                again, _ = step(conn, [c for c in clients if c.name in lost])
+                todo.updates += again.updates
+                todo.events += again.events
             return todo
 
         todo = self._run(tx)
@@ -437,7 +453,7 @@ class PostgresStore:
         names = {c.name for c in clients}
         rows = self._run(lambda c: c.execute("SELECT * FROM clients ORDER BY name").fetchall(),
                          tx=False)
-        states = [_row(r, self.server_name) for r in rows]
+        states = [_row(r, self.config_key) for r in rows]
         return plan(clients, [s for s in states if s.name in names], now).apply(states)
 
     def get(self, name: str) -> ClientState | None:

@@ -48,7 +48,18 @@ def open_store(state_url: str | None, statedir: Path, *, durable: bool = True,
     except ImportError:
         raise StateError("--state-url needs psycopg 3 (Debian: python3-psycopg; "
                          "pip: mandos-nbde[postgresql])") from None
-    return PostgresStore(state_url, server_name=server_name(name), lazy=lazy)
+    return PostgresStore(state_url, server_name=server_name(name), lazy=lazy,
+                         config_key=config_key(statedir))
+
+
+def config_key(statedir: Path) -> str:
+    """Whose clients.conf a load in a pool is: this host's, as its state directory's.
+
+    mandosd, its checker pass and mandos-ctl on one host read the same clients.conf
+    (and share the state directory, whatever ``--server-name`` each was given): one
+    key, so that a change in that file is applied once, by whichever loads it first.
+    """
+    return f"{socket.gethostname()}:{statedir.resolve()}"
 
 
 def escrow_opener(state_url: str | None, store: StateStore,

@@ -188,6 +188,27 @@ def test_a_disable_in_one_servers_config_survives_another_servers_checker_pass(
         assert fetch_all(client_keys, srvs) == [PASSWORD] * 2
 
 
+def test_an_admins_disable_survives_the_server_loading_a_change_its_checker_pass_loaded(
+        tmp_path: Path, url: str, client_keys: Path, client_section: str) -> None:
+    """mandosd (``--server-name ks1``), its checker pass and mandos-ctl on one host read
+    one clients.conf.  A change there (the machine enabled again) that the checker pass
+    loaded first is the same change when mandosd loads it later: an admin's disable
+    given in between (through another server) must hold, not be undone by mandosd's
+    late load, which the stolen machine itself triggers with its request."""
+    section = client_section + "interval = PT1H\n"
+    with ExitStack() as stack:
+        srvs = servers(tmp_path, url, [[section + "enabled = False\n"], [section]], stack)
+        assert fetch_all(client_keys, srvs) == [b""] * 2
+        srvs[0].sections = [section]  # the machine is back: enabled again in the file
+        srvs[0].write_config()
+        # the first server's host: its checker timer runs without --server-name
+        p = checker_pass(srvs[0], url, "ks1.example.net")
+        assert p.returncode == 0, p.stderr
+        assert pool_ctl(srvs[1], url, "--disable", "client1").returncode == 0  # stolen
+        assert fetch_all(client_keys, srvs) == [b""] * 2, srvs[0].log()
+        assert state(url)["enabled"] is False
+
+
 # -- a reader of the database holds advisory locks ------------------------------------------
 
 def test_a_readers_lock_on_a_machines_escrow_does_not_stall_the_servers_secrets(
