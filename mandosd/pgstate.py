@@ -131,6 +131,11 @@ _CONN_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError)
 #: a claim is lost (its server died mid-pass) after the check's interval plus this: a
 #: checker is killed at its interval and its result written within a second after
 CLAIM_SLACK = 2.0
+#: audit outcomes any peer causes without a known client's key (a new key per connection
+#: costs nothing): each server copies at most NOISE_PER_MINUTE of them a minute into the
+#: audit table, which has no rotation (journald has every one)
+NOISE = frozenset({"protocol-error", "refused-unknown", "escrow-refused-unknown"})
+NOISE_PER_MINUTE = 600
 #: back-off between reconnection attempts (seconds): doubles up to the maximum
 BACKOFF_MIN = 0.2
 BACKOFF_MAX = 10.0
@@ -727,7 +732,9 @@ class AuditWriter:
 
     Entries queue in memory (at most :attr:`limit`; beyond that the oldest are
     dropped, with one error) while the database is unreachable; :meth:`close`
-    writes what is left, if it can.
+    writes what is left, if it can.  Entries that no known client stands behind
+    (:data:`NOISE`) are copied at a bounded rate: anyone who reaches the port could
+    otherwise fill the database's disk, and with it stop every server of the pool.
     """
 
     def __init__(self, url: str, server_name: str, *, limit: int = 100_000) -> None:
@@ -737,11 +744,33 @@ class AuditWriter:
         self.limit = limit
         self._queue: queue.Queue[tuple[Any, ...] | None] = queue.Queue()
         self._conn: psycopg.Connection[Any] | None = None
+        self._noise_lock = threading.Lock()
+        self._noise_minute, self._noise_seen, self._noise_dropped = -1, 0, 0
         self._thread = threading.Thread(target=self._loop, name="mandosd-audit", daemon=True)
         self._thread.start()
 
+    def _noise(self, entry: Mapping[str, Any]) -> bool:
+        """Is *entry* one too many of :data:`NOISE` this minute (then it is not copied)?"""
+        if entry["outcome"] not in NOISE or entry.get("client"):
+            return False
+        minute = int(entry["at"] // 60)
+        with self._noise_lock:
+            if minute != self._noise_minute:
+                if self._noise_dropped:
+                    log.warning("%s: %d audit entries of unknown peers not copied to the "
+                                "audit table in a minute (over %d; journald has them)",
+                                self.where, self._noise_dropped, NOISE_PER_MINUTE)
+                self._noise_minute, self._noise_seen, self._noise_dropped = minute, 0, 0
+            self._noise_seen += 1
+            if self._noise_seen <= NOISE_PER_MINUTE:
+                return False
+            self._noise_dropped += 1
+            return True
+
     def __call__(self, entry: Mapping[str, Any]) -> None:
         """The audit sink (see :func:`mandosd.audit.add_sink`)."""
+        if self._noise(entry):
+            return
         if self._queue.qsize() >= self.limit:
             with _suppress():
                 self._queue.get_nowait()

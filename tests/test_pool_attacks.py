@@ -383,3 +383,41 @@ def test_a_nul_from_a_machine_does_not_stop_the_servers_fleet_audit(
     finally:
         listener.close()
     assert "status: \\\\x00 degraded" in out, out  # in the table as \x00, shown escaped
+
+
+def test_a_flood_from_unknown_peers_does_not_fill_the_pools_database(
+        tmp_path: Path, url: str, client_keys: Path, client_section: str) -> None:
+    """Anyone who reaches a server's port, without any key, makes an audit entry per
+    connection.  Each server's journal rotates; the pool's audit table would grow
+    without bound, and a full database disk stops every server of the pool (no secret
+    is sent unrecorded).  Entries that no known client's key stands behind reach the
+    table at a bounded rate; the rest stay in each server's journal."""
+    import psycopg
+
+    from mandosd.pgstate import NOISE_PER_MINUTE
+
+    flood = 2 * NOISE_PER_MINUTE + 300
+    with ExitStack() as stack:
+        srv = servers(tmp_path, url, [[client_section]], stack)[0]
+        host, port = srv.address.rsplit(":", 1)
+        for _ in range(flood):
+            with socket.create_connection((host, int(port)), timeout=10) as s:
+                s.sendall(b"GET / HTTP/1.0\r\n")
+                s.recv(1)  # the server closes: its audit entry is made
+        assert fetch(client_keys, srv.address).stdout == PASSWORD  # a known client's
+
+        def rows() -> tuple[int, int] | None:
+            with psycopg.connect(url) as conn:
+                sent = conn.execute("SELECT count(*) FROM audit WHERE outcome='secret-sent'"
+                                    ).fetchone()
+                noise = conn.execute("SELECT count(*) FROM audit WHERE outcome="
+                                     "'protocol-error'").fetchone()
+            assert sent is not None and noise is not None
+            return (sent[0], noise[0]) if sent[0] else None
+
+        # rows are written in order: the secret's row is there, so is everything before
+        sent, noise = wait_for(rows, 60, "the secret's row in the audit table", interval=0.2)
+        assert sent == 1
+        assert srv.log().count("MANDOS_REASON=bad-version-line") == flood  # journald: all
+        # at most one minute's share, twice if the flood straddled a minute
+        assert 0 < noise <= 2 * NOISE_PER_MINUTE, noise
