@@ -96,24 +96,30 @@ def checker_pass(srv: Mandosd, url: str, name: str) -> subprocess.CompletedProce
 
 # -- escrow: one machine's quota and rate, whatever servers it talks to at once ------------
 
-@pytest.mark.parametrize("limit", ["escrow_uploads_per_hour = 2", "escrow_max_packets = 2"],
+@pytest.mark.parametrize("limit", ["escrow_uploads_per_hour = 3", "escrow_max_packets = 3"],
                          ids=["rate", "quota"])
 def test_concurrent_escrow_through_three_servers_stores_no_more_than_the_limit(
         tmp_path: Path, url: str, client_keys: Path, client_section: str, limit: str) -> None:
-    """Nine sessions, three on each server, each with a packet for another volume, all
-    sent at the same moment: the machine's limit of two holds for the pool, not per
-    server and not per session (each server's own count would let six through)."""
+    """Thirty sessions, ten on each server, each with a packet for another volume, sent
+    at the same moment, and held at the machine's turn until all three servers wait
+    there: the machine's limit of three holds for the pool, not per server, not per
+    session, and whatever the order in which the waiting requests get their turn (a
+    request that arrived first but waited longest used to miss the uploads stored
+    meanwhile, and stored beyond the rate)."""
     import psycopg
+
+    from mandosd.pgescrow import ESCROW_LOCK_CLASS
 
     cert = make_cert()
     section = client_section + limit + "\n"
+    count = 30
     with ExitStack() as stack:
         srvs = servers(tmp_path, url, [[section]] * 3, stack)
         sessions = [stack.enter_context(escrow_tls(srvs[i % 3].address, client_keys))
-                    for i in range(9)]
-        packets = [packet(cert, host=f"try{i}") for i in range(9)]
-        go = threading.Barrier(len(sessions))
-        answers: list[dict[str, object] | None] = [None] * len(sessions)
+                    for i in range(count)]
+        packets = [packet(cert, host=f"try{i}") for i in range(count)]
+        go = threading.Barrier(count)
+        answers: list[dict[str, object] | None] = [None] * count
 
         def one(i: int) -> None:
             go.wait()
@@ -121,23 +127,29 @@ def test_concurrent_escrow_through_three_servers_stores_no_more_than_the_limit(
             answers[i] = reply(sessions[i])
             sessions[i].sendall(frame(b""))
 
-        threads = [threading.Thread(target=one, args=(i,)) for i in range(len(sessions))]
+        gate = stack.enter_context(psycopg.connect(url, autocommit=True))
+        gate.execute("SELECT pg_advisory_lock(%s, hashtext(%s))",
+                     (ESCROW_LOCK_CLASS, key_id(client_section)))
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(count)]
         for t in threads:
             t.start()
+        wait_for(lambda: waiting_advisory_locks(url) == 3, 60,
+                 "every server's escrow connection to wait for the machine's turn",
+                 interval=0.05)
+        gate.execute("SELECT pg_advisory_unlock_all()")
         for t in threads:
             t.join(120)
         assert all(a is not None for a in answers), [s.log() for s in srvs]
         stored = [a for a in answers if a is not None and a["ok"]]
-        assert len(stored) == 2, answers
+        assert len(stored) == 3, answers
         refused = {str(a["error"]) for a in answers if a is not None and not a["ok"]}
         word = limit.split()[0]
         assert refused and all(word in r for r in refused), refused
     with psycopg.connect(url) as conn:
-        kept = conn.execute("SELECT count(*), count(DISTINCT server) FROM escrow_packets"
-                            ).fetchone()
+        kept = conn.execute("SELECT count(*) FROM escrow_packets").fetchone()
         uploads = conn.execute("SELECT count(*) FROM escrow_uploads").fetchone()
-    assert kept is not None and kept[0] == 2
-    assert uploads == (2,)
+    assert kept == (3,)
+    assert uploads == (3,)
 
 
 def test_a_server_whose_config_lacks_the_machine_stores_nothing_for_it(
@@ -421,3 +433,23 @@ def test_a_flood_from_unknown_peers_does_not_fill_the_pools_database(
         assert srv.log().count("MANDOS_REASON=bad-version-line") == flood  # journald: all
         # at most one minute's share, twice if the flood straddled a minute
         assert 0 < noise <= 2 * NOISE_PER_MINUTE, noise
+
+
+def test_an_upload_stored_while_this_request_waited_counts_for_the_rate() -> None:
+    """The decision's clock is the request's arrival; another session of the same
+    machine may have stored a packet after that, while this one waited for its turn
+    (the race above, without its timing)."""
+    from mandosd.config import Client
+    from mandosd.escrow_policy import EscrowVerdict, Upload, Usage, escrow_decision
+    from mandosd.state import ClientState
+
+    now = 1_800_000_000.0
+    client = Client(name="web1", key_id="AB" * 32, fingerprint="", secret=b"x", host="web1",
+                    checker="true", timeout=300, interval=120, extended_timeout=900,
+                    approval_delay=0, approval_duration=1, approved_by_default=True,
+                    enabled=True, escrow_uploads_per_hour=1)
+    state = ClientState(name="web1", key_id="AB" * 32, enabled=True, deadline=now + 300)
+    upload = Upload(str(uuid.uuid4()), "0" * 64, 1000, int(now))
+    later = Usage(kept=(), uploads=[now + 0.001])  # stored by the other session
+    d = escrow_decision(client, state, later, upload, now, reserve=0)
+    assert d.verdict is EscrowVerdict.RATE, d
