@@ -418,7 +418,9 @@ class PostgresStore:
             todo = plan(pending, [_row(r, me) for r in found], now)
             lost: set[str] = set()
             with conn.cursor() as cur:
-                for row in todo.inserts:
+                # in name order, as the rows were locked: two servers inserting the same
+                # new clients at once wait for each other instead of deadlocking
+                for row in sorted(todo.inserts, key=lambda r: str(r["name"])):
                     cols = list(row)
                     values = [with_own_config(None, me, row[k]) if k == "config"
                               else _db_value(k, row[k]) for k in cols]
