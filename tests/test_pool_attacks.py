@@ -1,11 +1,13 @@
 """The pool of key servers, attacked: real PostgreSQL 15, real mandosd, real TLS peers.
 
 Who attacks here: an enrolled machine (or whoever holds its TLS key) that escrows
-through three servers at once or answers its checker with terminal escapes; a
-role with read access to the pool's database (an auditor's host gone rogue),
-which can take PostgreSQL's advisory locks without any privilege; a server of the
-pool whose clients.conf says something else than another's; and the mistakes that
-would put the database password into a log.
+through three servers at once, or answers its checker with terminal escapes or a
+NUL; anyone who reaches a server's port, without a key, many times; a role with
+read access to the pool's database (an auditor's host gone rogue), which can take
+PostgreSQL's advisory locks without any privilege; the stolen machine whose
+disable one server's load would undo because another server's clients.conf (or the
+same host's checker pass) saw the file otherwise; a server whose clients.conf lacks
+the machine; and the typos that would put the database password into a log.
 """
 
 from __future__ import annotations
@@ -82,7 +84,8 @@ def waiting_advisory_locks(url: str) -> int:
 
     with psycopg.connect(url) as conn:
         row = conn.execute("SELECT count(*) FROM pg_locks WHERE locktype='advisory'"
-                           " AND NOT granted").fetchone()
+                           " AND NOT granted AND database = (SELECT oid FROM pg_database"
+                           " WHERE datname = current_database())").fetchone()
     assert row is not None
     return int(row[0])
 
