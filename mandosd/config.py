@@ -288,11 +288,17 @@ def _syntax_error(path: Path, e: configparser.Error) -> str:
     return f"{path}: {str(e).replace(chr(10), ' ').strip()}"
 
 
+#: settings whose values never appear in a message (a URL may carry a password)
+SECRET_VALUES = frozenset({"state_url"})
+
+
 def _value(path: Path, parser: configparser.ConfigParser, section: str, key: str) -> str:
     try:
         return parser.get(section, key)
     except configparser.InterpolationError as e:
-        msg = str(e).splitlines()[0]
+        # never the rest of a value that may hold a password (state_url)
+        msg = ("a '%' must be followed by '%' or '('" if key in SECRET_VALUES
+               else str(e).splitlines()[0])
         raise ConfigError(f"{path}: [{section}] {key}: bad %-interpolation: {msg} "
                           "(write %% for a literal %)") from None
 

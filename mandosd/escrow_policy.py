@@ -149,7 +149,10 @@ def escrow_decision(client: Client | None, state: ClientState | None, usage: Usa
             return EscrowDecision(EscrowVerdict.DUPLICATE,
                                   f"already stored (sequence {k.sequence})",
                                   duplicate_of=k.sequence)
-    recent = sum(1 for t in usage.uploads if now - RATE_WINDOW < t <= now)
+    # no upper bound: *now* is when this request arrived, and a request of the same
+    # machine (another session, another server of the pool) may have stored after that
+    # while this one waited for its turn; it counts
+    recent = sum(1 for t in usage.uploads if now - RATE_WINDOW < t)
     if recent >= client.escrow_uploads_per_hour:
         return EscrowDecision(EscrowVerdict.RATE, f"{recent} packets stored in the last hour "
                               f"(escrow_uploads_per_hour = {client.escrow_uploads_per_hour})")

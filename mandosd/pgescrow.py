@@ -8,14 +8,15 @@ Each row also names the server that received it.
 One machine's store requests are serialised across the pool by a
 transaction-scoped advisory lock on its key_id, so two sessions with two
 servers cannot both slip under its quota or rate.  A commit is durable
-(PostgreSQL's ``synchronous_commit`` default) before the acknowledgement is
-sent.  The disk reserve (``escrow_reserve``) is the state file system's, which
+(``synchronous_commit`` on for the store transaction, whatever the database's
+default) before the acknowledgement is sent.  The disk reserve (``escrow_reserve``) is the state file system's, which
 this server cannot see: the per-client quota bounds what a machine can store,
 and the database host's disk is watched as any database's is.
 
-It shares the connection of the pool's :class:`mandosd.pgstate.PostgresStore`
-(reconnection, back-off, errors as :class:`StateError`, never the URL in a
-message).
+It runs on a :class:`mandosd.pgstate.PostgresStore` (reconnection, back-off,
+errors as :class:`StateError`, never the URL in a message): in a server, one of
+its own, never the connection that answers secret requests, since a session may
+wait here for another session's advisory lock (:func:`mandosd.stores.escrow_opener`).
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ class PostgresEscrowStore:
         self.where = pg.where
 
     def close(self) -> None:
-        """The connection is the state store's: it closes with it."""
+        """Sessions share the connection: it stays open for the next (its owner closes it)."""
 
     def _run(self, fn: Callable[[psycopg.Connection[Any]], Any]) -> Any:
         try:
@@ -107,6 +108,9 @@ class PostgresEscrowStore:
         """Decide on *packet* and store it if allowed, in one transaction, with this
         machine's requests on every server of the pool waiting their turn."""
         def tx(conn: psycopg.Connection[Any]) -> EscrowDecision:
+            # the acknowledgement lets the machine kill its old backup slot: the commit
+            # is on disk first, whatever a DBA set for speed (synchronous_commit = off)
+            conn.execute("SET LOCAL synchronous_commit TO on")
             conn.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))",
                          (ESCROW_LOCK_CLASS, key_id))
             decision = decide(self._usage(conn, key_id, received - escrow_policy.RATE_WINDOW))

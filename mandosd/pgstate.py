@@ -48,6 +48,8 @@ SCHEMA_VERSION = 3
 #: pg_advisory_xact_lock key: "mandosd schema" (any constant all servers share)
 SCHEMA_LOCK = 0x6D616E646F73
 NOTIFY_CHANNEL = "mandos_clients"
+#: the column ``config`` holds each server's last-loaded clients.conf values under this key
+BY_SERVER = "by_server"
 
 #: (version reached, statements): applied in order to a database at a lower version;
 #: never edit a released step, add one.
@@ -131,6 +133,11 @@ _CONN_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError)
 #: a claim is lost (its server died mid-pass) after the check's interval plus this: a
 #: checker is killed at its interval and its result written within a second after
 CLAIM_SLACK = 2.0
+#: audit outcomes any peer causes without a known client's key (a new key per connection
+#: costs nothing): each server copies at most NOISE_PER_MINUTE of them a minute into the
+#: audit table, which has no rotation (journald has every one)
+NOISE = frozenset({"protocol-error", "refused-unknown", "escrow-refused-unknown"})
+NOISE_PER_MINUTE = 600
 #: back-off between reconnection attempts (seconds): doubles up to the maximum
 BACKOFF_MIN = 0.2
 BACKOFF_MAX = 10.0
@@ -142,6 +149,20 @@ BACKOFF_MAX = 10.0
 #: as long as it hangs.  statement_timeout (10 s, :func:`connect_args`) ends a healthy
 #: statement sooner.
 CALL_LIMIT = 15.0
+
+
+def parse_url(url: str) -> dict[str, Any]:
+    """libpq's parameters of a connection string.
+
+    libpq's own message for one it cannot parse quotes the string (a bad %-escape
+    in the password, a lone bracket): it is never passed on.
+    """
+    try:
+        return dict(psycopg.conninfo.conninfo_to_dict(url))
+    except psycopg.ProgrammingError:
+        raise StateError("the state URL is not a PostgreSQL connection string that libpq "
+                         "can read (check its %-escapes, quotes and brackets; "
+                         "postgresql://USER@HOST/DBNAME)") from None
 
 
 def describe(url: str) -> str:
@@ -165,11 +186,7 @@ def check_passfile(url: str) -> None:
     import os
     import stat
 
-    try:
-        info = psycopg.conninfo.conninfo_to_dict(url)
-    except psycopg.ProgrammingError as e:
-        raise StateError(f"the state URL is not a PostgreSQL connection string: "
-                         f"{_first_line(e)}") from None
+    info = parse_url(url)
     path = info.get("passfile") or os.environ.get("PGPASSFILE")
     if not path:
         return
@@ -191,7 +208,7 @@ def connect_args(url: str, timeout: float, name: str) -> dict[str, Any]:
     A statement may take 10 s at most, and a TCP peer that vanishes without a
     reset is noticed within about 10 s; the URL may set other values.
     """
-    args: dict[str, Any] = dict(psycopg.conninfo.conninfo_to_dict(url))
+    args = parse_url(url)
     args.setdefault("connect_timeout", max(1, round(timeout)))
     args.setdefault("application_name", name[:63])
     args.setdefault("keepalives_idle", 5)
@@ -202,11 +219,39 @@ def connect_args(url: str, timeout: float, name: str) -> dict[str, Any]:
     return args
 
 
-def _row(row: Mapping[str, Any]) -> ClientState:
+def _row(row: Mapping[str, Any], server: str | None = None) -> ClientState:
+    """A client's state; its ``config`` is what *server* loaded last (see :func:`own_config`)."""
     values = {k: row[k] for k in _COLUMNS}
     values["overrides"] = json.loads(values["overrides"] or "{}")
-    values["config"] = json.loads(values["config"]) if values.get("config") else None
+    values["config"] = own_config(values["config"], server) if server else None
     return ClientState(**values)
+
+
+def own_config(raw: str | None, server: str) -> dict[str, Any] | None:
+    """The clients.conf values *server* loaded last for a client (column ``config``).
+
+    Each server of the pool reads its own clients.conf, so "changed since the last
+    load" is per server: ``{"by_server": {KEY: values}}``, KEY naming the host and
+    state directory (:func:`mandosd.stores.config_key`), which its mandosd, checker
+    pass and mandos-ctl share.  Compared with another
+    server's values, an unchanged file would look changed, and a server whose file
+    still says ``enabled = True`` would enable a client that another server's file
+    disabled.  None: this server never loaded the client (or the value is one for the
+    whole pool, from ``migrate-state``: whose file was that?), so only a disable in
+    its file applies (:mod:`mandosd.merge`).
+    """
+    data = json.loads(raw) if raw else None
+    mine = data.get(BY_SERVER) if isinstance(data, dict) else None
+    found = mine.get(server) if isinstance(mine, dict) else None
+    return found if isinstance(found, dict) else None
+
+
+def with_own_config(raw: str | None, server: str, values: Mapping[str, Any]) -> str:
+    """The column ``config`` with *server*'s *values* put in, the other servers' kept."""
+    data = json.loads(raw) if raw else None
+    mine = data.get(BY_SERVER) if isinstance(data, dict) else None
+    others = mine if isinstance(mine, dict) else {}
+    return json.dumps({BY_SERVER: {**others, server: dict(values)}}, sort_keys=True)
 
 
 def migrate(conn: psycopg.Connection[Any], where: str) -> int:
@@ -214,12 +259,18 @@ def migrate(conn: psycopg.Connection[Any], where: str) -> int:
 
     The advisory lock is taken before anything is read, so servers that start at
     the same moment apply each step once, one after the other; it is released at
-    commit.
+    commit.  A database already at this version is used without the lock: any role
+    that may connect can hold an advisory lock (no privilege needed), and a reader
+    holding this one must not keep servers from connecting.
     """
+    cur = conn.cursor(row_factory=psycopg.rows.tuple_row)
+    if cur.execute("SELECT to_regclass('mandos_schema') IS NOT NULL").fetchone() == (True,):
+        row = cur.execute("SELECT max(version) FROM mandos_schema").fetchone()
+        if row is not None and row[0] == SCHEMA_VERSION:
+            return SCHEMA_VERSION
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
         conn.execute("CREATE TABLE IF NOT EXISTS mandos_schema (version INTEGER NOT NULL)")
-        cur = conn.cursor(row_factory=psycopg.rows.tuple_row)
         row = cur.execute("SELECT max(version) FROM mandos_schema").fetchone()
         version = row[0] if row and row[0] is not None else 0
         if version > SCHEMA_VERSION:
@@ -238,10 +289,12 @@ class PostgresStore:
 
     def __init__(self, url: str, *, server_name: str | None = None,
                  connect_timeout: float = 5.0, clock: Callable[[], float] = time.monotonic,
-                 lazy: bool = False) -> None:
+                 lazy: bool = False, config_key: str | None = None) -> None:
         self.url = url
         self.where = describe(url)
         self.server_name = server_name or socket.gethostname()
+        #: whose clients.conf this store's loads are (see :func:`own_config`)
+        self.config_key = config_key or self.server_name
         self.connect_timeout = connect_timeout
         self.clock = clock
         self._conn: psycopg.Connection[Any] | None = None
@@ -305,26 +358,49 @@ class PostgresStore:
         """Run *fn* in one transaction; a lost connection becomes a StateError.
 
         *tx* false: *fn* runs one statement, which autocommit makes its own
-        transaction (one round trip instead of three: a request's cost).
+        transaction (one round trip instead of three: a request's cost).  A
+        transaction whose BEGIN finds the connection dead (the database restarted
+        while it was idle) has run nothing: it runs once more on a new connection.
         """
         with self._lock:
+            idle = self._conn is not None and not self._conn.closed
             conn = self._get()
+            began = False
             try:
                 with self._watchdog.watching(conn):
                     if not tx:
                         return fn(conn)
                     with conn.transaction():
+                        began = True
                         return fn(conn)
             except _CONN_ERRORS as e:
                 if conn.closed or conn.broken:
                     self._conn = None
                     with _suppress():
                         conn.close()
-                    self._failed()
                     log.error("%s: connection lost: %s", self.where, _first_line(e))
+                    if tx and idle and not began:
+                        return self._again(fn)
+                    self._failed()
                 raise StateError(f"{self.where}: {_first_line(e)}") from None
             except psycopg.Error as e:
                 raise StateError(f"{self.where}: {_first_line(e)}") from None
+
+    def _again(self, fn: Callable[[psycopg.Connection[Any]], Any]) -> Any:
+        """*fn* in one transaction on a new connection (the lock held), once."""
+        conn = self._connect()
+        try:
+            with self._watchdog.watching(conn), conn.transaction():
+                return fn(conn)
+        except _CONN_ERRORS as e:
+            if conn.closed or conn.broken:
+                self._conn = None
+                with _suppress():
+                    conn.close()
+                self._failed()
+            raise StateError(f"{self.where}: {_first_line(e)}") from None
+        except psycopg.Error as e:
+            raise StateError(f"{self.where}: {_first_line(e)}") from None
 
     # -- the StateStore interface -------------------------------------------------
 
@@ -339,29 +415,50 @@ class PostgresStore:
         server); and a removed client stays removed.
         """
         from .audit import audit
-        from .merge import plan
+        from .merge import Plan, plan
 
         clients = list(clients)
-        names = [c.name for c in clients]
 
-        def tx(conn: psycopg.Connection[Any]) -> Any:
-            rows = [_row(r) for r in conn.execute(
+        me = self.config_key
+
+        def step(conn: psycopg.Connection[Any], pending: list[Client]) -> tuple[Plan, set[str]]:
+            """Merge *pending*; returns the plan and the names another server inserted
+            first (their rows exist now: merged again, as this server's first load)."""
+            found = conn.execute(
                 "SELECT * FROM clients WHERE name = ANY(%s) ORDER BY name FOR UPDATE",
-                (names,)).fetchall()]
-            todo = plan(clients, rows, now)
+                ([c.name for c in pending],)).fetchall()
+            raw = {r["name"]: r["config"] for r in found}  # every server's, under our lock
+            todo = plan(pending, [_row(r, me) for r in found], now)
+            lost: set[str] = set()
             with conn.cursor() as cur:
-                for row in todo.inserts:
+                # in name order, as the rows were locked: two servers inserting the same
+                # new clients at once wait for each other instead of deadlocking
+                for row in sorted(todo.inserts, key=lambda r: str(r["name"])):
                     cols = list(row)
+                    values = [with_own_config(None, me, row[k]) if k == "config"
+                              else _db_value(k, row[k]) for k in cols]
                     cur.execute(f"INSERT INTO clients ({', '.join(cols)}) VALUES "  # noqa: S608
-                                f"({', '.join(['%s'] * len(cols))}) ON CONFLICT (name) DO NOTHING",
-                                [_db_value(k, row[k]) for k in cols])
+                                f"({', '.join(['%s'] * len(cols))}) ON CONFLICT (name) DO NOTHING"
+                                " RETURNING name", values)
+                    if cur.fetchone() is None:
+                        lost.add(row["name"])
                 for name, changes in todo.updates:
                     bad = set(changes) - set(_COLUMNS)
                     if bad:
                         raise StateError(f"unknown state fields {sorted(bad)}")
                     cols_set = ", ".join(f"{k}=%s" for k in changes)  # keys checked above
+                    values = [with_own_config(raw.get(name), me, v) if k == "config"
+                              else _db_value(k, v) for k, v in changes.items()]
                     cur.execute(f"UPDATE clients SET {cols_set} WHERE name=%s",  # noqa: S608
-                                [*(_db_value(k, v) for k, v in changes.items()), name])
+                                [*values, name])
+            return todo, lost
+
+        def tx(conn: psycopg.Connection[Any]) -> Plan:
+            todo, lost = step(conn, clients)
+            if lost:  # servers starting at once: an "enabled = False" here still counts
+                again, _ = step(conn, [c for c in clients if c.name in lost])
+                todo.updates += again.updates
+                todo.events += again.events
             return todo
 
         todo = self._run(tx)
@@ -374,7 +471,9 @@ class PostgresStore:
 
         clients = list(clients)
         names = {c.name for c in clients}
-        states = self.all()
+        rows = self._run(lambda c: c.execute("SELECT * FROM clients ORDER BY name").fetchall(),
+                         tx=False)
+        states = [_row(r, self.config_key) for r in rows]
         return plan(clients, [s for s in states if s.name in names], now).apply(states)
 
     def get(self, name: str) -> ClientState | None:
@@ -681,12 +780,23 @@ class ChangeListener:
 
 # -- the fleet audit table ---------------------------------------------------------------
 
+def _text(value: Any) -> Any:
+    """*value* as PostgreSQL's text (and jsonb) can hold it: a NUL (a checker's reason
+    may quote what a machine sent) or an undecodable byte would fail the whole batch,
+    and every batch after it, since the writer retries.  Other values as they are."""
+    if not isinstance(value, str):
+        return value
+    return value.replace("\x00", "\\x00").encode("utf-8", "backslashreplace").decode()
+
+
 class AuditWriter:
     """Copies audit entries into the ``audit`` table from a thread of its own.
 
     Entries queue in memory (at most :attr:`limit`; beyond that the oldest are
     dropped, with one error) while the database is unreachable; :meth:`close`
-    writes what is left, if it can.
+    writes what is left, if it can.  Entries that no known client stands behind
+    (:data:`NOISE`) are copied at a bounded rate: anyone who reaches the port could
+    otherwise fill the database's disk, and with it stop every server of the pool.
     """
 
     def __init__(self, url: str, server_name: str, *, limit: int = 100_000) -> None:
@@ -696,21 +806,43 @@ class AuditWriter:
         self.limit = limit
         self._queue: queue.Queue[tuple[Any, ...] | None] = queue.Queue()
         self._conn: psycopg.Connection[Any] | None = None
+        self._noise_lock = threading.Lock()
+        self._noise_minute, self._noise_seen, self._noise_dropped = -1, 0, 0
         self._thread = threading.Thread(target=self._loop, name="mandosd-audit", daemon=True)
         self._thread.start()
 
+    def _noise(self, entry: Mapping[str, Any]) -> bool:
+        """Is *entry* one too many of :data:`NOISE` this minute (then it is not copied)?"""
+        if entry["outcome"] not in NOISE or entry.get("client"):
+            return False
+        minute = int(entry["at"] // 60)
+        with self._noise_lock:
+            if minute != self._noise_minute:
+                if self._noise_dropped:
+                    log.warning("%s: %d audit entries of unknown peers not copied to the "
+                                "audit table in a minute (over %d; journald has them)",
+                                self.where, self._noise_dropped, NOISE_PER_MINUTE)
+                self._noise_minute, self._noise_seen, self._noise_dropped = minute, 0, 0
+            self._noise_seen += 1
+            if self._noise_seen <= NOISE_PER_MINUTE:
+                return False
+            self._noise_dropped += 1
+            return True
+
     def __call__(self, entry: Mapping[str, Any]) -> None:
         """The audit sink (see :func:`mandosd.audit.add_sink`)."""
+        if self._noise(entry):
+            return
         if self._queue.qsize() >= self.limit:
             with _suppress():
                 self._queue.get_nowait()
             log.error("%s: audit table unreachable; dropping the oldest entry", self.where)
-        fields = {k: v for k, v in entry["fields"].items() if v is not None}
+        fields = {k: _text(v) for k, v in entry["fields"].items() if v is not None}
         at = datetime.datetime.fromtimestamp(entry["at"], datetime.UTC)
         self._queue.put((at, self.server_name, entry["outcome"], entry["message_id"],
-                         entry.get("client"), entry.get("key_id"), entry.get("peer"),
-                         entry.get("reason"), entry["message"],
-                         json.dumps(fields, default=str, sort_keys=True)))
+                         *(_text(entry.get(k)) for k in ("client", "key_id", "peer",
+                                                         "reason", "message")),
+                         json.dumps(fields, default=lambda v: _text(str(v)), sort_keys=True)))
 
     def _write(self, rows: list[tuple[Any, ...]]) -> bool:
         try:
@@ -724,7 +856,7 @@ class AuditWriter:
                 for row in rows:
                     copy.write_row(row)
             return True
-        except psycopg.Error as e:
+        except (psycopg.Error, StateError) as e:
             log.debug("%s: audit table: %s", self.where, _first_line(e))
             if self._conn is not None:
                 with _suppress():

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from mandos_core import log as logsetup
+from mandos_core.text import printable
 
 from . import config as configmod
 from .escrow import DB_NAME, EscrowError, EscrowStore, StoredPacket
@@ -83,9 +84,9 @@ def main(argv: Sequence[str]) -> int:
             if args.command == "log":
                 rows = store.audit_log(args.client, max(1, args.limit))
                 out = [("When", "Server", "Outcome", "Client", "Peer", "Reason")]
-                out += [(r["at"].strftime("%Y-%m-%d %H:%M:%S%z"), r["server"], r["outcome"],
-                         r["client"] or "", r["peer"] or "", r["reason"] or "")
-                        for r in rows]
+                # a reason may quote a machine (a checker's last line: its SSH banner)
+                out += [(r["at"].strftime("%Y-%m-%d %H:%M:%S%z"), *(printable(r[k] or "") for k
+                         in ("server", "outcome", "client", "peer", "reason"))) for r in rows]
                 print(_table(out))
                 return 0
             statedir = configmod.statedir_from(args.statedir, cfg)

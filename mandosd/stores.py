@@ -48,20 +48,37 @@ def open_store(state_url: str | None, statedir: Path, *, durable: bool = True,
     except ImportError:
         raise StateError("--state-url needs psycopg 3 (Debian: python3-psycopg; "
                          "pip: mandos-nbde[postgresql])") from None
-    return PostgresStore(state_url, server_name=server_name(name), lazy=lazy)
+    return PostgresStore(state_url, server_name=server_name(name), lazy=lazy,
+                         config_key=config_key(statedir))
+
+
+def config_key(statedir: Path) -> str:
+    """Whose clients.conf a load in a pool is: this host's, as its state directory's.
+
+    mandosd, its checker pass and mandos-ctl on one host read the same clients.conf
+    (and share the state directory, whatever ``--server-name`` each was given): one
+    key, so that a change in that file is applied once, by whichever loads it first.
+    """
+    return f"{socket.gethostname()}:{statedir.resolve()}"
 
 
 def escrow_opener(state_url: str | None, store: StateStore,
                   statedir: Path) -> Callable[[], EscrowStore]:
-    """How a server opens its escrow store: in a pool, the pool's PostgreSQL on the
-    state store's connection (one for all sessions); else ``STATEDIR/escrow.sqlite``,
-    one connection per session."""
+    """How a server opens its escrow store: in a pool, the pool's PostgreSQL on a
+    connection of its own (one for all sessions); else ``STATEDIR/escrow.sqlite``,
+    one connection per session.
+
+    Not the state store's connection: an escrow session waits for its machine's turn
+    (an advisory lock, which any role of the database may hold) while holding the
+    connection, and secret requests must never wait behind it.
+    """
     if state_url:
         from .pgescrow import PostgresEscrowStore
         from .pgstate import PostgresStore
 
         assert isinstance(store, PostgresStore)
-        shared = PostgresEscrowStore(store)
+        shared = PostgresEscrowStore(PostgresStore(store.url, server_name=store.server_name,
+                                                   lazy=True))
         return lambda: shared
     from .escrow import EscrowStore as SQLiteEscrow
 

@@ -5,8 +5,9 @@ a fresh directory under /tmp that user owns (pytest's tmp_path is root-only).
 No TCP (``listen_addresses=''``); clients connect over the socket in
 ``sockdir``.  :meth:`Postgres.stop` (fast, immediate, or SIGKILL of the
 postmaster) and :meth:`Postgres.start` let a test take the database away and
-bring it back under running key servers.  :func:`servers` starts a pool of
-real mandosd on one database.
+bring it back under running key servers.  Below it, the pool's helpers that the
+pool tests share: real mandosd processes on one database (:func:`servers`),
+mandos-ctl with its URL, a client's stored row.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Literal
 
-from tests.helpers import Mandosd, WaitTimeout, tool, wait_for
+from tests.helpers import Mandosd, WaitTimeout, fetch, tool, wait_for
 
 PGBIN = Path("/usr/lib/postgresql/15/bin")
 
@@ -252,3 +253,7 @@ def state(url: str, name: str = "client1") -> dict[str, object]:
         row = conn.execute("SELECT * FROM clients WHERE name=%s", (name,)).fetchone()
     assert row is not None
     return row
+
+
+def fetch_all(keys: Path, srvs: list[Mandosd]) -> list[bytes]:
+    return [fetch(keys, s.address).stdout for s in srvs]

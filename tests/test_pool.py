@@ -27,7 +27,7 @@ import pytest
 from tests import pglib
 from tests.escrowlib import escrow_tls, make_cert, packet, reply, send_store, store
 from tests.helpers import PASSWORD, Mandosd, fetch, tool, wait_for
-from tests.pglib import pool_ctl, servers, state, wait_logged
+from tests.pglib import fetch_all, pool_ctl, servers, state, wait_logged
 
 REASON_ELSEWHERE = "client is not in this server's clients.conf"
 
@@ -48,10 +48,6 @@ def pg() -> Iterator[pglib.Postgres]:
 def url(pg: pglib.Postgres) -> str:
     """A fresh, empty database for one test."""
     return pg.create_database(f"pool_{uuid.uuid4().hex[:12]}")
-
-
-def fetch_all(keys: Path, srvs: list[Mandosd]) -> list[bytes]:
-    return [fetch(keys, s.address).stdout for s in srvs]
 
 
 # -- schema ---------------------------------------------------------------------------
