@@ -215,13 +215,19 @@ def checker_row(base: Path, pg: Postgres, n: int, servers: int) -> list[str]:
     d0 = tree_cpu(pg.proc.pid)
     r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
+    # each server's log to a file: a pipe read after another server's would fill and stall it
+    outs = [(c.parent / "pass.log").open("wb") for c in confs]
     procs = [subprocess.Popen([ours("mandosd"), "--configdir", str(c), "--statedir",
                                str(c.parent / "state"), "--state-url", url,
                                "--server-name", f"ks{k}", "--run-checkers"], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-             for k, c in enumerate(confs)]
-    logs = [p.communicate()[1].decode(errors="replace") for p in procs]
+                              stdout=subprocess.DEVNULL, stderr=out)
+             for k, (c, out) in enumerate(zip(confs, outs, strict=True))]
+    for p in procs:
+        p.wait()
     secs = time.perf_counter() - t0
+    for out in outs:
+        out.close()
+    logs = [(c.parent / "pass.log").read_text(errors="replace") for c in confs]
     r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     dbcpu = tree_cpu(pg.proc.pid) - d0
     cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
