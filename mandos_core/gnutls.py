@@ -32,6 +32,7 @@ CLIENT = 1 << 1
 NONBLOCK = 1 << 3
 NO_SIGNAL = 1 << 6
 NO_TICKETS = 1 << 10
+KEY_SHARE_TOP = 1 << 11
 ENABLE_RAWPK = 1 << 18
 
 CRD_CERTIFICATE = 1
@@ -116,6 +117,11 @@ _init = _fn("gnutls_init", ctypes.c_int, ctypes.POINTER(_session_t), ctypes.c_ui
 _deinit = _fn("gnutls_deinit", None, _session_t)
 _priority_set_direct = _fn("gnutls_priority_set_direct", ctypes.c_int, _session_t,
                            ctypes.c_char_p, ctypes.POINTER(ctypes.c_char_p))
+_priority_t = ctypes.c_void_p
+_priority_init = _fn("gnutls_priority_init", ctypes.c_int, ctypes.POINTER(_priority_t),
+                     ctypes.c_char_p, ctypes.POINTER(ctypes.c_char_p))
+_priority_deinit = _fn("gnutls_priority_deinit", None, _priority_t)
+_priority_set = _fn("gnutls_priority_set", ctypes.c_int, _session_t, _priority_t)
 _credentials_set = _fn("gnutls_credentials_set", ctypes.c_int, _session_t, ctypes.c_int,
                        _cred_t)
 _transport_set_int2 = _fn("gnutls_transport_set_int2", None, _session_t, ctypes.c_int,
@@ -224,6 +230,44 @@ class Credentials:
         self.close()
 
 
+class Priority:
+    """A priority string parsed once (``gnutls_priority_init``), for many sessions.
+
+    A server that makes a session per connection sets this instead of the string,
+    which GnuTLS would otherwise parse again for every session.
+    """
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self._ptr = _priority_t()
+        err = ctypes.c_char_p()
+        code = _priority_init(ctypes.byref(self._ptr), text.encode(), ctypes.byref(err))
+        if code < 0:
+            at = err.value.decode("ascii", "replace") if err.value else ""
+            self._ptr = _priority_t()
+            raise PriorityError(text, at, code)
+
+    @property
+    def ptr(self) -> _priority_t:
+        if not self._ptr:
+            raise ValueError("priority cache already freed")
+        return self._ptr
+
+    def close(self) -> None:
+        if self._ptr:
+            _priority_deinit(self._ptr)
+            self._ptr = _priority_t()
+
+    def __enter__(self) -> Priority:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+
 class Session:
     """One non-blocking TLS session on a socket's file descriptor.
 
@@ -232,16 +276,23 @@ class Session:
     """
 
     def __init__(self, fd: int, *, server: bool, credentials: Credentials,
-                 priority: str, request_peer_key: bool = False) -> None:
+                 priority: str | Priority, request_peer_key: bool = False,
+                 extra_flags: int = 0) -> None:
+        """*priority*: a string, or a :class:`Priority` parsed once (kept alive here).
+        *extra_flags*: more ``gnutls_init`` flags, such as :data:`KEY_SHARE_TOP`."""
         self._ptr = _session_t()
-        flags = (SERVER if server else CLIENT) | NONBLOCK | NO_SIGNAL | NO_TICKETS | ENABLE_RAWPK
+        flags = ((SERVER if server else CLIENT) | NONBLOCK | NO_SIGNAL | NO_TICKETS
+                 | ENABLE_RAWPK | extra_flags)
         _check(_init(ctypes.byref(self._ptr), flags), "creating a TLS session")
         try:
-            err = ctypes.c_char_p()
-            code = _priority_set_direct(self._ptr, priority.encode(), ctypes.byref(err))
-            if code < 0:
-                at = err.value.decode("ascii", "replace") if err.value else ""
-                raise PriorityError(priority, at, code)
+            if isinstance(priority, Priority):
+                _check(_priority_set(self._ptr, priority.ptr), "setting the priorities")
+            else:
+                err = ctypes.c_char_p()
+                code = _priority_set_direct(self._ptr, priority.encode(), ctypes.byref(err))
+                if code < 0:
+                    at = err.value.decode("ascii", "replace") if err.value else ""
+                    raise PriorityError(priority, at, code)
             _check(_credentials_set(self._ptr, CRD_CERTIFICATE, credentials.ptr),
                    "setting credentials")
             if server and request_peer_key:
@@ -251,6 +302,7 @@ class Session:
             self.close()
             raise
         self._credentials = credentials  # keep alive as long as the session
+        self._priority = priority
 
     @property
     def ptr(self) -> _session_t:

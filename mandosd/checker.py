@@ -30,6 +30,8 @@ import datetime
 import hashlib
 import logging
 import os
+import random
+import resource
 import shlex
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -71,6 +73,9 @@ class Limits:
     fping_batch: int = 256
     #: fping processes at the same time
     fping_processes: int = 8
+    #: due checks claimed at a time: the next batch is claimed only when this server is
+    #: about to run it, so the servers of a pool share a pass instead of one taking all
+    claim_batch: int = 256
     #: results are written to the store at least this often (seconds)
     flush_every: float = 0.5
     #: how often a running pass looks for ``mandos-ctl --stop-checker`` (seconds)
@@ -208,12 +213,23 @@ class PassReport:
     disabled: list[str] = field(default_factory=list)
     #: earliest next_check among enabled clients after the pass (for a scheduler)
     next_due: float | None = None
+    #: CPU seconds of this process (all its threads) and of the checker processes
+    cpu_pass: float = 0.0
+    cpu_checkers: float = 0.0
 
     def summary(self) -> str:
         return (f"checked {self.checked} clients in {self.elapsed:.2f} s: "
                 f"{self.succeeded} up, {self.failed} failed ({self.killed} killed at their "
                 f"interval); {self.fping_processes} fping batches, {self.other_processes} "
-                f"other checkers; {len(self.disabled)} disabled by timeout")
+                f"other checkers; {len(self.disabled)} disabled by timeout; CPU "
+                f"{self.cpu_pass:.2f} s in the pass, {self.cpu_checkers:.2f} s in checkers")
+
+
+def _cpu() -> tuple[float, float]:
+    """CPU seconds of this process and of its reaped children (the checkers)."""
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    them = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime, them.ru_utime + them.ru_stime
 
 
 @dataclass(frozen=True)
@@ -247,6 +263,7 @@ class CheckerPass:
     async def run(self, only: Iterable[str] | None = None, force: bool = False) -> PassReport:
         """Run the due checks (or, with *force*, those of *only* now); return a report."""
         t0 = time.monotonic()
+        cpu0 = _cpu()
         now = self.clock()
         self.report = PassReport(started=now)
         await asyncio.to_thread(self._disable_expired, now)
@@ -264,14 +281,10 @@ class CheckerPass:
                 continue
             if force or st.next_check is None or st.next_check <= now:
                 candidates[st.name] = policy.effective(c, st).interval
-        claimed = await asyncio.to_thread(self.store.claim_checks, candidates, now, force)
-        jobs = [_Job(policy.effective(clients[n], by_name[n]), by_name[n]) for n in claimed]
-        batch = [j for j in jobs if fping_batchable(j.client)]
-        others = [j for j in jobs if not fping_batchable(j.client)]
         flusher = asyncio.create_task(self._flush_loop())
         stopper = asyncio.create_task(self._stop_loop())
         try:
-            await asyncio.gather(self._run_fping(batch), self._run_others(others))
+            await self._claim_and_run(candidates, clients, by_name, force)
         finally:
             stopper.cancel()
             flusher.cancel()
@@ -286,6 +299,9 @@ class CheckerPass:
         due = [s.next_check for s in after if s.enabled and s.next_check is not None]
         self.report.next_due = min(due) if due else None
         self.report.elapsed = time.monotonic() - t0
+        cpu1 = _cpu()
+        self.report.cpu_pass = cpu1[0] - cpu0[0]
+        self.report.cpu_checkers = cpu1[1] - cpu0[1]
         return self.report
 
     # -- results ----------------------------------------------------------
@@ -347,16 +363,71 @@ class CheckerPass:
         audit(Kind.CHECKER_STARTED, f"starting checker for {job.client.name}",
               client=job.client.name, key_id=job.client.key_id, command=shlex.join(argv))
 
-    # -- one checker process per client -------------------------------------
+    # -- claiming ----------------------------------------------------------
 
-    async def _run_others(self, jobs: list[_Job]) -> None:
-        sem = asyncio.Semaphore(self.limits.concurrency)
+    async def _claim_and_run(self, candidates: Mapping[str, float],
+                             clients: Mapping[str, Client], by_name: Mapping[str, ClientState],
+                             force: bool) -> None:
+        """Claim the due checks a batch at a time and run them.
+
+        The next batch is claimed when this server has started nearly all it holds,
+        so the servers of a pool running a pass at once each claim what they can run
+        (a check is still claimed, and run, once).  Each server begins at another
+        place in the list, so that their claims seldom meet.
+        """
+        names = list(candidates)
+        size = max(1, self.limits.claim_batch)
+        chunks = [names[i:i + size] for i in range(0, len(names), size)]
+        if len(chunks) > 1:
+            first = random.randrange(len(chunks))  # noqa: S311 - not for security
+            chunks = chunks[first:] + chunks[:first]
+        others = asyncio.Semaphore(self.limits.concurrency)
+        fpings = asyncio.Semaphore(self.limits.fping_processes)
+        waiting = [0]  # claimed checks not started yet
+        progress = asyncio.Event()
+
+        def started(n: int) -> None:
+            waiting[0] -= n
+            progress.set()
 
         async def one(job: _Job) -> None:
-            async with sem:
+            async with others:
+                started(1)
                 await self._run_one(job)
 
-        await asyncio.gather(*(one(j) for j in jobs))
+        async def fping(b: list[_Job]) -> None:
+            async with fpings:
+                started(len(b))
+                await self._fping_batch(b)
+
+        tasks: list[asyncio.Task[None]] = []
+        try:
+            for part in chunks:
+                while waiting[0] > size // 2:  # enough in hand: claim when it runs low
+                    progress.clear()
+                    await progress.wait()
+                claimed = await asyncio.to_thread(
+                    self.store.claim_checks, {n: candidates[n] for n in part}, self.clock(),
+                    force)
+                jobs = [_Job(policy.effective(clients[n], by_name[n]), by_name[n])
+                        for n in claimed]
+                waiting[0] += len(jobs)
+                batched = [j for j in jobs if fping_batchable(j.client)]
+                tasks += [asyncio.create_task(fping(b)) for b in self._fping_batches(batched)]
+                tasks += [asyncio.create_task(one(j)) for j in jobs
+                          if not fping_batchable(j.client)]
+        except asyncio.CancelledError:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+        except BaseException:
+            # what was claimed runs to its end, also when a later claim failed
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+        await asyncio.gather(*tasks)
+
+    # -- one checker process per client -------------------------------------
 
     async def _run_one(self, job: _Job) -> None:
         c = job.client
@@ -390,20 +461,11 @@ class CheckerPass:
 
     # -- batched fping ------------------------------------------------------
 
-    async def _run_fping(self, jobs: list[_Job]) -> None:
-        if not jobs:
-            return
+    def _fping_batches(self, jobs: list[_Job]) -> list[list[_Job]]:
         # similar intervals together: a batch is killed at its shortest interval
         jobs = sorted(jobs, key=lambda j: (j.client.interval, j.client.host))
         size = self.limits.fping_batch
-        batches = [jobs[i:i + size] for i in range(0, len(jobs), size)]
-        sem = asyncio.Semaphore(self.limits.fping_processes)
-
-        async def one(b: list[_Job]) -> None:
-            async with sem:
-                await self._fping_batch(b)
-
-        await asyncio.gather(*(one(b) for b in batches))
+        return [jobs[i:i + size] for i in range(0, len(jobs), size)]
 
     async def _fping_batch(self, jobs: list[_Job]) -> None:
         hosts = list(dict.fromkeys(j.client.host for j in jobs))

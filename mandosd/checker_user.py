@@ -110,9 +110,15 @@ def _setpriv() -> str:
 
 def wrap(argv: Sequence[str]) -> list[str]:
     """*argv* as the command to start: through ``setpriv`` to the checker user when root."""
+    return [*_prefix(), *argv]
+
+
+@functools.cache
+def _prefix() -> tuple[str, ...]:
+    """What goes before a checker's argv (found once: a pass starts thousands)."""
     who = identity()
     if who is None:
-        return list(argv)
+        return ()
     opts = [f"--reuid={who.uid}", f"--regid={who.gid}", "--clear-groups", "--no-new-privs"]
     if _capabilities("CapPrm") & (1 << CAP_NET_RAW):
         opts += ["--inh-caps=-all,+net_raw", "--ambient-caps=-all,+net_raw"]
@@ -122,4 +128,4 @@ def wrap(argv: Sequence[str]) -> list[str]:
         keep = ""
     if _capabilities("CapEff") & (1 << CAP_SETPCAP):
         opts.append("--bounding-set=-all" + ("," + keep if keep else ""))
-    return [_setpriv(), *opts, "--", *argv]
+    return (_setpriv(), *opts, "--")

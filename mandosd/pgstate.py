@@ -481,6 +481,13 @@ class PostgresStore:
                                             (name,)).fetchone(), tx=False)
         return _row(row) if row else None
 
+    def get_many(self, names: list[str]) -> dict[str, ClientState]:
+        """The states of *names* (those that exist), in one round trip: the server reads
+        every request of a batch at once."""
+        rows = self._run(lambda c: c.execute("SELECT * FROM clients WHERE name = ANY(%s)",
+                                             (names,)).fetchall(), tx=False)
+        return {r["name"]: _row(r) for r in rows}
+
     def get_by_key_id(self, key_id: str) -> ClientState | None:
         row = self._run(lambda c: c.execute("SELECT * FROM clients WHERE key_id=%s",
                                             (key_id,)).fetchone(), tx=False)
@@ -525,6 +532,22 @@ class PostgresStore:
                 raise StateError(f"{name}: disabled or timed out by another server "
                                  "meanwhile")
         self._run(tx, tx=False)
+
+    def record_secrets_sent(self, deadlines: Mapping[str, float], now: float) -> set[str]:
+        """:meth:`record_secret_sent` for many clients (name: new deadline) in one
+        statement; returns the names recorded.  A client another server or
+        ``mandos-ctl`` disabled (or whose deadline passed) meanwhile is not recorded,
+        and its secret is not sent."""
+        names = list(deadlines)
+        rows = self._run(lambda c: c.execute(
+            "UPDATE clients SET last_secret_sent=%s,"
+            " deadline=GREATEST(COALESCE(clients.deadline, 0), d.deadline)"
+            " FROM unnest(%s::text[], %s::float8[]) AS d(name, deadline)"
+            " WHERE clients.name=d.name AND clients.enabled AND clients.source <> 'removed'"
+            " AND (clients.deadline IS NULL OR clients.deadline >= %s)"
+            " RETURNING clients.name",
+            (now, names, [deadlines[n] for n in names], now)).fetchall(), tx=False)
+        return {r["name"] for r in rows}
 
     def claim_checks(self, candidates: Mapping[str, float], now: float,
                      force: bool = False) -> list[str]:

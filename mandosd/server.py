@@ -4,7 +4,9 @@ asyncio, one task per connection, TLS through GnuTLS on the non-blocking
 socket (:mod:`mandos_core.tls`): no thread or process per connection, and
 every wait is bounded, so a slow or hostile peer holds only its own
 connection.  Database calls run on one worker thread, never on the event
-loop.  Every refusal looks the same on the wire: the TLS handshake completes,
+loop; the requests waiting for a decision go to it together, so a herd
+costs one thread hand-off and one read and one write per batch, not per
+request.  Every refusal looks the same on the wire: the TLS handshake completes,
 then close_notify with zero bytes.  The reason goes to the audit log only.
 """
 
@@ -14,12 +16,13 @@ import asyncio
 import contextlib
 import logging
 import socket
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from mandos_core import gnutls
 from mandos_core.protocol import EMPTY_KEY_ID, ESCROW_LINE, MAX_VERSION_LINE, VERSION_LINE
@@ -46,11 +49,13 @@ from .connections import (
     accept_loop,
     raise_fd_limit,
 )
-from .state import ClientState, StateError, added_client
+from .state import ClientState, StateError, StateStore, added_client
 from .stores import change_listener, escrow_opener, open_store
 
 log = logging.getLogger("mandosd.server")
 T = TypeVar("T")
+#: a request's (client, state, decision, error recording it)
+Decided = tuple[Client | None, ClientState | None, policy.Decision, str | None]
 
 
 @dataclass(frozen=True)
@@ -90,6 +95,11 @@ class KeyServer:
         self.limits = limits
         self.clock = clock
         self.db_thread = ThreadPoolExecutor(1, thread_name_prefix="mandosd-db")
+        #: requests waiting for their decision (:meth:`_decided`), and whether a
+        #: database-thread job that will take them is queued
+        self._asked: list[tuple[str, asyncio.Future[Decided]]] = []
+        self._batch_lock = threading.Lock()
+        self._batch_queued = False
         # NORMAL sync: a commit survives the process being killed; only a power cut may
         # lose the last "secret sent" (its deadline extension), which errs on the safe
         # side.  Admin changes (mandos-ctl) are written with FULL sync.
@@ -114,6 +124,8 @@ class KeyServer:
         self.identity = identitymod.load_or_create(statedir)
         self.priority = effective_priority(self.config.server.priority, server=True)
         self.accept_x509 = allows_x509(self.priority)
+        #: parsed once, not per connection
+        self.tls_priority = gnutls.Priority(self.priority)
         self.credentials = gnutls.Credentials()
         self.credentials.set_rawpk(self.identity.spki_pem, self.identity.key_pem)
         self.conns = ConnectionTable(limits.per_address, limits.total)
@@ -152,16 +164,24 @@ class KeyServer:
         await self._db(self._reload_if_changed)
         return self.config
 
-    def _lookup(self, kid: str) -> tuple[Client | None, ClientState | None]:
-        """Runs on the database thread: re-read config if changed, then the client's state."""
-        self._reload_if_changed()
+    def _find(self, kid: str) -> tuple[Client | None, ClientState | None]:
+        """On the database thread: the configured (or added) client with *kid*; when there
+        is none, in a pool, the state of another server's client (refused here with its
+        own reason)."""
         if kid == EMPTY_KEY_ID:
             return None, None
         client = self.config.by_key_id.get(kid) or added_client(self.store, kid,
                                                                 self.config.defaults)
         if client is None:
-            # in a pool, another server's client: refused here with its own reason
             return None, self.store.get_by_key_id(kid) if self.state_url else None
+        return client, None
+
+    def _lookup(self, kid: str) -> tuple[Client | None, ClientState | None]:
+        """Runs on the database thread: re-read config if changed, then the client's state."""
+        self._reload_if_changed()
+        client, elsewhere = self._find(kid)
+        if client is None:
+            return None, elsewhere
         state = self.store.get(client.name)
         return policy.effective(client, state), state
 
@@ -204,8 +224,11 @@ class KeyServer:
                       peer=peername, reason="bad-version-line")
                 return
             fd = conn.sock.fileno()
+            # one key share (the first group, X25519), not GnuTLS's default two: a
+            # client machine that wants another group asks for it (one more round trip)
             session = gnutls.Session(fd, server=False, credentials=self.credentials,
-                                     priority=self.priority)
+                                     priority=self.tls_priority,
+                                     extra_flags=gnutls.KEY_SHARE_TOP)
             tls = AsyncTLS(loop, fd, session)
             try:
                 await tls.handshake(loop.time() + self.limits.handshake_timeout)
@@ -242,28 +265,87 @@ class KeyServer:
                     session.bye()  # close_notify if the socket takes it now; never wait
                 session.close()
 
-    def _decide(self, kid: str) -> tuple[Client | None, ClientState | None, policy.Decision,
-                                         str | None]:
-        """On the database thread: look up, decide, and record what the decision changes.
+    def _decide_many(self, kids: list[str]) -> list[Decided]:
+        """On the database thread: look up, decide, and record what the decisions change,
+        for every request that arrived since the last batch.
 
-        One round trip to the database thread per request: a secret about to be sent is
-        recorded (with its new deadline) before it leaves, and a passed deadline disables
-        the client.  Returns the client, its state, the decision and an error, if recording
-        failed (then nothing is sent).
+        A secret about to be sent is recorded (with its new deadline) before it leaves,
+        and a passed deadline disables the client.  For each request: the client, its
+        state, the decision and an error, if recording failed (then nothing is sent).
+        Under load this is one state read and one "secrets sent" write for many
+        requests (two round trips to a pool's database, not two per request).
         """
-        client, state = self._lookup(kid)
+        self._reload_if_changed()
+        found: list[tuple[Client | None, ClientState | None, str | None]] = []
+        for kid in kids:
+            client, elsewhere = self._find(kid)
+            found.append((client, elsewhere, client.name if client is not None else None))
+        names = list(dict.fromkeys(n for _, _, n in found if n is not None))
+        states = _get_many(self.store, names)
         now = self.clock()
-        decision = policy.decide(client, state, now)
-        error = None
-        try:
+        out: list[Decided] = []
+        sends: dict[str, float] = {}
+        for client, state, name in found:
+            if name is not None:
+                state = states.get(name)
+                client = policy.effective(client, state) if client is not None else None
+            decision = policy.decide(client, state, now)
             if decision.verdict is policy.Verdict.SEND and client is not None:
-                self._record_sent(client, state, now)
-            elif (decision.verdict is policy.Verdict.TIMED_OUT and state is not None
-                  and state.enabled):
-                self.store.update(state.name, enabled=False)
-        except StateError as e:
-            error = str(e)
-        return client, state, decision, error
+                deadline = policy.deadline_after_secret(client, now,
+                                                        state.deadline if state else None)
+                sends[client.name] = max(deadline, sends.get(client.name, deadline))
+            out.append((client, state, decision, None))
+        recorded = _record_many(self.store, sends, now)
+        for i, (client, state, decision, _) in enumerate(out):
+            error = None
+            try:
+                if decision.verdict is policy.Verdict.SEND and client is not None:
+                    error = recorded[client.name]
+                elif (decision.verdict is policy.Verdict.TIMED_OUT and state is not None
+                      and state.enabled):
+                    self.store.update(state.name, enabled=False)
+            except StateError as e:
+                error = str(e)
+            out[i] = (client, state, decision, error)
+        return out
+
+    async def _decided(self, kid: str) -> Decided:
+        """:meth:`_decide_many` for this request, batched with the others waiting.
+
+        One database-thread job takes every request queued since it last ran, and
+        hands all the answers back to the loop at once: under a herd, neither a
+        thread hand-off nor a database round trip per request.
+        """
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Decided] = loop.create_future()
+        with self._batch_lock:
+            self._asked.append((kid, fut))
+            start = not self._batch_queued
+            self._batch_queued = True
+        if start:
+            self.db_thread.submit(self._decide_batch, loop)
+        return await fut
+
+    def _decide_batch(self, loop: asyncio.AbstractEventLoop) -> None:
+        """On the database thread: one batch; requeued behind other database jobs if
+        more requests arrived meanwhile (approval waits are not starved by a herd)."""
+        with self._batch_lock:
+            batch, self._asked = self._asked, []
+        results: list[Decided] | BaseException
+        try:
+            results = self._decide_many([kid for kid, _ in batch])
+        except Exception as e:  # StateError: each request refuses; else: each one logs
+            results = e
+        with self._batch_lock:
+            again = bool(self._asked)
+            self._batch_queued = again
+        try:
+            loop.call_soon_threadsafe(_deliver, [f for _, f in batch], results)
+            if again:
+                self.db_thread.submit(self._decide_batch, loop)
+        except RuntimeError:  # the loop or the executor is closing: nobody waits
+            with self._batch_lock:
+                self._batch_queued = False
 
     def _record_sent(self, client: Client, state: ClientState | None, now: float) -> None:
         deadline = policy.deadline_after_secret(client, now, state.deadline if state else None)
@@ -273,7 +355,7 @@ class KeyServer:
         kid = peer.key_id
         ctype = peer.cert_type
         try:
-            client, state, decision, error = await self._db(self._decide, kid)
+            client, state, decision, error = await self._decided(kid)
         except StateError as e:
             log.error("state store: %s", e)
             audit(Kind.PROTOCOL_ERROR, f"{peername}: refused: state store unavailable",
@@ -462,6 +544,60 @@ class KeyServer:
         self.db_thread.shutdown(wait=True)
         self.store.close()
         self.credentials.close()
+        self.tls_priority.close()
+
+
+@runtime_checkable
+class _BatchStore(Protocol):
+    """A store that reads and records many requests in one round trip (the pool's)."""
+
+    def get_many(self, names: list[str]) -> dict[str, ClientState]: ...
+
+    def record_secrets_sent(self, deadlines: Mapping[str, float], now: float) -> set[str]: ...
+
+
+def _get_many(store: StateStore, names: list[str]) -> dict[str, ClientState]:
+    if isinstance(store, _BatchStore):
+        return store.get_many(names) if names else {}
+    return {n: st for n in names if (st := store.get(n)) is not None}
+
+
+def _record_many(store: StateStore, deadlines: Mapping[str, float], now: float
+                 ) -> dict[str, str | None]:
+    """Record secrets about to be sent (name: new deadline): for each name, None when
+    recorded, else why not (then its secret is not sent)."""
+    if not deadlines:
+        return {}
+    out: dict[str, str | None] = {}
+    if isinstance(store, _BatchStore):
+        try:
+            done = store.record_secrets_sent(deadlines, now)
+        except StateError as e:
+            return dict.fromkeys(deadlines, str(e))
+        for name in deadlines:
+            out[name] = None if name in done else (
+                f"{name}: disabled or timed out by another server meanwhile")
+        return out
+    for name, deadline in deadlines.items():
+        try:
+            store.record_secret_sent(name, now, deadline)
+            out[name] = None
+        except StateError as e:
+            out[name] = str(e)
+    return out
+
+
+def _deliver(futures: list[asyncio.Future[Decided]],
+             results: list[Decided] | BaseException) -> None:
+    for i, fut in enumerate(futures):
+        if fut.done():  # its connection was dropped meanwhile
+            continue
+        if isinstance(results, StateError):
+            fut.set_exception(StateError(str(results)))  # one each: tracebacks differ
+        elif isinstance(results, BaseException):
+            fut.set_exception(results)
+        else:
+            fut.set_result(results[i])
 
 
 def _resolve(fut: asyncio.Future[None]) -> None:
