@@ -374,10 +374,7 @@ class PostgresStore:
                         began = True
                         return fn(conn)
             except _CONN_ERRORS as e:
-                if conn.closed or conn.broken:
-                    self._conn = None
-                    with _suppress():
-                        conn.close()
+                if self._dropped(conn):
                     log.error("%s: connection lost: %s", self.where, _first_line(e))
                     if tx and idle and not began:
                         return self._again(fn)
@@ -393,14 +390,21 @@ class PostgresStore:
             with self._watchdog.watching(conn), conn.transaction():
                 return fn(conn)
         except _CONN_ERRORS as e:
-            if conn.closed or conn.broken:
-                self._conn = None
-                with _suppress():
-                    conn.close()
+            if self._dropped(conn):
                 self._failed()
             raise StateError(f"{self.where}: {_first_line(e)}") from None
         except psycopg.Error as e:
             raise StateError(f"{self.where}: {_first_line(e)}") from None
+
+    def _dropped(self, conn: psycopg.Connection[Any]) -> bool:
+        """A connection an error left closed or broken is let go (the next call makes a
+        new one); True if it was."""
+        if not (conn.closed or conn.broken):
+            return False
+        self._conn = None
+        with _suppress():
+            conn.close()
+        return True
 
     # -- the StateStore interface -------------------------------------------------
 

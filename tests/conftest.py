@@ -11,11 +11,13 @@ made) is never a skip: tests call ``pytest.fail`` for it, everywhere.
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests import pglib
 from tests.helpers import PASSWORD, Mandosd, enroll, make_keys
 
 __all__ = ["PASSWORD"]
@@ -83,3 +85,25 @@ def mandosd(tmp_path: Path, client_section: str) -> Iterator[Mandosd]:
     """A running mandosd on 127.0.0.1 with client1 enrolled (password: PASSWORD)."""
     with Mandosd(tmp_path / "srv", sections=[client_section]) as server:
         yield server
+
+
+@pytest.fixture(scope="module")
+def pg() -> Iterator[pglib.Postgres]:
+    """A real PostgreSQL 15 for one test module (its own: a module may stop it)."""
+    why = pglib.available()
+    if why:
+        pytest.skip(why)
+    server = pglib.Postgres().start()
+    try:
+        yield server
+    finally:
+        server.destroy()
+
+
+@pytest.fixture()
+def url(pg: pglib.Postgres) -> str:
+    """A fresh, empty database for one test (the cluster started again if a test before
+    stopped it and failed before it could start it)."""
+    if not pg.running:
+        pg.start()
+    return pg.create_database(f"t_{uuid.uuid4().hex[:12]}")

@@ -18,7 +18,6 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -30,24 +29,6 @@ from tests.helpers import PASSWORD, Mandosd, fetch, tool, wait_for
 from tests.pglib import fetch_all, pool_ctl, servers, state, wait_logged
 
 REASON_ELSEWHERE = "client is not in this server's clients.conf"
-
-
-@pytest.fixture(scope="module")
-def pg() -> Iterator[pglib.Postgres]:
-    why = pglib.available()
-    if why:
-        pytest.skip(why)
-    server = pglib.Postgres().start()
-    try:
-        yield server
-    finally:
-        server.destroy()
-
-
-@pytest.fixture()
-def url(pg: pglib.Postgres) -> str:
-    """A fresh, empty database for one test."""
-    return pg.create_database(f"pool_{uuid.uuid4().hex[:12]}")
 
 
 # -- schema ---------------------------------------------------------------------------

@@ -19,36 +19,17 @@ import sys
 import threading
 import uuid
 from collections.abc import Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import pytest
 
 from mandos_core.escrow_wire import frame
-from tests import pglib
 from tests.escrowlib import escrow_tls, make_cert, packet, reply, send_store
 from tests.helpers import PASSWORD, Mandosd, enroll, fetch, make_keys, tool, wait_for
 from tests.pglib import fetch_all, pool_ctl, servers, state
 
 OTHER_PASSWORD = b"another machine's passphrase"
-
-
-@pytest.fixture(scope="module")
-def pg() -> Iterator[pglib.Postgres]:
-    why = pglib.available()
-    if why:
-        pytest.skip(why)
-    server = pglib.Postgres().start()
-    try:
-        yield server
-    finally:
-        server.destroy()
-
-
-@pytest.fixture()
-def url(pg: pglib.Postgres) -> str:
-    """A fresh, empty database for one test."""
-    return pg.create_database(f"attack_{uuid.uuid4().hex[:12]}")
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +40,30 @@ def other_keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def other_section(other_keys: Path) -> str:
     return enroll(other_keys, OTHER_PASSWORD, "client2", host="127.0.0.1")
+
+
+@contextmanager
+def answering(data: bytes) -> Iterator[int]:
+    """A TCP port on 127.0.0.1 where every connection gets *data* (a machine's banner or
+    status line, as an attacker would write it); yields the port."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with conn:
+                conn.sendall(data)
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        listener.close()
 
 
 def key_id(section: str) -> str:
@@ -283,26 +288,11 @@ def test_pool_log_prints_a_machines_text_escaped(
     it into the audit table, and ``mandos-ctl log`` must not replay it on the admin's
     terminal."""
     evil = b"SSH-2.0-OpenSSH_9.2\x1b]0;all clear\x07\x1b[2J\x1b[1;1H"
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(8)
-    port = listener.getsockname()[1]
-
-    def banner() -> None:
-        while True:
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                return
-            with conn:
-                conn.sendall(evil + b"\r\n")
-
-    threading.Thread(target=banner, daemon=True).start()
-    checker = (f"checker = ssh-keyscan -t ed25519 -p {port} %%(host)s 2>/dev/null | grep "
-               "--fixed-strings --line-regexp --quiet --regexp=%%(host)s\" %(ssh_fingerprint)s\"\n"
-               "ssh_fingerprint = ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIExpZ2h0\n")
-    section = re.sub(r"^checker = .*\n", "", client_section, flags=re.M) + checker
-    try:
+    with answering(evil + b"\r\n") as port:
+        checker = (f"checker = ssh-keyscan -t ed25519 -p {port} %%(host)s 2>/dev/null | grep "
+                   "--fixed-strings --line-regexp --quiet --regexp=%%(host)s\" %(ssh_fingerprint)s\"\n"
+                   "ssh_fingerprint = ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIExpZ2h0\n")
+        section = re.sub(r"^checker = .*\n", "", client_section, flags=re.M) + checker
         with ExitStack() as stack:
             srv = servers(tmp_path, url, [[section]], stack)[0]
             p = checker_pass(srv, url, "srv1")
@@ -314,8 +304,6 @@ def test_pool_log_prints_a_machines_text_escaped(
                 return out.stdout if "checker-failed" in out.stdout else None
 
             out = wait_for(logged, 60, "the checker's row in the audit table", interval=0.1)
-    finally:
-        listener.close()
     assert "OpenSSH_9.2" in out, out  # the machine's text is there...
     assert "\x1b" not in out and "\x07" not in out, repr(out)  # ...but harmless
     assert "\\x1b]0;all clear\\x07" in out, out
@@ -365,24 +353,9 @@ def test_a_nul_from_a_machine_does_not_stop_the_servers_fleet_audit(
     the checker's last line); the machine answers with a NUL, which PostgreSQL's text
     cannot hold.  That one row must not block the server's audit rows after it: the
     secret this server sends next is in ``mandos-ctl log``."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(8)
-    port = listener.getsockname()[1]
-
-    def status() -> None:
-        while True:
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                return
-            with conn:
-                conn.sendall(b"status: \x00 degraded \xed\xb2\x80\n")
-
-    threading.Thread(target=status, daemon=True).start()
-    checker = f"checker = /bin/bash -c 'cat < /dev/tcp/%%(host)s/{port} >&2; exit 1'\n"
-    section = re.sub(r"^checker = .*\n", "", client_section, flags=re.M) + checker
-    try:
+    with answering(b"status: \x00 degraded \xed\xb2\x80\n") as port:
+        checker = f"checker = /bin/bash -c 'cat < /dev/tcp/%%(host)s/{port} >&2; exit 1'\n"
+        section = re.sub(r"^checker = .*\n", "", client_section, flags=re.M) + checker
         with ExitStack() as stack:
             srv = servers(tmp_path, url, [[section]], stack)[0]
             srv.wait_log("MANDOS_OUTCOME=checker-failed", timeout=60)  # its own pass
@@ -395,8 +368,6 @@ def test_a_nul_from_a_machine_does_not_stop_the_servers_fleet_audit(
                 return out.stdout if "secret-sent" in out.stdout else None
 
             out = wait_for(logged, 30, "the secret in the pool's audit table", interval=0.2)
-    finally:
-        listener.close()
     assert "status: \\\\x00 degraded" in out, out  # in the table as \x00, shown escaped
 
 

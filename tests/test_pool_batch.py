@@ -11,25 +11,10 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from tests import pglib
-
-
-@pytest.fixture(scope="module")
-def pg() -> Iterator[pglib.Postgres]:
-    why = pglib.available()
-    if why:
-        pytest.skip(why)
-    server = pglib.Postgres().start()
-    try:
-        yield server
-    finally:
-        server.destroy()
 
 
 def _server(tmp_path: Path, url: str, n: int) -> Any:

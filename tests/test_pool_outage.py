@@ -33,7 +33,6 @@ import re
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,26 +46,6 @@ from tests.pglib import pool_ctl, servers, state, wait_logged
 UNAVAILABLE = "state-unavailable"
 #: a client's pause before it tries again after zero bytes (cut short when the herd ends)
 RETRY = 0.1
-
-
-@pytest.fixture(scope="module")
-def pg() -> Iterator[pglib.Postgres]:
-    """This module's own cluster: its tests stop it under running servers."""
-    why = pglib.available()
-    if why:
-        pytest.skip(why)
-    server = pglib.Postgres().start()
-    try:
-        yield server
-    finally:
-        server.destroy()
-
-
-@pytest.fixture()
-def url(pg: pglib.Postgres) -> str:
-    if not pg.running:  # a test that failed while the database was away
-        pg.start()
-    return pg.create_database(f"outage_{time.monotonic_ns()}")
 
 
 # -- what the auditor reads -----------------------------------------------------------
