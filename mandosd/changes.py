@@ -5,7 +5,7 @@ An inotify watch on the state directory notices the write (the WAL file or
 the database itself), and every request waiting for an approval re-reads its
 client's state once.  Bursts of writes are coalesced.  A pool's PostgreSQL
 state has its own waker with the same interface (LISTEN/NOTIFY,
-:class:`mandosd.pgstate.ChangeListener`).
+:class:`mandosd.pglisten.ChangeListener`).
 """
 
 from __future__ import annotations

@@ -11,11 +11,11 @@ secret sent, a disable, an approval on any server holds for all at once.
   call, no sooner than its back-off allows.  Nothing is half-written: each
   change is one transaction.
 - Wake on change: a trigger sends ``NOTIFY mandos_clients, '<name>'`` when a
-  client's enabled/approval columns change; :class:`ChangeListener` turns that
-  into asyncio wake-ups for requests that wait for approval.
-- Fleet audit: :class:`AuditWriter` copies every audit entry into the
-  ``audit`` table from a thread of its own (bounded queue while the database
-  is away); journald keeps the per-server record as before.
+  client's enabled/approval columns change; :class:`mandosd.pglisten.ChangeListener`
+  turns that into asyncio wake-ups for requests that wait for approval.
+- Fleet audit: :class:`mandosd.pgaudit.AuditWriter` copies every audit entry
+  into the ``audit`` table from a thread of its own (bounded queue while the
+  database is away); journald keeps the per-server record as before.
 
 It must never log a connection string (it may hold a password): messages name
 the database by :func:`describe` only.
@@ -23,13 +23,10 @@ the database by :func:`describe` only.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import datetime
 import json
 import logging
 import os
-import queue
 import socket
 import threading
 import time
@@ -133,11 +130,6 @@ _CONN_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError)
 #: a claim is lost (its server died mid-pass) after the check's interval plus this: a
 #: checker is killed at its interval and its result written within a second after
 CLAIM_SLACK = 2.0
-#: audit outcomes any peer causes without a known client's key (a new key per connection
-#: costs nothing): each server copies at most NOISE_PER_MINUTE of them a minute into the
-#: audit table, which has no rotation (journald has every one)
-NOISE = frozenset({"protocol-error", "refused-unknown", "escrow-refused-unknown"})
-NOISE_PER_MINUTE = 600
 #: back-off between reconnection attempts (seconds): doubles up to the maximum
 BACKOFF_MIN = 0.2
 BACKOFF_MAX = 10.0
@@ -324,7 +316,7 @@ class PostgresStore:
         except psycopg.Error as e:
             self._failed()
             self._unreachable = True
-            raise StateError(f"{self.where}: unreachable: {_first_line(e)}") from None
+            raise StateError(f"{self.where}: unreachable: {first_line(e)}") from None
         try:
             with self._watchdog.watching(conn):
                 migrate(conn, self.where)
@@ -332,7 +324,7 @@ class PostgresStore:
             conn.close()
             self._failed()
             raise StateError(f"{self.where}: cannot prepare the schema: "
-                             f"{_first_line(e)}") from None
+                             f"{first_line(e)}") from None
         except StateError:
             conn.close()
             raise
@@ -375,13 +367,13 @@ class PostgresStore:
                         return fn(conn)
             except _CONN_ERRORS as e:
                 if self._dropped(conn):
-                    log.error("%s: connection lost: %s", self.where, _first_line(e))
+                    log.error("%s: connection lost: %s", self.where, first_line(e))
                     if tx and idle and not began:
                         return self._again(fn)
                     self._failed()
-                raise StateError(f"{self.where}: {_first_line(e)}") from None
+                raise StateError(f"{self.where}: {first_line(e)}") from None
             except psycopg.Error as e:
-                raise StateError(f"{self.where}: {_first_line(e)}") from None
+                raise StateError(f"{self.where}: {first_line(e)}") from None
 
     def _again(self, fn: Callable[[psycopg.Connection[Any]], Any]) -> Any:
         """*fn* in one transaction on a new connection (the lock held), once."""
@@ -392,9 +384,9 @@ class PostgresStore:
         except _CONN_ERRORS as e:
             if self._dropped(conn):
                 self._failed()
-            raise StateError(f"{self.where}: {_first_line(e)}") from None
+            raise StateError(f"{self.where}: {first_line(e)}") from None
         except psycopg.Error as e:
-            raise StateError(f"{self.where}: {_first_line(e)}") from None
+            raise StateError(f"{self.where}: {first_line(e)}") from None
 
     def _dropped(self, conn: psycopg.Connection[Any]) -> bool:
         """A connection an error left closed or broken is let go (the next call makes a
@@ -685,7 +677,8 @@ def _db_value(key: str, value: Any) -> Any:
     return value
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
+    """The first line of an error's text (psycopg's may go on with a hint, or quote)."""
     text = str(e).strip() or type(e).__name__
     return text.splitlines()[0]
 
@@ -738,198 +731,7 @@ class _Watchdog:
                 with socket.socket(fileno=os.dup(busy[0].pgconn.socket)) as sock:
                     sock.shutdown(socket.SHUT_RDWR)
             except (psycopg.Error, OSError) as e:
-                log.debug("%s: cutting the connection: %s", self.where, _first_line(e))
+                log.debug("%s: cutting the connection: %s", self.where, first_line(e))
 
     def close(self) -> None:
         self._stop.set()
-
-
-# -- wake on change: LISTEN/NOTIFY -----------------------------------------------------
-
-class ChangeListener:
-    """Wakes requests waiting for approval when their client's row changes anywhere.
-
-    One asyncio task holds a LISTEN connection.  While it is not connected
-    (:attr:`live` false), waiters fall back to re-reading at the server's poll
-    interval; when the connection comes back, every waiter is woken once.
-    """
-
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self.where = describe(url)
-        self.live = False
-        self._waiters: dict[str, set[asyncio.Future[None]]] = {}
-        self._task: asyncio.Task[None] | None = None
-
-    def waiter(self, name: str) -> asyncio.Future[None]:
-        """A future set at the next change of *name* (register before reading state)."""
-        loop = asyncio.get_running_loop()
-        if self._task is None:
-            self._task = loop.create_task(self._run())
-        fut: asyncio.Future[None] = loop.create_future()
-        self._waiters.setdefault(name, set()).add(fut)
-        fut.add_done_callback(lambda f: self._waiters.get(name, set()).discard(f))
-        return fut
-
-    def _wake(self, name: str | None) -> None:
-        names = [name] if name is not None else list(self._waiters)
-        for n in names:
-            for fut in list(self._waiters.get(n, ())):
-                if not fut.done():
-                    fut.set_result(None)
-
-    async def _run(self) -> None:
-        backoff = BACKOFF_MIN
-        while True:
-            try:
-                conn = await psycopg.AsyncConnection.connect(
-                    **connect_args(self.url, 5, "mandosd listener"), autocommit=True)
-                async with conn:
-                    await conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
-                    self.live = True
-                    backoff = BACKOFF_MIN
-                    self._wake(None)  # anything may have changed while we were away
-                    async for note in conn.notifies():
-                        self._wake(note.payload)
-            except Exception as e:  # whatever it was: fall back to polling, retry
-                log.debug("%s: change listener: %s", self.where, _first_line(e))
-            self.live = False
-            self._wake(None)
-            await asyncio.sleep(backoff)
-            backoff = min(BACKOFF_MAX, backoff * 2)
-
-    async def aclose(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with _suppress():
-                await self._task
-
-
-# -- the fleet audit table ---------------------------------------------------------------
-
-def _text(value: Any) -> Any:
-    """*value* as PostgreSQL's text (and jsonb) can hold it: a NUL (a checker's reason
-    may quote what a machine sent) or an undecodable byte would fail the whole batch,
-    and every batch after it, since the writer retries.  Other values as they are."""
-    if not isinstance(value, str):
-        return value
-    return value.replace("\x00", "\\x00").encode("utf-8", "backslashreplace").decode()
-
-
-class AuditWriter:
-    """Copies audit entries into the ``audit`` table from a thread of its own.
-
-    Entries queue in memory (at most :attr:`limit`; beyond that the oldest are
-    dropped, with one error) while the database is unreachable; :meth:`close`
-    writes what is left, if it can.  Entries that no known client stands behind
-    (:data:`NOISE`) are copied at a bounded rate: anyone who reaches the port could
-    otherwise fill the database's disk, and with it stop every server of the pool.
-    """
-
-    def __init__(self, url: str, server_name: str, *, limit: int = 100_000) -> None:
-        self.url = url
-        self.where = describe(url)
-        self.server_name = server_name
-        self.limit = limit
-        self._queue: queue.Queue[tuple[Any, ...] | None] = queue.Queue()
-        self._conn: psycopg.Connection[Any] | None = None
-        self._noise_lock = threading.Lock()
-        self._noise_minute, self._noise_seen, self._noise_dropped = -1, 0, 0
-        self._thread = threading.Thread(target=self._loop, name="mandosd-audit", daemon=True)
-        self._thread.start()
-
-    def _noise(self, entry: Mapping[str, Any]) -> bool:
-        """Is *entry* one too many of :data:`NOISE` this minute (then it is not copied)?"""
-        if entry["outcome"] not in NOISE or entry.get("client"):
-            return False
-        minute = int(entry["at"] // 60)
-        with self._noise_lock:
-            if minute != self._noise_minute:
-                if self._noise_dropped:
-                    log.warning("%s: %d audit entries of unknown peers not copied to the "
-                                "audit table in a minute (over %d; journald has them)",
-                                self.where, self._noise_dropped, NOISE_PER_MINUTE)
-                self._noise_minute, self._noise_seen, self._noise_dropped = minute, 0, 0
-            self._noise_seen += 1
-            if self._noise_seen <= NOISE_PER_MINUTE:
-                return False
-            self._noise_dropped += 1
-            return True
-
-    def __call__(self, entry: Mapping[str, Any]) -> None:
-        """The audit sink (see :func:`mandosd.audit.add_sink`)."""
-        if self._noise(entry):
-            return
-        if self._queue.qsize() >= self.limit:
-            with _suppress():
-                self._queue.get_nowait()
-            log.error("%s: audit table unreachable; dropping the oldest entry", self.where)
-        fields = {k: _text(v) for k, v in entry["fields"].items() if v is not None}
-        at = datetime.datetime.fromtimestamp(entry["at"], datetime.UTC)
-        self._queue.put((at, self.server_name, entry["outcome"], entry["message_id"],
-                         *(_text(entry.get(k)) for k in ("client", "key_id", "peer",
-                                                         "reason", "message")),
-                         json.dumps(fields, default=lambda v: _text(str(v)), sort_keys=True)))
-
-    def _write(self, rows: list[tuple[Any, ...]]) -> bool:
-        try:
-            if self._conn is None or self._conn.closed:
-                self._conn = psycopg.connect(**connect_args(self.url, 5, "mandosd audit"),
-                                             autocommit=True)
-            # COPY: one round trip and little per-row work for a whole batch
-            with self._conn.transaction(), self._conn.cursor() as cur, cur.copy(
-                    "COPY audit (at, server, outcome, message_id, client, key_id, peer,"
-                    " reason, message, fields) FROM STDIN") as copy:
-                for row in rows:
-                    copy.write_row(row)
-            return True
-        except (psycopg.Error, StateError) as e:
-            log.debug("%s: audit table: %s", self.where, _first_line(e))
-            if self._conn is not None:
-                with _suppress():
-                    self._conn.close()
-            self._conn = None
-            return False
-
-    def _loop(self) -> None:
-        pending: list[tuple[Any, ...]] = []
-        backoff = BACKOFF_MIN
-        next_try = 0.0  # while the database is away: no attempt before this (monotonic)
-        stop = False
-        while not stop or pending:
-            try:
-                # entries that arrive during the back-off join the batch; they do not
-                # bring the next connection attempt forward
-                item = self._queue.get(timeout=max(0.0, next_try - time.monotonic())
-                                       if pending else None)
-                if item is None:
-                    stop = True
-                else:
-                    pending.append(item)
-                while True:  # take whatever else is queued
-                    item = self._queue.get_nowait()
-                    if item is None:
-                        stop = True
-                    else:
-                        pending.append(item)
-            except queue.Empty:
-                pass
-            if not pending or (not stop and time.monotonic() < next_try):
-                continue
-            if self._write(pending):
-                pending, backoff = [], BACKOFF_MIN
-            elif stop:
-                log.error("%s: %d audit entries not written to the audit table "
-                          "(journald has them)", self.where, len(pending))
-                return
-            else:
-                next_try = time.monotonic() + backoff
-                backoff = min(BACKOFF_MAX, backoff * 2)
-                pending = pending[-self.limit:]
-
-    def close(self, timeout: float = 10.0) -> None:
-        self._queue.put(None)
-        self._thread.join(timeout)
-        if self._conn is not None:
-            with _suppress():
-                self._conn.close()

@@ -97,7 +97,7 @@ class Waiter(Protocol):
 
 def change_listener(state_url: str) -> Waiter:
     """The pool's waker (LISTEN/NOTIFY); SQLite uses :class:`mandosd.changes.Changes`."""
-    from .pgstate import ChangeListener
+    from .pglisten import ChangeListener
 
     return ChangeListener(state_url)
 
@@ -107,7 +107,7 @@ def copy_audit(state_url: str | None, name: str | None = None) -> Callable[[], N
     if not state_url:
         return lambda: None
     from .audit import add_sink, remove_sink
-    from .pgstate import AuditWriter
+    from .pgaudit import AuditWriter
 
     writer = AuditWriter(state_url, server_name(name))
     add_sink(writer)

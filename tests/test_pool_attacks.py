@@ -380,7 +380,7 @@ def test_a_flood_from_unknown_peers_does_not_fill_the_pools_database(
     table at a bounded rate; the rest stay in each server's journal."""
     import psycopg
 
-    from mandosd.pgstate import NOISE_PER_MINUTE
+    from mandosd.pgaudit import NOISE_PER_MINUTE
 
     flood = 2 * NOISE_PER_MINUTE + 300
     with ExitStack() as stack:

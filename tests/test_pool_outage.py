@@ -418,9 +418,10 @@ def test_the_audit_writer_keeps_its_back_off_while_entries_pour_in(
     import itertools
     import logging
 
-    from mandosd.pgstate import BACKOFF_MIN, AuditWriter
+    from mandosd.pgaudit import AuditWriter
+    from mandosd.pgstate import BACKOFF_MIN
 
-    caplog.set_level(logging.DEBUG, logger="mandosd.pgstate")
+    caplog.set_level(logging.DEBUG, logger="mandosd.pgaudit")
     # nothing listens in an empty socket directory: every connection attempt fails
     writer = AuditWriter(f"postgresql:///x?host={tmp_path}&port=5432&user=postgres", "srv1")
     entry = {"at": time.time(), "outcome": "protocol-error", "message_id": "0" * 32,
@@ -430,11 +431,13 @@ def test_the_audit_writer_keeps_its_back_off_while_entries_pour_in(
     def attempts() -> list[float]:
         return [r.created for r in caplog.records if "audit table:" in r.getMessage()]
 
+    def four_attempts() -> list[float] | None:
+        writer(entry)  # a refusal arrives every 2 ms (the wait's interval)
+        got = attempts()
+        return got if len(got) >= 4 else None
+
     try:
-        while len(attempts()) < 4:
-            writer(entry)
-            time.sleep(0.002)  # not a wait: the rate at which refusals arrive
-        tried = attempts()
+        tried = wait_for(four_attempts, 60, "four connection attempts", interval=0.002)
     finally:
         writer.close()  # tries once more, at once, then says what it could not write
     assert all(b - a >= BACKOFF_MIN for a, b in itertools.pairwise(tried)), tried
