@@ -29,9 +29,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import pytest
-
-from tests import pglib
 from tests.helpers import RawClient, raw_clients, wait_for
 
 
@@ -50,7 +47,7 @@ class Served:
                              server_name="ks-batch" if url else None)
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.sock.setblocking(False)
-        self.address = "127.0.0.1:%d" % self.sock.getsockname()[1]
+        self.address = f"127.0.0.1:{self.sock.getsockname()[1]}"
         self.loop = asyncio.new_event_loop()
         ready = threading.Event()
         self.task: asyncio.Task[None] | None = None
@@ -357,6 +354,3 @@ def test_a_herd_in_a_pool_is_decided_in_one_batch_and_served(tmp_path: Path, url
         assert all(got[c.name].last_secret_sent is not None for c in cs)
     finally:
         admin.close()
-
-
-_ = (pglib, pytest)
