@@ -282,6 +282,8 @@ class KeyServer:
         for kid in kids:
             try:
                 found.append(self._find(kid))
+            except StateError:
+                raise  # the store unavailable: the whole batch refuses, at once
             except Exception as e:  # this request's own trouble
                 found.append(e)
         names = list(dict.fromkeys(f[0].name for f in found

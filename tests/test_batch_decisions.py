@@ -354,3 +354,27 @@ def test_a_herd_in_a_pool_is_decided_in_one_batch_and_served(tmp_path: Path, url
         assert all(got[c.name].last_secret_sent is not None for c in cs)
     finally:
         admin.close()
+
+
+def test_a_store_outage_fails_the_batch_at_once_not_request_by_request(
+        tmp_path: Path) -> None:
+    """The state store unavailable (StateError) while a herd of unknown keys is
+    queued: one failed call refuses the whole batch; the database thread does not try
+    (and, in a pool, wait for a connection) once per request."""
+    from mandosd.state import StateError
+
+    known = raw_clients(1)
+    srv = _server(tmp_path, known)
+    calls = [0]
+
+    def down(key_id: str) -> Any:
+        calls[0] += 1
+        raise StateError("could not connect to the database")
+
+    srv.store.get_by_key_id = down
+    try:
+        with contextlib.suppress(StateError):
+            srv._decide_many([c.key_id for c in raw_clients(20, "u")])
+    finally:
+        srv.close()
+    assert calls[0] == 1
