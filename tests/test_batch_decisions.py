@@ -378,3 +378,44 @@ def test_a_store_outage_fails_the_batch_at_once_not_request_by_request(
     finally:
         srv.close()
     assert calls[0] == 1
+
+
+def _handshake_and_hang_up(c: RawClient, address: str, queued: Any) -> None:
+    """A client machine that completes the TLS handshake, waits until its request is
+    queued for a decision, then hangs up (RST: unread data is discarded)."""
+    import struct
+    import time
+
+    from mandos_core import gnutls, tls
+    from mandos_core.protocol import VERSION_LINE
+
+    host, port = address.rsplit(":", 1)
+    with gnutls.Credentials() as cred:
+        cred.set_rawpk(c.spki_pem, c.key_pem)
+        s = socket.create_connection((host, int(port)), timeout=10)
+        try:
+            s.sendall(VERSION_LINE)
+            s.setblocking(False)
+            with gnutls.Session(s.fileno(), server=True, credentials=cred,
+                                priority=tls.effective_priority(None, server=False)) as sess:
+                tls.drive(sess, s.fileno(), sess.handshake, time.monotonic() + 10)
+                queued()
+        finally:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            s.close()
+
+
+def test_a_peer_that_hangs_up_while_queued_costs_the_others_nothing(tmp_path: Path) -> None:
+    """One peer of a batch disconnects while its request waits: the batch is decided,
+    the others get their secrets, and later requests are decided too."""
+    cs = raw_clients(3)
+    with served(tmp_path, cs) as s:
+        release = s.hold_db()
+        try:
+            _handshake_and_hang_up(cs[0], s.address, lambda: s.queued(1))
+            futs = [s.peers.submit(c.exchange, s.address) for c in cs[1:]]
+            s.queued(3)
+        finally:
+            release.set()
+        assert [f.result(60).data for f in futs] == [c.secret for c in cs[1:]]
+        assert cs[0].exchange(s.address).data == cs[0].secret
