@@ -627,7 +627,7 @@ def _record_many(store: StateStore, deadlines: Mapping[str, float], now: float
             st = store.get(name)
             out[name] = None if st is not None and st.enabled else (
                 f"{name}: disabled meanwhile")
-        except StateError as e:
+        except Exception as e:  # StateError, or its row no longer parses: not sent
             out[name] = str(e)
     return out
 
