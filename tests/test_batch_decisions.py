@@ -419,3 +419,18 @@ def test_a_peer_that_hangs_up_while_queued_costs_the_others_nothing(tmp_path: Pa
             release.set()
         assert [f.result(60).data for f in futs] == [c.secret for c in cs[1:]]
         assert cs[0].exchange(s.address).data == cs[0].secret
+
+
+def test_a_state_row_that_does_not_parse_refuses_only_its_own_request_pool(
+        tmp_path: Path, url: str) -> None:
+    """The pool's one-statement read of a batch meets a damaged row: that client's
+    request is refused, the others of the batch are served (read one by one)."""
+    import psycopg
+
+    cs = raw_clients(3)
+    with served(tmp_path, cs, url) as s:
+        with psycopg.connect(url, autocommit=True) as db:
+            db.execute("UPDATE clients SET overrides='{not json' WHERE name=%s", (cs[2].name,))
+        got = s.batch(cs)
+        assert got[2] == b""
+        assert got[0] == cs[0].secret and got[1] == cs[1].secret
