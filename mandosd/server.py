@@ -265,38 +265,59 @@ class KeyServer:
                     session.bye()  # close_notify if the socket takes it now; never wait
                 session.close()
 
-    def _decide_many(self, kids: list[str]) -> list[Decided]:
+    def _decide_many(self, kids: list[str]) -> list[Decided | Exception]:
         """On the database thread: look up, decide, and record what the decisions change,
         for every request that arrived since the last batch.
 
         A secret about to be sent is recorded (with its new deadline) before it leaves,
         and a passed deadline disables the client.  For each request: the client, its
-        state, the decision and an error, if recording failed (then nothing is sent).
+        state, the decision and an error, if recording failed (then nothing is sent);
+        or the exception deciding it raised (a row that does not parse, a setting that
+        does not decode): that request alone is refused, as it was before batching.
         Under load this is one state read and one "secrets sent" write for many
         requests (two round trips to a pool's database, not two per request).
         """
         self._reload_if_changed()
-        found: list[tuple[Client | None, ClientState | None, str | None]] = []
+        found: list[tuple[Client | None, ClientState | None] | Exception] = []
         for kid in kids:
-            client, elsewhere = self._find(kid)
-            found.append((client, elsewhere, client.name if client is not None else None))
-        names = list(dict.fromkeys(n for _, _, n in found if n is not None))
+            try:
+                found.append(self._find(kid))
+            except StateError:
+                raise  # the store unavailable: the whole batch refuses, at once
+            except Exception as e:  # this request's own trouble
+                found.append(e)
+        names = list(dict.fromkeys(f[0].name for f in found
+                                   if not isinstance(f, Exception) and f[0] is not None))
         states = _get_many(self.store, names)
         now = self.clock()
-        out: list[Decided] = []
+        out: list[Decided | Exception] = []
         sends: dict[str, float] = {}
-        for client, state, name in found:
-            if name is not None:
-                state = states.get(name)
-                client = policy.effective(client, state) if client is not None else None
-            decision = policy.decide(client, state, now)
-            if decision.verdict is policy.Verdict.SEND and client is not None:
-                deadline = policy.deadline_after_secret(client, now,
-                                                        state.deadline if state else None)
-                sends[client.name] = max(deadline, sends.get(client.name, deadline))
+        for f in found:
+            if isinstance(f, Exception):
+                out.append(f)
+                continue
+            client, state = f
+            try:
+                if client is not None:
+                    got = states.get(client.name)
+                    if isinstance(got, Exception):
+                        raise got
+                    state = got
+                    client = policy.effective(client, state)
+                decision = policy.decide(client, state, now)
+                if decision.verdict is policy.Verdict.SEND and client is not None:
+                    deadline = policy.deadline_after_secret(client, now,
+                                                            state.deadline if state else None)
+                    sends[client.name] = max(deadline, sends.get(client.name, deadline))
+            except Exception as e:  # this request's own trouble
+                out.append(e)
+                continue
             out.append((client, state, decision, None))
         recorded = _record_many(self.store, sends, now)
-        for i, (client, state, decision, _) in enumerate(out):
+        for i, item in enumerate(out):
+            if isinstance(item, Exception):
+                continue
+            client, state, decision, _ = item
             error = None
             try:
                 if decision.verdict is policy.Verdict.SEND and client is not None:
@@ -331,11 +352,12 @@ class KeyServer:
         more requests arrived meanwhile (approval waits are not starved by a herd)."""
         with self._batch_lock:
             batch, self._asked = self._asked, []
-        results: list[Decided] | BaseException
+        results: list[Decided | Exception] | Exception
         try:
             results = self._decide_many([kid for kid, _ in batch])
-        except Exception as e:  # StateError: each request refuses; else: each one logs
-            results = e
+        except BaseException as e:  # StateError: each request refuses;
+            # else each one logs; never left unanswered with the 'queued' flag stuck
+            results = e if isinstance(e, Exception) else RuntimeError(f"decisions: {e!r}")
         with self._batch_lock:
             again = bool(self._asked)
             self._batch_queued = again
@@ -556,10 +578,28 @@ class _BatchStore(Protocol):
     def record_secrets_sent(self, deadlines: Mapping[str, float], now: float) -> set[str]: ...
 
 
-def _get_many(store: StateStore, names: list[str]) -> dict[str, ClientState]:
-    if isinstance(store, _BatchStore):
-        return store.get_many(names) if names else {}
-    return {n: st for n in names if (st := store.get(n)) is not None}
+def _get_many(store: StateStore, names: list[str]) -> dict[str, ClientState | Exception]:
+    """The states of *names*; a row that does not parse is its client's exception (that
+    request alone is refused).  A StateError (the store unavailable) is raised."""
+    if isinstance(store, _BatchStore) and names:
+        try:
+            return dict(store.get_many(names))
+        except StateError:
+            raise
+        except Exception:  # one bad row: find it, one by one
+            pass
+    out: dict[str, ClientState | Exception] = {}
+    for n in names:
+        try:
+            st = store.get(n)
+        except StateError:
+            raise
+        except Exception as e:
+            out[n] = e
+            continue
+        if st is not None:
+            out[n] = st
+    return out
 
 
 def _record_many(store: StateStore, deadlines: Mapping[str, float], now: float
@@ -581,23 +621,30 @@ def _record_many(store: StateStore, deadlines: Mapping[str, float], now: float
     for name, deadline in deadlines.items():
         try:
             store.record_secret_sent(name, now, deadline)
-            out[name] = None
-        except StateError as e:
+            # read again after the write: a disable committed since the batch's read
+            # (mandos-ctl, another process) stops the secret, as the pool's conditional
+            # write does (the "sent" just recorded errs on the safe side)
+            st = store.get(name)
+            out[name] = None if st is not None and st.enabled else (
+                f"{name}: disabled meanwhile")
+        except Exception as e:  # StateError, or its row no longer parses: not sent
             out[name] = str(e)
     return out
 
 
 def _deliver(futures: list[asyncio.Future[Decided]],
-             results: list[Decided] | BaseException) -> None:
+             results: list[Decided | Exception] | Exception) -> None:
     for i, fut in enumerate(futures):
         if fut.done():  # its connection was dropped meanwhile
             continue
         if isinstance(results, StateError):
             fut.set_exception(StateError(str(results)))  # one each: tracebacks differ
-        elif isinstance(results, BaseException):
+        elif isinstance(results, Exception):
             fut.set_exception(results)
+        elif isinstance(mine := results[i], Exception):
+            fut.set_exception(mine)  # this request's own trouble
         else:
-            fut.set_result(results[i])
+            fut.set_result(mine)
 
 
 def _resolve(fut: asyncio.Future[None]) -> None:
