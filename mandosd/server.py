@@ -370,8 +370,12 @@ class KeyServer:
                 self._batch_queued = False
 
     def _record_sent(self, client: Client, state: ClientState | None, now: float) -> None:
+        """After an approval: record the secret about to be sent, as a batch does (a
+        disable committed meanwhile stops it, on SQLite as in a pool)."""
         deadline = policy.deadline_after_secret(client, now, state.deadline if state else None)
-        self.store.record_secret_sent(client.name, now, deadline)
+        error = _record_many(self.store, {client.name: deadline}, now)[client.name]
+        if error is not None:
+            raise StateError(error)
 
     async def _answer(self, tls: AsyncTLS, peer: PeerKey, peername: str) -> None:
         kid = peer.key_id
