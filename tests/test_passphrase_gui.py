@@ -69,6 +69,22 @@ def display() -> Iterator[str]:
     yield from _xvfb(90 + os.getpid() % 500)
 
 
+@pytest.fixture(autouse=True)
+def _tk_freed_on_the_main_thread() -> Iterator[None]:
+    """Collect each test's Tk objects on the main thread, before and after it.
+
+    A Tk interpreter freed by the garbage collector runs Tcl's deletion in whatever
+    thread triggered the collection; when that is the window's worker thread (a change
+    in progress), Tcl aborts the whole process ("async handler deleted by the wrong
+    thread").  The window itself makes one Tk per process, so only tests meet this.
+    """
+    import gc
+
+    gc.collect()
+    yield
+    gc.collect()
+
+
 @pytest.fixture
 def own_display() -> Iterator[str]:
     """A display of its own, with no window of this process ever on it."""
