@@ -338,7 +338,7 @@ async def handle_escrow(reader: asyncio.StreamReader, writer: asyncio.StreamWrit
     *lookup* returns the client and its state as they are now (it is called again
     for every packet, so a ``mandos-ctl -d`` takes effect within a session);
     *open_store* opens the store (called in a thread, closed at the end: see
-    :func:`mandosd.stores.escrow_opener`); *reserve* is ``escrow_reserve`` from mandos.conf.
+    :class:`mandosd.stores.EscrowOpener`); *reserve* is ``escrow_reserve`` from mandos.conf.
     """
     s = _Session(reader, writer, key_id, peer, lookup, reserve, clock)
     try:

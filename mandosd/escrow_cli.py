@@ -75,14 +75,16 @@ def _pool_store(url: str) -> Opened:
     """The pool's escrow table (PostgreSQL), and how to close it."""
     try:
         from .pgescrow import PostgresEscrowStore
-        from .stores import open_store, server_name
+        from .pgstate import PostgresStore
     except ImportError:
         raise EscrowError("the pool needs psycopg 3 (Debian: python3-psycopg)") from None
+    from .stores import server_name
+
     try:
-        state = open_store(url, Path("/nonexistent"), name=f"mandos-ctl@{server_name()}")
+        state = PostgresStore(url, server_name=f"mandos-ctl@{server_name()}")
     except StateError as e:
         raise EscrowError(str(e)) from None
-    return PostgresEscrowStore(state), state.close  # type: ignore[arg-type]
+    return PostgresEscrowStore(state), state.close
 
 
 def _store(common: argparse.Namespace) -> Opened:

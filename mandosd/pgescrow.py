@@ -16,7 +16,7 @@ and the database host's disk is watched as any database's is.
 It runs on a :class:`mandosd.pgstate.PostgresStore` (reconnection, back-off,
 errors as :class:`StateError`, never the URL in a message): in a server, one of
 its own, never the connection that answers secret requests, since a session may
-wait here for another session's advisory lock (:func:`mandosd.stores.escrow_opener`).
+wait here for another session's advisory lock (:class:`mandosd.stores.EscrowOpener`).
 """
 
 from __future__ import annotations

@@ -50,7 +50,7 @@ from .connections import (
     raise_fd_limit,
 )
 from .state import ClientState, StateError, StateStore, added_client
-from .stores import change_listener, escrow_opener, open_store
+from .stores import EscrowOpener, change_listener, open_store
 
 log = logging.getLogger("mandosd.server")
 T = TypeVar("T")
@@ -105,7 +105,7 @@ class KeyServer:
         # side.  Admin changes (mandos-ctl) are written with FULL sync.
         self.store = open_store(state_url, statedir, durable=False, name=server_name,
                                 lazy=True)
-        self.open_escrow = escrow_opener(state_url, self.store, statedir)
+        self.open_escrow = EscrowOpener(state_url, self.store, statedir)
         #: wakes approval waits when another server or mandos-ctl changes the client
         self.changes = change_listener(state_url) if state_url else Changes(statedir)
         self.config: Config = configmod.load(configdir)
@@ -569,6 +569,7 @@ class KeyServer:
     def close(self) -> None:
         self.db_thread.shutdown(wait=True)
         self.store.close()
+        self.open_escrow.close()
         self.credentials.close()
         self.tls_priority.close()
 

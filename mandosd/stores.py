@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -62,27 +63,45 @@ def config_key(statedir: Path) -> str:
     return f"{socket.gethostname()}:{statedir.resolve()}"
 
 
-def escrow_opener(state_url: str | None, store: StateStore,
-                  statedir: Path) -> Callable[[], EscrowStore]:
+class EscrowOpener:
     """How a server opens its escrow store: in a pool, the pool's PostgreSQL on a
-    connection of its own (one for all sessions); else ``STATEDIR/escrow.sqlite``,
-    one connection per session.
+    connection of its own, made at the first escrow session and shared by all (closed
+    with the server); else ``STATEDIR/escrow.sqlite``, one connection per session.
 
     Not the state store's connection: an escrow session waits for its machine's turn
     (an advisory lock, which any role of the database may hold) while holding the
     connection, and secret requests must never wait behind it.
     """
-    if state_url:
-        from .pgescrow import PostgresEscrowStore
-        from .pgstate import PostgresStore
 
-        assert isinstance(store, PostgresStore)
-        shared = PostgresEscrowStore(PostgresStore(store.url, server_name=store.server_name,
-                                                   lazy=True))
-        return lambda: shared
-    from .escrow import EscrowStore as SQLiteEscrow
+    def __init__(self, state_url: str | None, store: StateStore, statedir: Path) -> None:
+        self.state_url = state_url
+        self.store = store
+        self.statedir = statedir
+        self._pool: EscrowStore | None = None
+        self._pool_state: StateStore | None = None
+        self._lock = threading.Lock()  # two first sessions at once make one connection
 
-    return lambda: SQLiteEscrow(statedir)
+    def __call__(self) -> EscrowStore:
+        """The store for one session (called off the event loop: it may connect)."""
+        if not self.state_url:
+            from .escrow import EscrowStore as SQLiteEscrow
+
+            return SQLiteEscrow(self.statedir)
+        with self._lock:
+            if self._pool is None:
+                from .pgescrow import PostgresEscrowStore
+                from .pgstate import PostgresStore
+
+                assert isinstance(self.store, PostgresStore)
+                state = PostgresStore(self.store.url, server_name=self.store.server_name,
+                                      lazy=True)
+                self._pool_state, self._pool = state, PostgresEscrowStore(state)
+            return self._pool
+
+    def close(self) -> None:
+        with self._lock:
+            if self._pool_state is not None:
+                self._pool_state.close()
 
 
 class Waiter(Protocol):

@@ -2,7 +2,8 @@
 
 ``initdb`` and ``postgres`` refuse root: they run as the ``postgres`` user in
 a fresh directory under /tmp that user owns (pytest's tmp_path is root-only).
-No TCP (``listen_addresses=''``); clients connect over the socket in
+No TCP (``listen_addresses=''``) unless :meth:`Postgres.serve_tls` asks for
+127.0.0.1 with TLS; clients connect over the socket in
 ``sockdir``.  :meth:`Postgres.stop` (fast, immediate, or SIGKILL of the
 postmaster) and :meth:`Postgres.start` let a test take the database away and
 bring it back under running key servers.  Below it, the pool's helpers that the
